@@ -1,0 +1,109 @@
+"""Every file location of a plan's results, in one place (in the spirit of submitit's JobPaths).
+
+Layout under the plan's results directory::
+
+    results/
+      state.json                      controller state (atomic rewrite after every change)
+      controller.lock                 flock held by the live controller
+      events.jsonl                    append-only event log (launches, exits, decisions)
+      control/stop.json               stop requests from `orchestrator stop` in another shell
+      <experiment>/
+        <worker>/                     the run directory (ORCH_RUN_DIR), shared by all attempts
+          metrics.jsonl checkpoints/ evals/     written by the worker (orchestrator.reporting)
+          stdout.log stderr.log                 appended by every attempt
+          attempts/0001.exit.json               exit status written by the launch wrapper
+        success_viz/                  figures and reports of the experiment (on_success hook)
+
+Run directories live outside the worktrees: ``git worktree remove`` deletes ignored files.
+No other module joins path strings for these files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .reporting import CHECKPOINT_DIR, EVALS_DIR, LATEST, METRICS_FILE
+
+
+@dataclass(frozen=True)
+class ResultsPaths:
+    """Locations shared by the whole plan. ``root`` is the absolute results directory."""
+
+    root: Path
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "controller.lock"
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events.jsonl"
+
+    @property
+    def control_dir(self) -> Path:
+        return self.root / "control"
+
+    @property
+    def stop_request(self) -> Path:
+        return self.control_dir / "stop.json"
+
+    def experiment_dir(self, experiment: str) -> Path:
+        return self.root / experiment
+
+    def success_viz_dir(self, experiment: str) -> Path:
+        return self.root / experiment / "success_viz"
+
+    def run(self, experiment: str, worker: str) -> RunPaths:
+        return RunPaths(self.root / experiment / worker)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Locations of one worker's run directory (all attempts share it)."""
+
+    run_dir: Path
+
+    @property
+    def metrics(self) -> Path:
+        return self.run_dir / METRICS_FILE
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / CHECKPOINT_DIR
+
+    @property
+    def latest_checkpoint(self) -> Path:
+        return self.checkpoints / f"{LATEST}.pt"
+
+    @property
+    def latest_checkpoint_info(self) -> Path:
+        return self.checkpoints / f"{LATEST}.json"
+
+    @property
+    def evals(self) -> Path:
+        return self.run_dir / EVALS_DIR
+
+    @property
+    def stdout(self) -> Path:
+        return self.run_dir / "stdout.log"
+
+    @property
+    def stderr(self) -> Path:
+        return self.run_dir / "stderr.log"
+
+    @property
+    def attempts_dir(self) -> Path:
+        return self.run_dir / "attempts"
+
+    def exit_status(self, attempt: int) -> Path:
+        """JSON written by the launch wrapper when attempt ``attempt`` ends."""
+        return self.attempts_dir / f"{attempt:04d}.exit.json"
+
+    def ensure(self) -> None:
+        """Create the run directory and its attempts/ folder."""
+        self.attempts_dir.mkdir(parents=True, exist_ok=True)
