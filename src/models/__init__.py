@@ -1,0 +1,1 @@
+"""PyTorch modules shared by the research workers (importable as ``models``)."""

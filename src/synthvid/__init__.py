@@ -1,0 +1,1 @@
+"""Synthetic video generators shared by the research jobs (deterministic from a seed)."""
