@@ -21,6 +21,7 @@ import os
 import posixpath
 import shlex
 import socket
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -479,7 +480,12 @@ class SshSession:
         if create:
             self._makedirs(path)
         try:
-            self.root = self.sftp.normalize(path)
+            self.root = self.sftp.normalize(path)  # OpenSSH: may succeed for a missing leaf
+            mode = self.sftp.stat(self.root).st_mode or 0
+            if not stat.S_ISDIR(mode):
+                raise RemoteIOError(f"remote path {path!r} on {self.endpoint.label} is a file")
+        except RemoteIOError:
+            raise
         except Exception as exc:  # noqa: BLE001 (classified, not swallowed)
             err = classify_sftp_error(exc, op="open directory", path=path, session=self)
             if isinstance(err, RemoteIOError):
