@@ -25,6 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from .errors import OrchestratorError, SyncError
@@ -40,6 +41,9 @@ from .ssh import (
     parse_target,
 )
 from .sync import backoff_delay_s
+
+if TYPE_CHECKING:
+    from rich.console import Group, RenderableType
 
 DASHBOARD = "PARALLEL_PROGRESS.md"
 _MD_IMAGE = re.compile(r"!\[[^\]]*\]\(\s*(<[^>]+>|[^)\s]+)(?:\s+\"[^\"]*\")?\s*\)")
@@ -167,7 +171,7 @@ class DashboardFetcher:
         self._seen: dict[str, tuple[int | None, int | None]] = {}
 
     def _fetch_if_changed(self, session: SshSession, rel: str) -> bool | None:
-        """Download ``rel`` if it changed; True if downloaded, False if unchanged, None if absent."""
+        """Download ``rel`` if changed: True if downloaded, False if unchanged, None if absent."""
         remote = session.remote_path(rel)
         try:
             attrs = session.sftp.stat(remote)
@@ -237,7 +241,7 @@ def remote_status(session: SshSession, python: str, timeout_s: float) -> str:
 # --------------------------------------------------------------------------- showing
 
 
-def _render(target: SshTarget, out_dir: Path, state: dict[str, object]) -> object:
+def _render(target: SshTarget, out_dir: Path, state: dict[str, object]) -> Group:
     from rich.console import Group
     from rich.markdown import Markdown
     from rich.text import Text
@@ -253,21 +257,21 @@ def _render(target: SshTarget, out_dir: Path, state: dict[str, object]) -> objec
         header.append(f"  link: {error}", style="bold red")
     else:
         header.append("  link: ok", style="green")
-    parts: list[object] = [header]
+    parts: list[RenderableType] = [header]
     text = state.get("dashboard")
     if isinstance(text, str):
         parts.append(Markdown(text))
     else:
         parts.append(Text("(no dashboard on the remote yet)", style="dim"))
     missing = state.get("missing")
-    if missing:
-        parts.append(Text(f"images not on the remote yet: {', '.join(missing)}", style="yellow"))  # type: ignore[arg-type]
+    if isinstance(missing, list) and missing:
+        parts.append(Text(f"images not on the remote yet: {', '.join(missing)}", style="yellow"))
     status_json = state.get("status_json")
     if isinstance(status_json, str):
         from rich.syntax import Syntax
 
         parts.append(Syntax(status_json, "json"))
-    return Group(*parts)  # type: ignore[arg-type]
+    return Group(*parts)
 
 
 def _options(args: argparse.Namespace) -> ConnectOptions:

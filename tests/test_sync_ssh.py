@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pydantic
 import pytest
-from sshd_fixture import SshServer, free_port, keygen, require_sshd, sshd  # noqa: F401
+import sshd_fixture
+from sshd_fixture import SshServer, free_port, keygen, require_sshd
 
 from orchestrator.ssh import (
     AuthError,
@@ -26,6 +27,8 @@ from orchestrator.ssh import (
 )
 from orchestrator.sync import upload_atomic
 from orchestrator.sync_config import SyncConfig
+
+sshd = sshd_fixture.sshd  # the fixture: a started SshServer
 
 
 @pytest.mark.parametrize(
