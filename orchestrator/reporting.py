@@ -238,6 +238,8 @@ class Reporter:
         """
         if epoch is None and step is None:
             raise ValueError("save_checkpoint() needs epoch= or step=")
+        if suffix == ".json":
+            raise ValueError("suffix '.json' is reserved for checkpoint sidecars")
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         name = f"epoch_{epoch:06d}" if epoch is not None else f"step_{step:09d}"
         final = self.checkpoint_dir / f"{name}{suffix}"

@@ -1,0 +1,7 @@
+"""``python -m orchestrator``: see orchestrator/cli.py."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

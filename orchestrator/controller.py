@@ -1,0 +1,905 @@
+"""The controller loop: schedule runs onto slots, watch their metrics, decide races, stop losers.
+
+One thread owns all state. File events (watchdog) only wake the loop early; polling every
+``poll_interval_s`` is the fallback. Stops run on worker threads so that a slow stop of one
+experiment's losers never delays another experiment's decision; a slot is free again only once
+every process of the stopped run is gone. State is saved atomically after every change.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from . import worktrees
+from .config import ExperimentConfig, Plan, WorkerConfig, expand
+from .criteria import Criterion, all_pass
+from .dashboard import Dashboard
+from .errors import LaunchError, OrchestratorError, StateError, WorktreeError
+from .gpus import Slot, make_slots
+from .launchers import LaunchSpec, Launcher, LocalLauncher, RunHandle
+from .metrics import MetricHistory, MetricSource, make_source
+from .paths import ResultsPaths, RunPaths
+from .processes import reap_orphans
+from .state import (
+    ExperimentRecord,
+    ExperimentStatus,
+    PlanState,
+    RunRecord,
+    RunState,
+    append_event,
+    controller_alive,
+    controller_identity,
+)
+
+STDERR_TAIL_LINES = 20
+
+
+@dataclass
+class LiveRun:
+    """A run the controller is tracking in this process."""
+
+    record: RunRecord
+    experiment: ExperimentConfig
+    worker: WorkerConfig
+    paths: RunPaths
+    source: MetricSource
+    history: MetricHistory = field(default_factory=MetricHistory)
+    handle: RunHandle | None = None
+    slot: Slot | None = None
+    stopping: Future[Any] | None = None  # a stop in flight on a worker thread
+    stop_state: RunState | None = None  # state to enter once the stop completes
+
+    @property
+    def criteria(self) -> tuple[Criterion, ...]:
+        return self.experiment.criteria_for(self.worker)
+
+    @property
+    def max_epochs(self) -> int:
+        return self.experiment.max_epochs_for(self.worker)
+
+
+class ControllerLock:
+    """An exclusive flock on results/controller.lock: one controller per plan at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh: IO[str] | None = None
+
+    def acquire(self) -> None:
+        """Raises StateError if another controller holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise StateError(
+                f"another controller ({holder}) is running this plan",
+                hint="watch it with `python -m orchestrator status`, or stop it first",
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+class Controller:
+    """Runs a plan to a decision.
+
+    Args:
+        plan: the validated plan.
+        only: run only these worker names (others stay as they are).
+        fresh: discard earlier state and run directories, recreate worktrees.
+        launcher: executor (default: local processes).
+        ui: optional callback(controller) called after each tick (the CLI's live table).
+        subreaper: adopt orphaned descendants and reap them (the CLI's own process only).
+        clock: time source (tests may fake it).
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        only: list[str] | None = None,
+        fresh: bool = False,
+        launcher: Launcher | None = None,
+        ui: Callable[[Controller], None] | None = None,
+        subreaper: bool = False,
+        clock: Callable[[], float] = time.time,
+        echo: Callable[[str], None] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.only = set(only) if only else None
+        self.fresh = fresh
+        self.launcher = launcher or _default_launcher(plan)
+        self.ui = ui
+        self.subreaper = subreaper
+        self.clock = clock
+        self.echo = echo or (lambda line: None)
+        self.paths = ResultsPaths(plan.results_dir)
+        self.slots = make_slots(
+            plan.gpus,
+            workers_per_gpu=plan.workers_per_gpu,
+            max_parallel=plan.max_parallel,
+            cpu_slots=sum(len(e.workers) for e in plan.experiments),
+        )
+        self.state = PlanState(plan=str(plan.source))
+        self.runs: dict[str, LiveRun] = {}
+        self.events: deque[str] = deque(maxlen=30)
+        self.hooks: dict[str, subprocess.Popen[bytes]] = {}
+        self.wake = threading.Event()
+        self.interrupted: str | None = None  # "interrupted" once Ctrl-C/SIGTERM arrived
+        self.detach = False
+        self._dirty = True
+        self._stopper = ThreadPoolExecutor(max_workers=4, thread_name_prefix="stop")
+        self._lock = ControllerLock(self.paths.lock)
+        self._observer: Any = None
+        self.dashboard = Dashboard(plan, self.paths)
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def _load_state(self) -> None:
+        if self.fresh:
+            self._discard_results()
+        if self.paths.state.exists():
+            self.state = PlanState.load(self.paths.state)
+            if self.state.plan != str(self.plan.source):
+                self.event(f"state was made by plan {self.state.plan}; adopting it for this plan")
+                self.state.plan = str(self.plan.source)
+        self.state.controller = controller_identity()
+        self.state.finished = False
+        for exp, worker in self.plan.workers():
+            key = f"{exp.name}/{worker.name}"
+            rec = self.state.runs.get(key)
+            if rec is None:
+                rec = RunRecord(exp.name, worker.name, worker.branch)
+                self.state.runs[key] = rec
+            rec.max_epochs = exp.max_epochs_for(worker)
+            paths = self.paths.run(exp.name, worker.name)
+            source = make_source(
+                worker.metrics.source,
+                run_dir=paths.run_dir,
+                path=worker.metrics.path,
+                pattern=worker.metrics.pattern,
+            )
+            live = LiveRun(rec, exp, worker, paths, source)
+            live.history.add(source.read_new())  # history already on disk (resume)
+            self.runs[key] = live
+        for exp in self.plan.experiments:
+            if exp.name not in self.state.experiments:
+                self.state.experiments[exp.name] = ExperimentRecord(exp.name)
+            erec = self.state.experiments[exp.name]
+            if erec.started_at is None:
+                erec.started_at = self.clock()
+
+    def _discard_results(self) -> None:
+        for exp, worker in self.plan.workers():
+            run_dir = self.paths.run(exp.name, worker.name).run_dir
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            viz = self.paths.success_viz_dir(exp.name)
+            if viz.exists():
+                shutil.rmtree(viz)
+        self.paths.state.unlink(missing_ok=True)
+        self.paths.events.unlink(missing_ok=True)
+
+    def _resume_runs(self) -> None:
+        """Re-attach live runs of an earlier controller; requeue the ones that died."""
+        for live in self.runs.values():
+            rec = live.record
+            exp_done = self.state.experiments[rec.experiment].status != ExperimentStatus.running
+            if rec.state == RunState.running and rec.pid and rec.create_time and rec.run_id:
+                handle = self.launcher.attach(
+                    rec.key, rec.pid, rec.create_time, rec.run_id, live.paths, rec.attempt
+                )
+                if handle is not None:
+                    live.handle = handle
+                    live.slot = self._slot_by_label(rec.slot)
+                    self.event(f"{rec.key}: re-attached to pid {rec.pid} (attempt {rec.attempt})")
+                    continue
+                code = self._exit_code_of_dead(live)
+                self.event(f"{rec.key}: attempt {rec.attempt} ended while no controller ran")
+                self._handle_exit(live, code)
+            elif rec.state == RunState.preparing:
+                rec.transition(RunState.pending, why="controller restarted")
+            elif rec.state == RunState.stopped and rec.stop_reason in ("interrupted", "user"):
+                if not exp_done and self._selected(live):
+                    rec.transition(RunState.pending, why="resume after interruption")
+                    rec.resume = True
+                    rec.stop_reason = None
+
+    def _exit_code_of_dead(self, live: LiveRun) -> int:
+        from .launchers import read_exit_status
+
+        return read_exit_status(live.paths.exit_status(live.record.attempt))
+
+    def _slot_by_label(self, label: str | None) -> Slot | None:
+        return next((s for s in self.slots if s.label() == label), None)
+
+    def _selected(self, live: LiveRun) -> bool:
+        return self.only is None or live.worker.name in self.only
+
+    def _run_setups(self) -> None:
+        for exp in self.plan.experiments:
+            erec = self.state.experiments[exp.name]
+            if exp.setup is None or erec.status != ExperimentStatus.running:
+                continue
+            if not any(self._selected(r) for r in self.runs.values() if r.experiment is exp):
+                continue
+            argv = expand(exp.setup, self._placeholders(exp, None))
+            log = self.paths.experiment_dir(exp.name) / "setup.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            self.event(f"{exp.name}: setup: {' '.join(argv)}")
+            self._flush(force=True)
+            with open(log, "ab") as fh:
+                try:
+                    rc = subprocess.run(
+                        argv, cwd=self.plan.repo, stdout=fh, stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL, env=_base_env(),
+                    ).returncode
+                except OSError as e:
+                    raise LaunchError(f"{exp.name}: setup cannot start: {e}") from None
+            if rc != 0:
+                tail = _tail(log, 5)
+                raise LaunchError(
+                    f"{exp.name}: setup command exited with {rc}: {tail.splitlines()[-1] if tail else ''}",
+                    hint=f"see {log}",
+                )
+            erec.setup_done = True
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run the plan until every experiment is decided (or Ctrl-C).
+
+        Returns:
+            0 when every experiment has a winner, 1 when one failed, 130 when interrupted.
+
+        Raises:
+            OrchestratorError: the plan cannot start (locked, bad worktree, setup failed).
+        """
+        self._lock.acquire()
+        try:
+            self.paths.root.mkdir(parents=True, exist_ok=True)
+            self._load_state()
+            self._resume_runs()
+            self._flush(force=True)
+            self._run_setups()
+            self._start_watching()
+            while not self._finished():
+                if self.interrupted:
+                    break
+                self.tick()
+                self.wake.wait(self.plan.poll_interval_s)
+                self.wake.clear()
+            return self._shutdown()
+        finally:
+            self._stop_watching()
+            self._stopper.shutdown(wait=True)
+            self.dashboard.close()
+            self.launcher.close()
+            self._lock.release()
+
+    def request_interrupt(self, reason: str = "interrupted", *, detach: bool = False) -> None:
+        """Ask the loop to stop (signal handlers call this). ``detach`` leaves workers running."""
+        self.interrupted = reason
+        self.detach = detach
+        self.wake.set()
+
+    def tick(self) -> None:
+        """One pass: control requests, metrics, decisions, exits, stalls, scheduling."""
+        now = self.clock()
+        self._read_control()
+        if self.subreaper:
+            reap_orphans({})
+        for live in list(self.runs.values()):
+            if live.stopping is not None:
+                if live.stopping.done():
+                    self._finish_stop(live)
+                continue
+            if live.handle is None:
+                continue
+            live.handle.refresh()
+            self._ingest(live)
+            if live.handle is None or live.stopping is not None:
+                continue  # decided (and being stopped) by its own record
+            code = live.handle.poll()
+            if code is not None:
+                self._ingest(live)  # the last records written before exit
+                if live.stopping is None and live.handle is not None:
+                    self._handle_exit(live, code)
+            else:
+                self._check_stall(live, now)
+        self._check_hooks()
+        self._decide_failures()
+        self._schedule(now)
+        if self.ui:
+            self.ui(self)
+        self._flush()
+
+    def _finished(self) -> bool:
+        if self.hooks or any(r.stopping is not None for r in self.runs.values()):
+            return False
+        for r in self.runs.values():
+            if not self._selected(r):
+                continue
+            if self.state.experiments[r.experiment.name].status != ExperimentStatus.running:
+                continue
+            if not r.record.state.terminal:
+                return False
+        return True
+
+    def _selected_experiments(self) -> list[ExperimentRecord]:
+        names = {r.experiment.name for r in self.runs.values() if self._selected(r)}
+        return [self.state.experiments[n] for n in names]
+
+    def _shutdown(self) -> int:
+        if self.interrupted:
+            active = [r for r in self.runs.values() if r.record.state.active and r.handle]
+            if self.detach:
+                self.event(f"detached: {len(active)} runs keep running; `run` re-attaches")
+            else:
+                self.event(f"{self.interrupted}: stopping {len(active)} runs")
+                self._stop(active, RunState.stopped, reason=self.interrupted)
+                self._wait_for_stops()
+            self._flush(force=True)
+            return 130
+        self._wait_for_stops()
+        self.state.finished = True
+        self._flush(force=True)
+        selected = self._selected_experiments()
+        return 0 if all(e.status == ExperimentStatus.succeeded for e in selected) else 1
+
+    def _wait_for_stops(self) -> None:
+        for live in self.runs.values():
+            if live.stopping is not None:
+                live.stopping.result()
+                self._finish_stop(live)
+
+    # -- metrics and decisions --------------------------------------------------------------
+
+    def _ingest(self, live: LiveRun) -> None:
+        try:
+            new = live.source.read_new()
+        except (OSError, RuntimeError) as e:
+            live.record.error = f"metrics: {e}"
+            return
+        if not new:
+            return
+        rec = live.record
+        for record in live.history.add(new):
+            rec.records += 1
+            rec.last_record_at = self.clock()
+            rec.stalled = False
+            if "epoch" in record:
+                rec.epoch = record["epoch"]
+            rec.last_metrics = {k: v for k, v in record.items() if k not in ("time_s",)}
+            self._dirty = True
+            if self._passes(live, record):
+                self._declare_winner(live, record)
+                return
+            if rec.epoch is not None and rec.epoch >= live.max_epochs:
+                self.event(f"{rec.key}: reached max_epochs {live.max_epochs} without passing")
+                self._stop([live], RunState.exhausted, reason="max_epochs")
+                return
+
+    def _passes(self, live: LiveRun, record: dict[str, Any]) -> bool:
+        if self.state.experiments[live.experiment.name].status != ExperimentStatus.running:
+            return False
+        epoch = record.get("epoch", record.get("step"))
+        every = live.experiment.check_every
+        if every > 1 and (epoch is None or epoch % every != 0):
+            return False
+        return all_pass(live.criteria, record)
+
+    def _declare_winner(self, live: LiveRun, record: dict[str, Any]) -> None:
+        exp = live.experiment
+        erec = self.state.experiments[exp.name]
+        erec.status = ExperimentStatus.succeeded
+        erec.winner = live.worker.name
+        erec.winner_epoch = record.get("epoch", record.get("step"))
+        erec.winner_metrics = {k: v for k, v in record.items() if k != "time_s"}
+        erec.decided_at = self.clock()
+        self.event(
+            f"{exp.name}: {live.worker.name} WINS at epoch {erec.winner_epoch} "
+            f"({', '.join(c.source for c in live.criteria)})"
+        )
+        losers = [
+            r for r in self.runs.values()
+            if r.experiment is exp and r is not live and r.stopping is None
+        ]
+        for r in losers:
+            if r.record.state == RunState.pending:
+                r.record.transition(RunState.cancelled, why="race decided")
+                self.event(f"{r.record.key}: cancelled (race decided)")
+        running = [r for r in losers if r.record.state.active and r.handle is not None]
+        for r in losers:
+            if r.record.state == RunState.preparing and r.handle is None:
+                r.record.transition(RunState.cancelled, why="race decided")
+        written_at = record.get("time_s")
+        self._stop(running, RunState.stopped, reason=f"lost to {live.worker.name}",
+                   decided_from=written_at, experiment=erec)
+        # The winner is done too: SIGTERM lets it write its final checkpoint.
+        self._stop([live], RunState.succeeded, reason="won")
+        self._start_hook(live)
+        self._dirty = True
+        self._flush(force=True)
+        self.dashboard.push_now()
+
+    def _decide_failures(self) -> None:
+        for exp in self.plan.experiments:
+            erec = self.state.experiments[exp.name]
+            if erec.status != ExperimentStatus.running:
+                continue
+            runs = [r for r in self.runs.values() if r.experiment is exp]
+            if all(r.record.state.terminal and r.stopping is None for r in runs):
+                if any(r.record.stop_reason in ("interrupted", "user") for r in runs):
+                    continue  # stopped by hand: resumable, not a failure
+                erec.status = ExperimentStatus.failed
+                erec.decided_at = self.clock()
+                best = self.dashboard.best_run(exp, {k: r.history for k, r in self.runs.items()})
+                what = f"; best {best}" if best else ""
+                self.event(f"{exp.name}: FAILED, no worker met the criteria{what}")
+                self._start_hook(None, exp=exp)
+                self._dirty = True
+
+    # -- exits, crashes, stalls -------------------------------------------------------------
+
+    def _handle_exit(self, live: LiveRun, code: int) -> None:
+        rec = live.record
+        now = self.clock()
+        self._release(live, now)
+        rec.exit_code = code
+        rec.stderr_tail = _tail(live.paths.stderr, STDERR_TAIL_LINES)
+        if code == 0:
+            rec.transition(RunState.exhausted, why="exited 0")
+            self.event(f"{rec.key}: exited 0 at epoch {rec.epoch} without meeting the criteria")
+        elif rec.attempt <= self.plan.max_retries:
+            delay = self.plan.retry_backoff_s * (2 ** (rec.attempt - 1))
+            rec.transition(RunState.pending, why="crashed, will retry")
+            rec.retry_at = now + delay
+            rec.resume = True
+            rec.error = _last_line(rec.stderr_tail) or f"exit {code}"
+            self.event(
+                f"{rec.key}: crashed (exit {code}) on attempt {rec.attempt}; "
+                f"retrying with resume in {delay:.0f}s"
+            )
+        else:
+            rec.transition(RunState.failed, why="out of retries")
+            rec.error = _last_line(rec.stderr_tail) or f"exit {code}"
+            self.event(f"{rec.key}: FAILED (exit {code}) after {rec.attempt} attempts: {rec.error}")
+        self._dirty = True
+
+    def _check_stall(self, live: LiveRun, now: float) -> None:
+        timeout = self.plan.stall_timeout_s
+        rec = live.record
+        if timeout is None or rec.started_at is None:
+            return
+        since = max(rec.last_record_at or 0.0, rec.started_at)
+        if now - since < timeout:
+            return
+        if not rec.stalled:
+            rec.stalled = True
+            self.event(f"{rec.key}: STALLED, no metric for {now - since:.0f}s")
+            self._dirty = True
+        if self.plan.stall_action.value == "restart":
+            self._stop([live], RunState.pending, reason="stalled")
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def _stop(
+        self,
+        lives: list[LiveRun],
+        final: RunState,
+        *,
+        reason: str,
+        decided_from: float | None = None,
+        experiment: ExperimentRecord | None = None,
+    ) -> None:
+        lives = [r for r in lives if r.handle is not None and r.stopping is None]
+        if not lives:
+            if experiment is not None and decided_from is not None:
+                experiment.decision_latency_s = max(0.0, time.time() - decided_from)
+            return
+        handles = [r.handle for r in lives if r.handle is not None]
+        grace = self.plan.grace_s
+
+        def work() -> Any:
+            reports = self.launcher.stop(handles, grace)
+            if experiment is not None and decided_from is not None:
+                experiment.decision_latency_s = max(0.0, time.time() - decided_from)
+            return reports
+
+        future = self._stopper.submit(work)
+        for r in lives:
+            r.stopping = future
+            r.stop_state = final
+            r.record.stop_reason = reason
+            self.event(f"{r.record.key}: stopping ({reason})")
+        future.add_done_callback(lambda _f: self.wake.set())
+
+    def _finish_stop(self, live: LiveRun) -> None:
+        future, live.stopping = live.stopping, None
+        assert future is not None
+        try:
+            reports = future.result()
+        except Exception as e:  # a bug in stopping must not kill the race
+            self.event(f"{live.record.key}: stop failed: {e!r}")
+            reports = []
+        survivors = [pid for rep in reports for pid in rep.survivors]
+        if survivors:
+            self.event(f"{live.record.key}: processes {survivors} survived SIGKILL")
+        self._ingest_final(live)
+        final = live.stop_state or RunState.stopped
+        live.stop_state = None
+        rec = live.record
+        if live.handle is not None:
+            rec.exit_code = live.handle.poll()
+        self._release(live, self.clock())
+        if final == RunState.pending:  # stalled and restarted: counts as a retry
+            if rec.attempt <= self.plan.max_retries:
+                rec.transition(RunState.pending, why=rec.stop_reason or "")
+                rec.resume = True
+                rec.retry_at = self.clock() + self.plan.retry_backoff_s
+            else:
+                rec.transition(RunState.failed, why="stalled, out of retries")
+                rec.error = "stalled"
+        else:
+            rec.transition(final, why=rec.stop_reason or "")
+        self.event(f"{rec.key}: {rec.state.value}")
+        self._dirty = True
+
+    def _ingest_final(self, live: LiveRun) -> None:
+        try:
+            for record in live.history.add(live.source.read_new()):
+                live.record.records += 1
+                if "epoch" in record:
+                    live.record.epoch = record["epoch"]
+                live.record.last_metrics = {k: v for k, v in record.items() if k != "time_s"}
+        except (OSError, RuntimeError):
+            pass
+
+    def _release(self, live: LiveRun, now: float) -> None:
+        rec = live.record
+        if live.handle is not None:
+            rec.cpu_s += live.handle.cpu_seconds()
+        if rec.started_at is not None:
+            rec.busy_s += max(0.0, now - rec.started_at)
+        rec.ended_at = now
+        rec.pid = None
+        rec.create_time = None
+        live.handle = None
+        live.slot = None
+        if self.plan.executor == "local":
+            worktrees.unlock_worktree(self.plan.repo, self._worktree(live))
+
+    # -- scheduling and launching -----------------------------------------------------------
+
+    def _schedule(self, now: float) -> None:
+        busy = {r.slot.index for r in self.runs.values() if r.slot is not None}
+        free = [s for s in self.slots if s.index not in busy]
+        if not free or self.interrupted:
+            return
+        order = {id(w): i for i, (_, w) in enumerate(self.plan.workers())}
+        waiting = sorted(
+            (
+                r for r in self.runs.values()
+                if r.record.state == RunState.pending
+                and self._selected(r)
+                and self.state.experiments[r.experiment.name].status == ExperimentStatus.running
+                and (r.record.retry_at or 0) <= now
+            ),
+            key=lambda r: (r.worker.priority, order[id(r.worker)]),
+        )
+        for live, slot in zip(waiting, free):
+            self._start(live, slot)
+
+    def _start(self, live: LiveRun, slot: Slot) -> None:
+        rec = live.record
+        rec.transition(RunState.preparing, why="slot free")
+        live.slot = slot
+        rec.slot = slot.label()
+        self._flush(force=True)
+        try:
+            wt = self._worktree(live)
+            if self.plan.executor == "local":
+                worktrees.ensure_worktree(
+                    self.plan.repo, wt, live.worker.branch, self.plan.base_ref,
+                    fresh=self.fresh and rec.attempt == 0,
+                )
+            rec.attempt += 1
+            rec.run_id = f"{rec.experiment}/{rec.worker}/{rec.attempt}/{uuid.uuid4().hex[:8]}"
+            values = self._placeholders(live.experiment, live, worktree=wt)
+            argv = expand(live.worker.command, values, shell=live.worker.shell)
+            env = self._env(live, slot, wt, values)
+            spec = LaunchSpec(
+                key=rec.key, argv=argv, cwd=wt, env=env, paths=live.paths, run_id=rec.run_id,
+                attempt=rec.attempt, slot=slot,
+                header=f"==== attempt {rec.attempt} {time.strftime('%Y-%m-%d %H:%M:%S')} "
+                f"slot {slot.label()} resume={int(rec.resume)}: {' '.join(argv)}",
+            )
+            if self.plan.executor == "local":
+                worktrees.lock_worktree(self.plan.repo, wt, f"orchestrator run {rec.run_id}")
+            live.handle = self.launcher.start(spec)
+        except (WorktreeError, LaunchError) as e:
+            live.slot = None
+            rec.slot = None
+            rec.transition(RunState.failed, why="cannot start")
+            rec.error = str(e)
+            self.event(f"{rec.key}: FAILED to start: {e}")
+            self._dirty = True
+            return
+        rec.transition(RunState.running, why="launched")
+        rec.pid = live.handle.pid
+        rec.create_time = live.handle.create_time
+        rec.started_at = self.clock()
+        rec.retry_at = None
+        rec.stalled = False
+        rec.error = None
+        self.event(
+            f"{rec.key}: started attempt {rec.attempt} on {slot.label()} (pid {rec.pid}"
+            f"{', resuming' if rec.resume else ''})"
+        )
+        self._watch(live)
+        self._dirty = True
+        self._flush(force=True)
+
+    def _worktree(self, live: LiveRun) -> Path:
+        return self.plan.worktree_path(live.worker, live.experiment)
+
+    def _placeholders(
+        self, exp: ExperimentConfig, live: LiveRun | None, worktree: Path | None = None
+    ) -> dict[str, str]:
+        values = {
+            "repo": str(self.plan.repo),
+            "results_dir": str(self.plan.results_dir),
+            "experiment": exp.name,
+            "plan": str(self.plan.source),
+            "viz_dir": str(self.paths.success_viz_dir(exp.name)),
+        }
+        if live is not None:
+            values.update(
+                worker=live.worker.name,
+                run_dir=str(live.paths.run_dir),
+                worktree=str(worktree or self._worktree(live)),
+                checkpoint=str(live.paths.latest_checkpoint),
+                attempt=str(live.record.attempt),
+            )
+        return values
+
+    def _env(self, live: LiveRun, slot: Slot, wt: Path, values: dict[str, str]) -> dict[str, str]:
+        rec = live.record
+        env = _base_env()
+        pythonpath = [str(wt / "src"), str(wt)]
+        if env.get("PYTHONPATH"):
+            pythonpath.append(env["PYTHONPATH"])
+        env.update(
+            ORCH_RUN_DIR=str(live.paths.run_dir),
+            ORCH_EXPERIMENT=rec.experiment,
+            ORCH_WORKER=rec.worker,
+            ORCH_ATTEMPT=str(rec.attempt),
+            ORCH_RESUME="1" if rec.resume else "0",
+            ORCH_MAX_EPOCHS=str(live.max_epochs),
+            CUDA_VISIBLE_DEVICES=slot.cuda_visible_devices,
+            PYTHONPATH=os.pathsep.join(pythonpath),
+            PYTHONUNBUFFERED="1",
+        )
+        from .config import _fill
+
+        env.update({k: _fill(v, values) for k, v in live.worker.env.items()})
+        return env
+
+    # -- on_success / failure hooks ---------------------------------------------------------
+
+    def _start_hook(self, live: LiveRun | None, *, exp: ExperimentConfig | None = None) -> None:
+        exp = exp or (live.experiment if live else None)
+        assert exp is not None
+        if exp.on_success is None:
+            return
+        if live is None:  # a failed race: the hook gets the best worker's run instead
+            histories = {k: r.history for k, r in self.runs.items()}
+            best = self.dashboard.best_worker(exp, histories)
+            live = self.runs.get(f"{exp.name}/{best}") if best else None
+            if live is None:
+                return
+        values = self._placeholders(exp, live)
+        argv = expand(exp.on_success, values)
+        log = self.paths.experiment_dir(exp.name) / "on_success.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as fh:
+            try:
+                self.hooks[exp.name] = subprocess.Popen(
+                    argv, cwd=self.plan.repo, stdout=fh, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, env=_base_env(),
+                )
+            except OSError as e:
+                self.event(f"{exp.name}: on_success hook cannot start: {e}")
+                return
+        self.state.experiments[exp.name].hook = "running"
+        self.event(f"{exp.name}: on_success hook started: {' '.join(argv)}")
+
+    def _check_hooks(self) -> None:
+        for name, proc in list(self.hooks.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            del self.hooks[name]
+            self.state.experiments[name].hook = "ok" if rc == 0 else f"exit {rc}"
+            self.event(f"{name}: on_success hook finished ({'ok' if rc == 0 else f'exit {rc}'})")
+            self._dirty = True
+            self.dashboard.push_now()
+
+    # -- control requests from other shells -------------------------------------------------
+
+    def _read_control(self) -> None:
+        path = self.paths.stop_request
+        if not path.exists():
+            return
+        try:
+            import json
+
+            request = json.loads(path.read_text())
+        except (OSError, ValueError):
+            request = {}
+        path.unlink(missing_ok=True)
+        names = request.get("workers") or None
+        if not names:
+            self.event("stop requested from another shell: stopping the whole plan")
+            self.request_interrupt("user")
+            return
+        targets = [r for r in self.runs.values() if r.worker.name in names]
+        for r in targets:
+            if r.record.state == RunState.pending:
+                r.record.transition(RunState.stopped, why="user")
+                r.record.stop_reason = "user"
+        self._stop([r for r in targets if r.handle], RunState.stopped, reason="user")
+        self.event(f"stop requested from another shell: {', '.join(names)}")
+
+    # -- file events, state and dashboard ---------------------------------------------------
+
+    def _start_watching(self) -> None:
+        try:
+            from watchdog.events import FileSystemEventHandler
+            from watchdog.observers import Observer
+        except ImportError:
+            return
+        wake = self.wake
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: Any) -> None:
+                wake.set()
+
+        self._observer = Observer()
+        self._observer.daemon = True
+        self._watched: set[Path] = set()
+        self._handler = Handler()
+        self._observer.start()
+        self.paths.control_dir.mkdir(parents=True, exist_ok=True)
+        self._schedule_watch(self.paths.control_dir)
+        for live in self.runs.values():
+            if live.handle is not None:
+                self._watch(live)
+
+    def _watch(self, live: LiveRun) -> None:
+        for folder in live.source.watch_paths():
+            self._schedule_watch(folder)
+
+    def _schedule_watch(self, folder: Path) -> None:
+        if self._observer is None or folder in self._watched:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self._observer.schedule(self._handler, str(folder), recursive=False)
+            self._watched.add(folder)
+        except OSError:  # inotify watch limit: polling still works
+            pass
+
+    def _stop_watching(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=2)
+            self._observer = None
+
+    def event(self, text: str) -> None:
+        """Record an event: recent-events list, events.jsonl and the terminal."""
+        stamp = time.strftime("%H:%M:%S", time.localtime(self.clock()))
+        self.events.append(f"{stamp} {text}")
+        self.echo(f"[{stamp}] {text}")
+        try:
+            self.paths.root.mkdir(parents=True, exist_ok=True)
+            append_event(self.paths.events, {"time_s": self.clock(), "event": text})
+        except OSError:
+            pass
+
+    def _flush(self, force: bool = False) -> None:
+        if not (self._dirty or force):
+            self.dashboard.maybe_refresh(self, force=False)
+            return
+        self._dirty = False
+        try:
+            self.state.save(self.paths.state)
+        except OSError as e:
+            self.dashboard.report_write_error("state", e)
+        self.dashboard.maybe_refresh(self, force=force)
+
+
+def _default_launcher(plan: Plan) -> Launcher:
+    if plan.executor == "ray":
+        from .ray_executor import RayLauncher  # imports ray only when the plan asks for it
+
+        return RayLauncher(plan)
+    return LocalLauncher()
+
+
+def _base_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for key in list(env):
+        if key.startswith("ORCH_") and key != "ORCH_FAKE_GPUS":
+            del env[key]
+    return env
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 8192))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _last_line(text: str | None) -> str | None:
+    if not text:
+        return None
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("====")]
+    return lines[-1].strip()[:300] if lines else None
+
+
+def install_signal_handlers(controller: Controller, *, leave_running: bool = False) -> None:
+    """SIGINT/SIGTERM stop the race cleanly (or, with ``leave_running``, detach and leave the
+    workers running for a later re-attach); SIGHUP (a dropped SSH session) is ignored."""
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if controller.interrupted:
+            return
+        controller.request_interrupt("interrupted", detach=leave_running)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def check_no_live_controller(paths: ResultsPaths) -> dict[str, Any] | None:
+    """The live controller's identity from the state file, or None if none runs."""
+    if not paths.state.exists():
+        return None
+    try:
+        state = PlanState.load(paths.state)
+    except OrchestratorError:
+        return None
+    return state.controller if controller_alive(state.controller) else None

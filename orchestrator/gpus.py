@@ -1,0 +1,101 @@
+"""GPU detection and the slots runs occupy.
+
+A slot is a GPU index (shared by ``workers_per_gpu`` runs) or, on a machine without GPUs, a CPU
+slot. Detection uses NVML (nvidia-ml-py) when installed, else ``nvidia-smi``, else no GPUs.
+Tests fake GPUs with a plan's explicit ``gpus: [0, 1]`` (or ORCH_FAKE_GPUS=N for ``auto``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One place a run can occupy.
+
+    Attributes:
+        index: slot number (stable, used in the dashboard).
+        gpu: GPU index, or None for a CPU slot.
+        share: which share of the GPU (0..workers_per_gpu-1).
+    """
+
+    index: int
+    gpu: int | None
+    share: int = 0
+
+    @property
+    def cuda_visible_devices(self) -> str:
+        return "" if self.gpu is None else str(self.gpu)
+
+    def label(self) -> str:
+        if self.gpu is None:
+            return f"cpu{self.index}"
+        return f"gpu{self.gpu}" + (f".{self.share}" if self.share else "")
+
+
+def detect_gpus() -> list[int]:
+    """Indices of the NVIDIA GPUs on this machine ([] when there are none)."""
+    fake = os.environ.get("ORCH_FAKE_GPUS")
+    if fake is not None:
+        return list(range(int(fake)))
+    try:
+        import pynvml  # nvidia-ml-py
+
+        pynvml.nvmlInit()
+        try:
+            return list(range(pynvml.nvmlDeviceGetCount()))
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # not installed, no driver, no device: fall through to nvidia-smi
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (subprocess.SubprocessError, OSError):
+        return []
+    return [int(line) for line in out.split() if line.strip().isdigit()]
+
+
+def make_slots(
+    gpus: str | list[int],
+    *,
+    workers_per_gpu: int,
+    max_parallel: int | None,
+    cpu_slots: int | None = None,
+) -> list[Slot]:
+    """The slots of this machine for a plan.
+
+    Args:
+        gpus: "auto" (detect), "none" (CPU slots only) or explicit GPU indices.
+        workers_per_gpu: runs sharing one GPU.
+        max_parallel: cap on concurrent runs (None: one per slot; on CPU, one per worker).
+        cpu_slots: number of CPU slots when there is no GPU (default: max_parallel or 1 per
+            core).
+
+    Returns:
+        Slots in scheduling order (GPU-major, so runs spread over GPUs first).
+    """
+    indices = detect_gpus() if gpus == "auto" else ([] if gpus == "none" else list(gpus))
+    slots: list[Slot] = []
+    if indices:
+        for share in range(workers_per_gpu):
+            for gpu in indices:
+                slots.append(Slot(len(slots), gpu, share))
+    else:
+        n = max_parallel or cpu_slots or os.cpu_count() or 1
+        slots = [Slot(i, None) for i in range(n)]
+    if max_parallel is not None:
+        slots = slots[:max_parallel]
+    return slots

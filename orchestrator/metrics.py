@@ -1,0 +1,340 @@
+"""Reading workers' metric records incrementally, from whichever source the plan names.
+
+All sources share one interface, ``MetricSource.read_new() -> list[dict]``: only records that
+appeared since the last call, each with ``epoch`` or ``step`` and numeric values (None for
+NaN/inf/null). The jsonl tailer reads only new bytes, keeps a partial last line for the next
+read, notices truncation and replacement (inode change), and counts (never raises on) corrupt
+lines. ``MetricHistory`` merges records by epoch/step so a resumed attempt that re-reports an
+epoch replaces the old record instead of duplicating it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Record = dict[str, Any]
+
+
+def clean_record(raw: Any) -> Record | None:
+    """Keep numeric fields of a decoded record; None if it has no epoch or step.
+
+    NaN/inf and null become None; strings that parse as numbers are converted; other values
+    are dropped (and counted by the caller as problems only if the record is unusable).
+    """
+    if not isinstance(raw, dict):
+        return None
+    out: Record = {}
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            continue
+        if isinstance(value, bool):
+            out[key] = int(value)
+        elif isinstance(value, (int, float)):
+            out[key] = value if (isinstance(value, int) or math.isfinite(value)) else None
+        elif value is None:
+            out[key] = None
+        elif isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                continue
+            out[key] = f if math.isfinite(f) else None
+    for key in ("epoch", "step"):
+        if key in out:
+            if out[key] is None:
+                del out[key]
+            else:
+                out[key] = int(out[key])
+    if "epoch" not in out and "step" not in out:
+        return None
+    return out
+
+
+@dataclass
+class SourceStats:
+    """Counters a source keeps about what it could not use."""
+
+    bad_lines: int = 0
+    truncations: int = 0
+    replacements: int = 0
+
+
+class MetricSource:
+    """Interface: ``read_new()`` returns records that appeared since the last call."""
+
+    stats: SourceStats
+
+    def read_new(self) -> list[Record]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def watch_paths(self) -> list[Path]:
+        """Folders whose file events should wake the controller early."""
+        return []
+
+
+class FileTailer:
+    """Incremental reader of a growing text file: new complete lines only.
+
+    Tracks (inode, offset); a partial last line stays buffered; a file that shrank is read from
+    the start (truncation), a new inode from the start (replacement).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.inode: int | None = None
+        self.buffer = b""
+        self.stats = SourceStats()
+
+    def read_lines(self) -> list[str]:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return []
+        if self.inode is not None and st.st_ino != self.inode:
+            self.stats.replacements += 1
+            self.offset, self.buffer = 0, b""
+        elif st.st_size < self.offset:
+            self.stats.truncations += 1
+            self.offset, self.buffer = 0, b""
+        self.inode = st.st_ino
+        if st.st_size == self.offset:
+            return []
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read(st.st_size - self.offset)
+        except FileNotFoundError:
+            return []
+        self.offset += len(chunk)
+        data = self.buffer + chunk
+        *lines, self.buffer = data.split(b"\n")
+        return [line.decode("utf-8", errors="replace") for line in lines if line.strip()]
+
+
+class JsonlSource(MetricSource):
+    """metrics.jsonl written by orchestrator.reporting (or by hand): one JSON object a line."""
+
+    def __init__(self, path: Path) -> None:
+        self.tailer = FileTailer(path)
+        self.stats = self.tailer.stats
+
+    def read_new(self) -> list[Record]:
+        out = []
+        for line in self.tailer.read_lines():
+            try:
+                record = clean_record(json.loads(line))
+            except (json.JSONDecodeError, RecursionError):
+                record = None
+            if record is None:
+                self.stats.bad_lines += 1
+            else:
+                out.append(record)
+        return out
+
+    def watch_paths(self) -> list[Path]:
+        return [self.tailer.path.parent]
+
+
+class RegexSource(MetricSource):
+    """Named groups of a regular expression matched against each new line of a log file.
+
+    Example pattern: ``step (?P<step>\\d+) train loss: (?P<train_loss>\\S+)``. Lines that do not
+    match are ignored (logs hold other text); matches without a number are counted bad.
+    """
+
+    def __init__(self, path: Path, pattern: str) -> None:
+        self.tailer = FileTailer(path)
+        self.stats = self.tailer.stats
+        self.regex = re.compile(pattern)
+
+    def read_new(self) -> list[Record]:
+        out = []
+        for line in self.tailer.read_lines():
+            m = self.regex.search(line)
+            if m is None:
+                continue
+            record = clean_record({k: v for k, v in m.groupdict().items() if v is not None})
+            if record is None:
+                self.stats.bad_lines += 1
+            else:
+                out.append(record)
+        return out
+
+    def watch_paths(self) -> list[Path]:
+        return [self.tailer.path.parent]
+
+
+class CsvSource(MetricSource):
+    """A CSV log with a header row, as Lightning's CSVLogger writes (metrics.csv).
+
+    CSVLogger writes one row per logging call with empty cells for metrics not logged in that
+    call, and rewrites the whole file (with a wider header) when a new metric appears: a
+    replaced or shrunk file is re-read from the start and only rows past those already seen
+    are returned.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows_seen = 0
+        self.stats = SourceStats()
+        self._signature: tuple[int, int] | None = None
+
+    def read_new(self) -> list[Record]:
+        try:
+            st = os.stat(self.path)
+            text = self.path.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        signature = (st.st_ino, st.st_size)
+        if signature == self._signature:
+            return []
+        self._signature = signature
+        if not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]  # a partial last row waits
+        rows = list(csv.DictReader(io.StringIO(text)))
+        new = rows[self.rows_seen :]
+        self.rows_seen = len(rows)
+        out = []
+        for row in new:
+            record = clean_record({k: v for k, v in row.items() if k and v not in (None, "")})
+            if record is None:
+                self.stats.bad_lines += 1
+            else:
+                out.append(record)
+        return out
+
+    def watch_paths(self) -> list[Path]:
+        return [self.path.parent]
+
+
+class TensorBoardSource(MetricSource):
+    """Scalar summaries from TensorBoard event files under a folder, read incrementally.
+
+    Needs the ``tensorboard`` package (``pip install tensorboard``). Records are keyed by the
+    summary's global step (``step``); the tag becomes the metric name with '/' kept.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.stats = SourceStats()
+        self._loaders: dict[Path, Any] = {}
+
+    def read_new(self) -> list[Record]:
+        try:
+            from tensorboard.backend.event_processing.event_file_loader import (
+                EventFileLoader,
+            )
+            from tensorboard.util import tensor_util
+        except ImportError as e:  # reported once per read by the controller
+            raise RuntimeError(
+                "metrics source 'tensorboard' needs the tensorboard package: "
+                "pip install tensorboard"
+            ) from e
+        by_step: dict[int, Record] = {}
+        for path in sorted(self.folder.rglob("events.out.tfevents.*")):
+            loader = self._loaders.get(path)
+            if loader is None:
+                loader = self._loaders[path] = EventFileLoader(str(path))
+            for event in loader.Load():
+                for value in event.summary.value:
+                    if value.HasField("simple_value"):
+                        number = float(value.simple_value)
+                    elif value.HasField("tensor"):
+                        try:
+                            number = float(tensor_util.make_ndarray(value.tensor))
+                        except (TypeError, ValueError):
+                            continue
+                    else:
+                        continue
+                    rec = by_step.setdefault(int(event.step), {"step": int(event.step)})
+                    rec[value.tag] = number if math.isfinite(number) else None
+        return [by_step[s] for s in sorted(by_step)]
+
+    def watch_paths(self) -> list[Path]:
+        return [self.folder]
+
+
+def x_key(record: Record) -> str:
+    """The ordering key of a record: ``step`` when present (finer), else ``epoch``."""
+    return "step" if "step" in record else "epoch"
+
+
+@dataclass
+class MetricHistory:
+    """A worker's records in order, latest attempt winning.
+
+    A record whose step (or epoch) is not past the last one's means a resumed attempt went back
+    to its checkpoint: the records at or after that point are replaced, so the history never
+    holds an epoch twice and never mixes two attempts' versions of it.
+    """
+
+    records: list[Record] = field(default_factory=list)
+
+    def add(self, new: Iterable[Record]) -> list[Record]:
+        """Merge records in arrival order; returns them."""
+        added = []
+        for rec in new:
+            key = x_key(rec)
+            x = rec[key]
+            if self.records and _x(self.records[-1], key) is not None and _x(
+                self.records[-1], key
+            ) >= x:
+                self.records = [r for r in self.records if (_x(r, key) or -1) < x]
+            self.records.append(rec)
+            added.append(rec)
+        return added
+
+    @property
+    def last(self) -> Record | None:
+        return self.records[-1] if self.records else None
+
+    def series(self, metric: str) -> tuple[list[int], list[float]]:
+        """(epoch-or-step values, metric values), skipping records without a number."""
+        xs, ys = [], []
+        for r in self.records:
+            v = r.get(metric)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                xs.append(r.get("epoch", r.get("step", 0)))
+                ys.append(float(v))
+        return xs, ys
+
+
+def _x(record: Record, key: str) -> int | None:
+    value = record.get(key)
+    return value if isinstance(value, int) else None
+
+
+def make_source(kind: str, *, run_dir: Path, path: str | None, pattern: str | None) -> MetricSource:
+    """Build the MetricSource a worker's ``metrics:`` section names.
+
+    Args:
+        kind: jsonl | regex | csv | tensorboard.
+        run_dir: the run directory; relative ``path`` values are resolved against it.
+        path: file or folder of the source (regex defaults to the run's stdout.log).
+        pattern: regex with named groups (regex only).
+    """
+    resolved = Path(path) if path else None
+    if resolved is not None and not resolved.is_absolute():
+        resolved = run_dir / resolved
+    if kind == "jsonl":
+        return JsonlSource(resolved or run_dir / "metrics.jsonl")
+    if kind == "regex":
+        assert pattern is not None
+        return RegexSource(resolved or run_dir / "stdout.log", pattern)
+    if kind == "csv":
+        assert resolved is not None
+        return CsvSource(resolved)
+    if kind == "tensorboard":
+        assert resolved is not None
+        return TensorBoardSource(resolved)
+    raise ValueError(f"unknown metrics source {kind!r}")

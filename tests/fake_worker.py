@@ -1,0 +1,96 @@
+"""A small but real worker for the orchestrator's tests and benchmarks (stdlib only).
+
+It follows the worker contract with orchestrator.reporting: one metrics record per epoch,
+a checkpoint per epoch (JSON), resume from the latest checkpoint when ORCH_RESUME=1, and a
+clean exit 0 on SIGTERM. Faults on request: crash at an epoch, ignore SIGTERM, fork children,
+start a setsid'd helper that escapes the process group, hang (stall) at an epoch.
+
+    python tests/fake_worker.py --epochs 20 --interval 0.1 --metric acc=0.5+0.05*epoch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from orchestrator.reporting import Reporter  # noqa: E402
+
+SLEEPER = "import time\nwhile True: time.sleep(0.05)\n"
+
+
+def parse_metric(text: str) -> tuple[str, float, float]:
+    """'acc=0.5+0.05*epoch' -> ('acc', 0.5, 0.05); 'loss=2' -> ('loss', 2.0, 0.0)."""
+    name, _, expr = text.partition("=")
+    if "+" in expr and "*epoch" in expr:
+        start, _, slope = expr.partition("+")
+        return name, float(start), float(slope.replace("*epoch", ""))
+    if "-" in expr[1:] and "*epoch" in expr:
+        start, _, slope = expr[1:].partition("-")
+        return name, float(expr[0] + start), -float(slope.replace("*epoch", ""))
+    return name, float(expr), 0.0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--interval", type=float, default=0.1, help="seconds per epoch")
+    p.add_argument("--metric", action="append", default=[], help="NAME=START+SLOPE*epoch")
+    p.add_argument("--crash-at", type=int, help="exit 3 when reaching this epoch")
+    p.add_argument("--crash-attempts", type=int, default=1, help="crash only on attempts <= this")
+    p.add_argument("--ignore-sigterm", action="store_true")
+    p.add_argument("--children", type=int, default=0, help="fork sleeping children")
+    p.add_argument("--setsid-child", action="store_true", help="start a helper that calls setsid")
+    p.add_argument("--hang-at", type=int, help="stop reporting (but keep running) at this epoch")
+    p.add_argument("--exit-code", type=int, default=0, help="exit code after the last epoch")
+    p.add_argument("--run-dir", default=None)
+    args = p.parse_args()
+
+    rep = Reporter.from_env(default_run_dir=args.run_dir, handle_signals=not args.ignore_sigterm)
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    metrics = [parse_metric(m) for m in args.metric]
+    children = [
+        subprocess.Popen([sys.executable, "-c", SLEEPER]) for _ in range(args.children)
+    ]
+    if args.setsid_child:
+        subprocess.Popen([sys.executable, "-c", SLEEPER], start_new_session=True)
+
+    start = 1
+    if rep.resume and (ckpt := rep.latest_checkpoint(".ckpt")) is not None:
+        start = json.loads(ckpt.read_text())["epoch"] + 1
+        print(f"resumed at epoch {start}", flush=True)
+    for epoch in range(start, args.epochs + 1):
+        deadline = time.monotonic() + args.interval
+        while time.monotonic() < deadline and not rep.should_stop:
+            time.sleep(min(0.01, args.interval))
+        if rep.should_stop:
+            break
+        if args.crash_at == epoch and rep.attempt <= args.crash_attempts:
+            print(f"simulated crash at epoch {epoch}", file=sys.stderr, flush=True)
+            os._exit(3)
+        if args.hang_at is not None and epoch >= args.hang_at:
+            while not rep.should_stop:
+                time.sleep(0.01)
+            break
+        values = {name: round(a + b * epoch, 6) for name, a, b in metrics}
+        rep.log(epoch=epoch, **values)
+        rep.save_checkpoint(
+            lambda path, e=epoch: path.write_text(json.dumps({"epoch": e})),
+            epoch=epoch,
+            suffix=".ckpt",
+        )
+        print(f"epoch {epoch} {values}", flush=True)
+    for c in children:
+        c.terminate()
+    return args.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
