@@ -162,6 +162,7 @@ class ExperimentConfig(_Frozen):
     max_epochs: int = Field(ge=1)
     setup: Command | None = None
     on_success: Command | None = None
+    stop_losers: bool = True  # False: record the first winner but let every worker finish
     workers: tuple[WorkerConfig, ...] = Field(min_length=1)
 
     _cmd = field_validator("setup", "on_success")(

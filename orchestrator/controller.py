@@ -401,8 +401,8 @@ class Controller:
                 self._declare_winner(live, record)
                 return
             if rec.epoch is not None and rec.epoch >= live.max_epochs:
-                self.event(f"{rec.key}: reached max_epochs {live.max_epochs} without passing")
-                self._stop([live], RunState.exhausted, reason="max_epochs")
+                self.event(f"{rec.key}: reached max_epochs {live.max_epochs}")
+                self._stop([live], self._ended_state(live), reason="max_epochs")
                 return
 
     def _passes(self, live: LiveRun, record: dict[str, Any]) -> bool:
@@ -426,27 +426,29 @@ class Controller:
             f"{exp.name}: {live.worker.name} WINS at epoch {erec.winner_epoch} "
             f"({', '.join(c.source for c in live.criteria)})"
         )
-        losers = [
-            r for r in self.runs.values()
-            if r.experiment is exp and r is not live and r.stopping is None
-        ]
-        for r in losers:
-            if r.record.state == RunState.pending:
-                r.record.transition(RunState.cancelled, why="race decided")
-                self.event(f"{r.record.key}: cancelled (race decided)")
-        running = [r for r in losers if r.record.state.active and r.handle is not None]
-        for r in losers:
-            if r.record.state == RunState.preparing and r.handle is None:
-                r.record.transition(RunState.cancelled, why="race decided")
-        written_at = record.get("time_s")
-        self._stop(running, RunState.stopped, reason=f"lost to {live.worker.name}",
-                   decided_from=written_at, experiment=erec)
-        # The winner is done too: SIGTERM lets it write its final checkpoint.
-        self._stop([live], RunState.succeeded, reason="won")
+        if exp.stop_losers:
+            self._stop_losers(live, erec, record.get("time_s"))
+            # The winner is done too: SIGTERM lets it write its final checkpoint.
+            self._stop([live], RunState.succeeded, reason="won")
         self._start_hook(live)
         self._dirty = True
         self._flush(force=True)
         self.dashboard.push_now()
+
+    def _stop_losers(self, live: LiveRun, erec: ExperimentRecord, written_at: float | None) -> None:
+        losers = [
+            r for r in self.runs.values()
+            if r.experiment is live.experiment and r is not live and r.stopping is None
+        ]
+        for r in losers:
+            if r.record.state == RunState.pending or (
+                r.record.state == RunState.preparing and r.handle is None
+            ):
+                r.record.transition(RunState.cancelled, why="race decided")
+                self.event(f"{r.record.key}: cancelled (race decided)")
+        running = [r for r in losers if r.record.state.active and r.handle is not None]
+        self._stop(running, RunState.stopped, reason=f"lost to {live.worker.name}",
+                   decided_from=written_at, experiment=erec)
 
     def _decide_failures(self) -> None:
         for exp in self.plan.experiments:
@@ -474,8 +476,8 @@ class Controller:
         rec.exit_code = code
         rec.stderr_tail = _tail(live.paths.stderr, STDERR_TAIL_LINES)
         if code == 0:
-            rec.transition(RunState.exhausted, why="exited 0")
-            self.event(f"{rec.key}: exited 0 at epoch {rec.epoch} without meeting the criteria")
+            rec.transition(self._ended_state(live), why="exited 0")
+            self.event(f"{rec.key}: exited 0 at epoch {rec.epoch} ({rec.state.value})")
         elif rec.attempt <= self.plan.max_retries:
             delay = self.plan.retry_backoff_s * (2 ** (rec.attempt - 1))
             rec.transition(RunState.pending, why="crashed, will retry")
@@ -491,6 +493,11 @@ class Controller:
             rec.error = _last_line(rec.stderr_tail) or f"exit {code}"
             self.event(f"{rec.key}: FAILED (exit {code}) after {rec.attempt} attempts: {rec.error}")
         self._dirty = True
+
+    def _ended_state(self, live: LiveRun) -> RunState:
+        """A run that finished on its own: the winner (stop_losers: false) or exhausted."""
+        erec = self.state.experiments[live.experiment.name]
+        return RunState.succeeded if erec.winner == live.worker.name else RunState.exhausted
 
     def _check_stall(self, live: LiveRun, now: float) -> None:
         timeout = self.plan.stall_timeout_s
@@ -592,8 +599,7 @@ class Controller:
         rec.create_time = None
         live.handle = None
         live.slot = None
-        if self.plan.executor == "local":
-            worktrees.unlock_worktree(self.plan.repo, self._worktree(live))
+        worktrees.unlock_worktree(self.plan.repo, self._worktree(live))
 
     # -- scheduling and launching -----------------------------------------------------------
 
@@ -624,11 +630,10 @@ class Controller:
         self._flush(force=True)
         try:
             wt = self._worktree(live)
-            if self.plan.executor == "local":
-                worktrees.ensure_worktree(
-                    self.plan.repo, wt, live.worker.branch, self.plan.base_ref,
-                    fresh=self.fresh and rec.attempt == 0,
-                )
+            worktrees.ensure_worktree(
+                self.plan.repo, wt, live.worker.branch, self.plan.base_ref,
+                fresh=self.fresh and rec.attempt == 0,
+            )
             rec.attempt += 1
             rec.run_id = f"{rec.experiment}/{rec.worker}/{rec.attempt}/{uuid.uuid4().hex[:8]}"
             values = self._placeholders(live.experiment, live, worktree=wt)
@@ -640,8 +645,7 @@ class Controller:
                 header=f"==== attempt {rec.attempt} {time.strftime('%Y-%m-%d %H:%M:%S')} "
                 f"slot {slot.label()} resume={int(rec.resume)}: {' '.join(argv)}",
             )
-            if self.plan.executor == "local":
-                worktrees.lock_worktree(self.plan.repo, wt, f"orchestrator run {rec.run_id}")
+            worktrees.lock_worktree(self.plan.repo, wt, f"orchestrator run {rec.run_id}")
             live.handle = self.launcher.start(spec)
         except (WorktreeError, LaunchError) as e:
             live.slot = None
