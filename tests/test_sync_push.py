@@ -1,0 +1,319 @@
+"""The push side (orchestrator.sync) against a real OpenSSH sshd on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import sshd_fixture
+from sshd_fixture import SshServer
+
+from orchestrator.ssh import open_session, parse_target
+from orchestrator.sync import (
+    NullSyncer,
+    SftpSyncer,
+    SyncStatus,
+    backoff_delay_s,
+    make_syncer,
+    push_order,
+    scan_files,
+    upload_atomic,
+)
+from orchestrator.sync_config import SyncConfig
+
+sshd = sshd_fixture.sshd  # the fixture: a started SshServer
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def make_plan_dir(root: Path) -> Path:
+    """A plan folder with what a controller writes: dashboard, plots, a report, checkpoints."""
+    viz = root / "results" / "plan" / "race" / "success_viz"
+    viz.mkdir(parents=True)
+    (root / "PARALLEL_PROGRESS.md").write_text("# race\n\n| w | acc |\n|---|---|\n| a | 0.8 |\n")
+    (root / "progress.png").write_bytes(os.urandom(50_000))
+    (viz / "figure.png").write_bytes(os.urandom(10_000))
+    (viz / "race_REPORT.md").write_text("winner: a\n")
+    ckpt = root / "results" / "plan" / "race" / "a" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    (ckpt / "latest.pt").write_bytes(b"weights")
+    (root / "notes.txt").write_text("not pushed")
+    (root / ".worktrees" / "x" / "results" / "success_viz").mkdir(parents=True)
+    (root / ".worktrees" / "x" / "results" / "success_viz" / "hidden.png").write_bytes(b"h")
+    return root
+
+
+def syncer_for(server: SshServer, plan: Path, remote: Path, **config: object) -> SftpSyncer:
+    values: dict[str, object] = dict(target=server.target(remote), interval_s=0.2)
+    values.update(config)
+    return SftpSyncer(
+        SyncConfig(**values),  # type: ignore[arg-type]
+        local_root=plan,
+        rng=random.Random(0),
+        options=server.options(connect_timeout_s=2.0, op_timeout_s=2.0),
+    )
+
+
+def test_scan_selects_default_files_only(tmp_path: Path) -> None:
+    plan = make_plan_dir(tmp_path / "plan")
+    config = SyncConfig(target="h:p")
+    found = sorted(scan_files(plan, config.patterns))
+    assert found == [
+        "PARALLEL_PROGRESS.md",
+        "progress.png",
+        "results/plan/race/success_viz/figure.png",
+        "results/plan/race/success_viz/race_REPORT.md",
+    ]
+    with_ckpt = SyncConfig(target="h:p", include_checkpoints=True)
+    assert "results/plan/race/a/checkpoints/latest.pt" in scan_files(
+        plan, with_ckpt.patterns, include_checkpoints=True
+    )
+
+
+def test_scan_skips_symlinks_leading_outside(tmp_path: Path) -> None:
+    plan = tmp_path / "plan"
+    plan.mkdir()
+    secret = tmp_path / "id_ed25519"
+    secret.write_text("PRIVATE")
+    (plan / "progress_secret.png").symlink_to(secret)
+    assert scan_files(plan, ("progress*.png",)) == {}
+
+
+def test_push_order_puts_markdown_last() -> None:
+    assert push_order(["b.md", "a.png", "c/d.png", "a.md"]) == ["a.png", "c/d.png", "a.md", "b.md"]
+
+
+def test_backoff_grows_with_jitter_and_cap() -> None:
+    rng = random.Random(1)
+    delays = [backoff_delay_s(n, base_s=1.0, cap_s=8.0, rng=rng) for n in range(1, 8)]
+    for n, delay in enumerate(delays, start=1):
+        ceiling = min(8.0, 2 ** (n - 1))
+        assert ceiling / 2 <= delay <= ceiling
+    assert len(set(delays)) == len(delays)  # jittered
+
+
+def test_null_syncer_and_factory(tmp_path: Path) -> None:
+    null = make_syncer(None, local_root=tmp_path)
+    assert isinstance(null, NullSyncer)
+    null.start()
+    null.notify_changed()
+    null.push_now()
+    assert null.status() == SyncStatus(last_success_s=None, error=None, pushes=0)
+    null.close()
+    assert isinstance(make_syncer(SyncConfig(target="h:p"), local_root=tmp_path), SftpSyncer)
+
+
+def test_pushes_dashboard_plots_and_report_only_changed(sshd: SshServer, tmp_path: Path) -> None:
+    plan = make_plan_dir(tmp_path / "plan with space")
+    remote = tmp_path / "laptop copy"
+    syncer = syncer_for(sshd, plan, remote)
+    syncer.start()
+    try:
+        wait_for(lambda: syncer.status().pushes >= 1, 10, "the first push")
+        for rel in [
+            "PARALLEL_PROGRESS.md",
+            "progress.png",
+            "results/plan/race/success_viz/figure.png",
+            "results/plan/race/success_viz/race_REPORT.md",
+        ]:
+            assert (remote / rel).read_bytes() == (plan / rel).read_bytes()
+            assert int((remote / rel).stat().st_mtime) == int((plan / rel).stat().st_mtime)
+        assert not (remote / "results/plan/race/a/checkpoints").exists()
+        assert not (remote / "notes.txt").exists() and not (remote / ".worktrees").exists()
+        assert syncer.files_uploaded == 4
+        assert syncer.status().error is None
+
+        pushes = syncer.status().pushes
+        wait_for(lambda: syncer.status().pushes >= pushes + 2, 10, "two idle rounds")
+        assert syncer.files_uploaded == 4  # nothing changed: nothing uploaded
+
+        (plan / "PARALLEL_PROGRESS.md").write_text("# race\n\nwinner: a\n")
+        syncer.push_now()
+        wait_for(
+            lambda: (remote / "PARALLEL_PROGRESS.md").read_text() == "# race\n\nwinner: a\n",
+            5,
+            "the changed dashboard",
+        )
+        assert syncer.files_uploaded == 5
+        assert [p.name for p in remote.iterdir() if p.name.endswith(".part")] == []
+    finally:
+        syncer.close()
+
+
+def test_restarted_syncer_does_not_reupload_unchanged_files(
+    sshd: SshServer, tmp_path: Path
+) -> None:
+    plan = make_plan_dir(tmp_path / "plan")
+    remote = tmp_path / "remote"
+    first = syncer_for(sshd, plan, remote)
+    first.start()
+    wait_for(lambda: first.status().pushes >= 1, 10, "the first push")
+    first.close()
+    second = syncer_for(sshd, plan, remote)  # a controller restart
+    second.start()
+    try:
+        wait_for(lambda: second.status().pushes >= 1, 10, "the second syncer's push")
+        assert second.files_uploaded == 0
+    finally:
+        second.close()
+
+
+def test_atomic_replacement_reader_never_sees_partial_file(sshd: SshServer, tmp_path: Path) -> None:
+    """200 pushes of a 20 KB dashboard while a reader polls the remote copy."""
+    local = tmp_path / "PARALLEL_PROGRESS.md"
+    remote_root = tmp_path / "remote"
+    remote_root.mkdir()
+    remote_file = remote_root / "PARALLEL_PROGRESS.md"
+
+    def version(i: int) -> bytes:
+        body = f"version {i:04d}\n".encode() * 1400  # ~20 KB, every line names the version
+        return body + f"END {i:04d}\n".encode()
+
+    local.write_bytes(version(0))
+    session = open_session(parse_target(sshd.target(remote_root)), sshd.options())
+    upload_atomic(session, local, "PARALLEL_PROGRESS.md")
+    stop = threading.Event()
+    seen: set[int] = set()
+    torn: list[int] = []
+    reads = 0
+
+    def reader() -> None:
+        nonlocal reads
+        while not stop.is_set():
+            data = remote_file.read_bytes()
+            reads += 1
+            try:
+                number = int(data[-5:-1])
+            except ValueError:  # empty or cut before the END line
+                torn.append(len(data))
+                continue
+            if data != version(number):
+                torn.append(len(data))
+            seen.add(number)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(1, 201):
+            local.write_bytes(version(i))
+            upload_atomic(session, local, "PARALLEL_PROGRESS.md")
+    finally:
+        stop.set()
+        thread.join()
+        session.close()
+    assert torn == []
+    assert remote_file.read_bytes() == version(200)
+    assert reads > 200 and len(seen) > 20  # the reader really overlapped with the pushes
+
+
+def test_link_killed_and_restored_syncer_catches_up_without_blocking(
+    sshd: SshServer, tmp_path: Path
+) -> None:
+    plan = make_plan_dir(tmp_path / "plan")
+    remote = tmp_path / "remote"
+    syncer = syncer_for(sshd, plan, remote, max_backoff_s=0.5)
+    syncer.start()
+    call_s: list[float] = []
+
+    def call(fn: Callable[[], None]) -> None:
+        started = time.perf_counter()
+        fn()
+        call_s.append(time.perf_counter() - started)
+
+    try:
+        wait_for(lambda: syncer.status().pushes >= 1, 10, "the first push")
+        sshd.stop()  # the link dies mid-race
+        for i in range(20):
+            (plan / "PARALLEL_PROGRESS.md").write_text(f"# race\n\nepoch {i}\n")
+            call(syncer.notify_changed)
+            call(syncer.push_now)  # e.g. a decision; must not wait for the dead link
+            time.sleep(0.02)
+        wait_for(lambda: syncer.status().error is not None, 10, "the error to show")
+        error = syncer.status().error or ""
+        assert "refused" in error or "connection" in error
+        assert (remote / "PARALLEL_PROGRESS.md").read_text().startswith("# race\n\n| w")
+        last_success = syncer.status().last_success_s
+        sshd.start()  # the link comes back on the same port
+        for _ in range(10):
+            call(syncer.push_now)
+        wait_for(
+            lambda: (remote / "PARALLEL_PROGRESS.md").read_text() == "# race\n\nepoch 19\n",
+            15,
+            "the syncer to catch up",
+        )
+        wait_for(lambda: syncer.status().error is None, 5, "the error to clear")
+        assert (syncer.status().last_success_s or 0) > (last_success or 0)
+    finally:
+        syncer.close()
+    assert max(call_s) < 0.05, f"a notify/push_now call took {max(call_s) * 1e3:.1f} ms"
+
+
+def test_host_key_mismatch_stops_syncer_with_clear_status(sshd: SshServer, tmp_path: Path) -> None:
+    plan = make_plan_dir(tmp_path / "plan")
+    known = tmp_path / "known_hosts"
+    blob = sshd.known_hosts.read_text().split()
+    known.write_text(
+        f"{blob[0]} {blob[1]} AAAAC3NzaC1lZDI1NTE5AAAAIDV8hTdyiqj1sI2xTk0S4Qdr8dJj6kFq1KX9z1n2wSbG\n"
+    )
+    syncer = SftpSyncer(
+        SyncConfig(target=sshd.target(tmp_path / "remote"), interval_s=0.1),
+        local_root=plan,
+        options=sshd.options(known_hosts=known),
+    )
+    syncer.start()
+    try:
+        wait_for(lambda: syncer.status().error is not None, 10, "the error")
+        error = syncer.status().error or ""
+        assert "HOST KEY MISMATCH" in error and sshd.host_fingerprint in error
+        assert "sync stopped" in error
+        syncer.push_now()
+        time.sleep(0.3)
+        assert syncer.status().pushes == 0 and not (tmp_path / "remote").exists()
+    finally:
+        started = time.monotonic()
+        syncer.close(timeout_s=2.0)
+        assert time.monotonic() - started < 2.5
+
+
+def test_close_is_bounded_when_link_is_down(tmp_path: Path) -> None:
+    sshd_fixture.require_sshd()
+    server = SshServer(tmp_path / "never started")
+    plan = make_plan_dir(tmp_path / "plan")
+    syncer = syncer_for(server, plan, tmp_path / "remote")
+    syncer.start()
+    wait_for(lambda: syncer.status().error is not None, 10, "the refused connection")
+    started = time.monotonic()
+    syncer.close(timeout_s=1.0)
+    assert time.monotonic() - started < 1.6
+
+
+@pytest.mark.parametrize("bad", ["PARALLEL_PROGRESS.md", "progress.png"])
+def test_changed_file_is_pushed_even_if_size_is_equal(
+    sshd: SshServer, tmp_path: Path, bad: str
+) -> None:
+    plan = make_plan_dir(tmp_path / "plan")
+    remote = tmp_path / "remote"
+    syncer = syncer_for(sshd, plan, remote)
+    syncer.start()
+    try:
+        wait_for(lambda: syncer.status().pushes >= 1, 10, "the first push")
+        data = bytearray((plan / bad).read_bytes())
+        data[0] ^= 0xFF  # same size, new content, new inode (atomic local rewrite)
+        tmp = plan / f".{bad}.tmp"
+        tmp.write_bytes(bytes(data))
+        os.replace(tmp, plan / bad)
+        syncer.push_now()
+        wait_for(lambda: (remote / bad).read_bytes() == bytes(data), 5, "the new content")
+    finally:
+        syncer.close()
