@@ -288,8 +288,11 @@ class _HostKeyPolicy:
         )
 
 
-def _connect_client(endpoint: Endpoint, options: ConnectOptions) -> paramiko.SSHClient:
-    """Connect and authenticate; every failure becomes a SyncError subclass."""
+def _connect_client(
+    endpoint: Endpoint, options: ConnectOptions
+) -> tuple[paramiko.SSHClient, str | None]:
+    """Connect and authenticate; returns the client and the fingerprint of a newly accepted
+    host key (None when the key was already known). Every failure is a SyncError subclass."""
     import paramiko
 
     client = paramiko.SSHClient()
@@ -368,9 +371,7 @@ def _connect_client(endpoint: Endpoint, options: ConnectOptions) -> paramiko.SSH
     transport = client.get_transport()
     assert transport is not None
     transport.set_keepalive(max(1, int(options.keepalive_s)))
-    if policy.accepted_fingerprint:
-        log.warning("accepted new host key %s for %s", policy.accepted_fingerprint, where)
-    return client
+    return client, policy.accepted_fingerprint
 
 
 def _one_line(exc: BaseException) -> str:
@@ -437,6 +438,7 @@ class SshSession:
         channel.settimeout(op_timeout_s)
         self.root = "/"
         self.deadline_fired = False
+        self.new_host_key: str | None = None  # fingerprint, when this connection accepted it
         self._safe_dirs: set[str] = set()
 
     @property
@@ -614,10 +616,11 @@ def open_session(
         timer.daemon = True
         timer.start()
     try:
-        client = _connect_client(endpoint, options)
+        client, new_host_key = _connect_client(endpoint, options)
         holder["client"] = client
         try:
             session = SshSession(client, endpoint, options.op_timeout_s)
+            session.new_host_key = new_host_key
         except Exception as exc:  # noqa: BLE001
             client.close()
             raise LinkDownError(

@@ -312,6 +312,13 @@ def run_watch(args: argparse.Namespace) -> int:
             if session is not None:
                 session.close()
             session = open_session(target, options, deadline_s=4 * options.connect_timeout_s)
+            if session.new_host_key:
+                console.print(
+                    f"warning: added {session.endpoint.label}'s host key {session.new_host_key} "
+                    f"to {session.endpoint.known_hosts}",
+                    style="yellow",
+                    highlight=False,
+                )
         result = fetcher.fetch(session)
         state: dict[str, object] = {
             "dashboard": result.dashboard,

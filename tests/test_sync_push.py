@@ -261,11 +261,10 @@ def test_link_killed_and_restored_syncer_catches_up_without_blocking(
 
 def test_host_key_mismatch_stops_syncer_with_clear_status(sshd: SshServer, tmp_path: Path) -> None:
     plan = make_plan_dir(tmp_path / "plan")
+    sshd_fixture.keygen(tmp_path / "other_host")
+    kind, blob = (tmp_path / "other_host.pub").read_text().split()[:2]
     known = tmp_path / "known_hosts"
-    blob = sshd.known_hosts.read_text().split()
-    known.write_text(
-        f"{blob[0]} {blob[1]} AAAAC3NzaC1lZDI1NTE5AAAAIDV8hTdyiqj1sI2xTk0S4Qdr8dJj6kFq1KX9z1n2wSbG\n"
-    )
+    known.write_text(f"[127.0.0.1]:{sshd.port} {kind} {blob}\n")
     syncer = SftpSyncer(
         SyncConfig(target=sshd.target(tmp_path / "remote"), interval_s=0.1),
         local_root=plan,

@@ -1,0 +1,206 @@
+"""The pull side (orchestrator.watch): real subprocesses against a real sshd on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import sshd_fixture
+from sshd_fixture import SshServer
+
+from orchestrator.watch import image_references
+
+sshd = sshd_fixture.sshd  # the fixture: a started SshServer
+
+DASHBOARD = """# Parallel progress
+
+| worker | epoch | val_accuracy |
+|---|---|---|
+| attention-supervised | 7/50 | 0.812 |
+
+![progress](progress.png)
+<img src="results/p/race/success_viz/fig%201.png" width=400>
+![outside](../secret.png) ![web](https://example.com/x.png) ![gone](not-yet.png)
+"""
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def make_remote(root: Path) -> Path:
+    """The GPU box's plan folder, as the controller leaves it."""
+    viz = root / "results" / "p" / "race" / "success_viz"
+    viz.mkdir(parents=True)
+    (root / "PARALLEL_PROGRESS.md").write_text(DASHBOARD)
+    (root / "progress.png").write_bytes(os.urandom(30_000))
+    (viz / "fig 1.png").write_bytes(os.urandom(20_000))
+    (root.parent / "secret.png").write_bytes(b"outside the target")
+    return root
+
+
+def watch_argv(server: SshServer, remote: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "orchestrator.watch",
+        server.target(remote),
+        "--out",
+        str(out),
+        "--port",
+        str(server.port),
+        "--key-file",
+        str(server.client_key),
+        "--known-hosts",
+        str(server.known_hosts),
+        "--ssh-config",
+        str(server.empty_ssh_config),
+        "--connect-timeout-s",
+        "3",
+        *extra,
+    ]
+
+
+def run_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+    env["COLUMNS"] = "120"
+    return env
+
+
+def test_image_references() -> None:
+    assert image_references(DASHBOARD) == [
+        "progress.png",
+        "not-yet.png",
+        "results/p/race/success_viz/fig 1.png",
+    ]
+
+
+def test_watch_once_pulls_dashboard_and_images(sshd: SshServer, tmp_path: Path) -> None:
+    remote = make_remote(tmp_path / "gpu box" / "project")
+    out = tmp_path / "laptop" / "dash"
+    done = subprocess.run(
+        watch_argv(sshd, remote, out, "--once"),
+        capture_output=True,
+        text=True,
+        env=run_env(),
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (out / "PARALLEL_PROGRESS.md").read_text() == DASHBOARD
+    assert (out / "progress.png").read_bytes() == (remote / "progress.png").read_bytes()
+    fig = "results/p/race/success_viz/fig 1.png"
+    assert (out / fig).read_bytes() == (remote / fig).read_bytes()
+    assert not (tmp_path / "laptop" / "secret.png").exists()
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == [
+        "PARALLEL_PROGRESS.md",
+        "fig 1.png",
+        "progress.png",
+    ]
+    assert "attention-supervised" in done.stdout and "0.812" in done.stdout  # the table
+    assert "not-yet.png" in done.stdout  # reported as missing
+
+
+def test_watch_once_via_ssh_config_alias(sshd: SshServer, tmp_path: Path) -> None:
+    remote = make_remote(tmp_path / "project")
+    config = sshd.write_ssh_config("gpubox")
+    out = tmp_path / "dash"
+    argv = [
+        sys.executable,
+        "-m",
+        "orchestrator.watch",
+        f"gpubox:{remote}",
+        "--once",
+        "--out",
+        str(out),
+        "--ssh-config",
+        str(config),
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, env=run_env(), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (out / "PARALLEL_PROGRESS.md").read_text() == DASHBOARD
+
+
+def test_watch_unknown_host_is_one_error_line_then_accepted(
+    sshd: SshServer, tmp_path: Path
+) -> None:
+    remote = make_remote(tmp_path / "project")
+    known = tmp_path / "empty_known_hosts"
+    argv = watch_argv(sshd, remote, tmp_path / "dash", "--once")
+    argv[argv.index("--known-hosts") + 1] = str(known)
+    refused = subprocess.run(argv, capture_output=True, text=True, env=run_env(), timeout=60)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("error: host [127.0.0.1]:")
+    assert sshd.host_fingerprint in refused.stderr and "Traceback" not in refused.stderr
+    assert "--accept-new-host-key" in refused.stderr  # the hint
+
+    accepted = subprocess.run(
+        [*argv, "--accept-new-host-key"], capture_output=True, text=True, env=run_env(), timeout=60
+    )
+    assert accepted.returncode == 0, accepted.stderr
+    assert sshd.host_fingerprint in accepted.stdout
+    assert known.read_text().startswith(f"[127.0.0.1]:{sshd.port} ssh-ed25519 ")
+
+
+def test_watch_bad_input_exits_with_error_line(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "orchestrator.watch", "no-colon-target", "--once"]
+    done = subprocess.run(argv, capture_output=True, text=True, env=run_env(), timeout=60)
+    assert (done.returncode, done.stderr.splitlines()[0][:6]) == (1, "error:")
+    argv = [sys.executable, "-m", "orchestrator.watch", "h:p", "--interval-s", "0"]
+    done = subprocess.run(argv, capture_output=True, text=True, env=run_env(), timeout=60)
+    assert done.returncode == 2 and "must be > 0" in done.stderr
+
+
+def test_watch_remote_status_runs_in_target_dir(sshd: SshServer, tmp_path: Path) -> None:
+    remote = make_remote(tmp_path / "project")
+    fake = remote / "orchestrator"  # stands in for the installed CLI (python -m orchestrator)
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "__main__.py").write_text(
+        "import json, os, sys\n"
+        "print(json.dumps({'argv': sys.argv[1:], 'cwd': os.getcwd(), 'experiments': []}))\n"
+    )
+    out = tmp_path / "dash"
+    argv = watch_argv(sshd, remote, out, "--once", "--remote-status")
+    argv += ["--remote-python", sys.executable]
+    done = subprocess.run(argv, capture_output=True, text=True, env=run_env(), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert '"status"' in done.stdout and '"--json"' in done.stdout
+    assert str(remote) in done.stdout
+
+
+def test_watch_live_survives_link_drop_and_exits_on_ctrl_c(sshd: SshServer, tmp_path: Path) -> None:
+    remote = make_remote(tmp_path / "project")
+    out = tmp_path / "dash"
+    page = out / "PARALLEL_PROGRESS.md"
+    proc = subprocess.Popen(
+        watch_argv(sshd, remote, out, "--interval-s", "0.2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=run_env(),
+    )
+    try:
+        wait_for(lambda: page.exists() and page.read_text() == DASHBOARD, 20, "the first fetch")
+        sshd.stop()
+        (remote / "PARALLEL_PROGRESS.md").write_text(DASHBOARD.replace("7/50", "9/50"))
+        time.sleep(1.0)  # a few failed rounds while the link is down
+        assert proc.poll() is None, proc.communicate()
+        sshd.start()
+        wait_for(lambda: "9/50" in page.read_text(), 20, "the fetch after the link came back")
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert "watch stopped" in stdout and "Traceback" not in stderr
