@@ -23,7 +23,7 @@ import shlex
 import socket
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,13 +289,20 @@ class _HostKeyPolicy:
 
 
 def _connect_client(
-    endpoint: Endpoint, options: ConnectOptions
+    endpoint: Endpoint,
+    options: ConnectOptions,
+    on_client: Callable[[paramiko.SSHClient], None] | None = None,
 ) -> tuple[paramiko.SSHClient, str | None]:
     """Connect and authenticate; returns the client and the fingerprint of a newly accepted
-    host key (None when the key was already known). Every failure is a SyncError subclass."""
+    host key (None when the key was already known). Every failure is a SyncError subclass.
+
+    ``on_client`` receives the client before connecting (so a deadline timer can close it).
+    """
     import paramiko
 
     client = paramiko.SSHClient()
+    if on_client is not None:
+        on_client(client)
     if endpoint.known_hosts.is_file():
         try:
             client.load_host_keys(str(endpoint.known_hosts))
@@ -318,7 +325,7 @@ def _connect_client(
             auth_timeout=options.connect_timeout_s,
             channel_timeout=options.op_timeout_s,
         )
-    except (HostKeyUnknownError, SyncError):
+    except SyncError:  # raised by _HostKeyPolicy
         client.close()
         raise
     except paramiko.BadHostKeyException as exc:
@@ -616,8 +623,9 @@ def open_session(
         timer.daemon = True
         timer.start()
     try:
-        client, new_host_key = _connect_client(endpoint, options)
-        holder["client"] = client
+        client, new_host_key = _connect_client(
+            endpoint, options, on_client=lambda c: holder.__setitem__("client", c)
+        )
         try:
             session = SshSession(client, endpoint, options.op_timeout_s)
             session.new_host_key = new_host_key
@@ -632,7 +640,7 @@ def open_session(
         except BaseException:
             session.close()
             raise
-    except SyncError:
+    except (SyncError, OSError, EOFError):
         if holder.get("fired"):
             raise LinkDownError(
                 f"connecting to {endpoint.label} exceeded the {deadline_s:g} s deadline"

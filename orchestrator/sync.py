@@ -235,14 +235,19 @@ def remote_matches(session: SshSession, rel: str, st: os.stat_result) -> bool:
     return attrs.st_size == st.st_size and attrs.st_mtime == int(st.st_mtime)
 
 
-def connect_options(config: SyncConfig) -> ConnectOptions:
-    """The ConnectOptions a SyncConfig describes."""
+def connect_options(config: SyncConfig, *, local_root: Path) -> ConnectOptions:
+    """The ConnectOptions a SyncConfig describes; relative file paths are under ``local_root``
+    (the plan's directory), ``~`` is expanded."""
+
+    def path(value: Path | None) -> Path | None:
+        return None if value is None else local_root / value.expanduser()
+
     return ConnectOptions(
         port=config.port,
-        key_file=config.key_file,
-        known_hosts=config.known_hosts,
+        key_file=path(config.key_file),
+        known_hosts=path(config.known_hosts),
         accept_new_host_key=config.accept_unknown_host,
-        ssh_config=config.ssh_config,
+        ssh_config=path(config.ssh_config),
         connect_timeout_s=config.connect_timeout_s,
         op_timeout_s=config.op_timeout_s,
     )
@@ -280,7 +285,7 @@ class SftpSyncer(Syncer):
         self.config = config
         self.local_root = Path(local_root).resolve()
         self.target = parse_target(config.target)
-        self.options = options or connect_options(config)
+        self.options = options or connect_options(config, local_root=self.local_root)
         self._rng = rng or random.Random()
         self._cond = threading.Condition()
         self._urgent = False

@@ -15,6 +15,7 @@ end the command (they need the user). Ctrl-C exits cleanly with status 0.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import posixpath
@@ -181,10 +182,9 @@ class DashboardFetcher:
                 return False
             _atomic_download(session, remote, local)
         except OSError as exc:
-            err = classify_sftp_error(exc, op="read", path=remote, session=session)
-            if "no such file" in str(err):
+            if exc.errno == errno.ENOENT:
                 return None
-            raise err from exc
+            raise classify_sftp_error(exc, op="read", path=remote, session=session) from exc
         except Exception as exc:  # noqa: BLE001 (classified and re-raised)
             raise classify_sftp_error(exc, op="read", path=remote, session=session) from exc
         self._seen[rel] = key
@@ -197,10 +197,9 @@ class DashboardFetcher:
             with session.sftp.open(remote_page, "r") as fh:
                 text = fh.read().decode("utf-8", "replace")
         except OSError as exc:
-            err = classify_sftp_error(exc, op="read", path=remote_page, session=session)
-            if "no such file" in str(err):
+            if exc.errno == errno.ENOENT:
                 return FetchResult(dashboard=None)
-            raise err from exc
+            raise classify_sftp_error(exc, op="read", path=remote_page, session=session) from exc
         except Exception as exc:  # noqa: BLE001
             raise classify_sftp_error(exc, op="read", path=remote_page, session=session) from exc
         result = FetchResult(dashboard=text)

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 import sshd_fixture
 from sshd_fixture import SshServer
 
-from orchestrator.ssh import open_session, parse_target
+from orchestrator.ssh import LinkDownError, open_session, parse_target
 from orchestrator.sync import (
     NullSyncer,
     SftpSyncer,
     SyncStatus,
     backoff_delay_s,
+    connect_options,
     make_syncer,
     push_order,
     scan_files,
@@ -316,3 +319,64 @@ def test_changed_file_is_pushed_even_if_size_is_equal(
         wait_for(lambda: (remote / bad).read_bytes() == bytes(data), 5, "the new content")
     finally:
         syncer.close()
+
+
+def test_connect_deadline_against_a_silent_server(tmp_path: Path) -> None:
+    """A server that accepts TCP but never speaks SSH: the hard deadline ends the attempt."""
+    sshd_fixture.require_sshd()
+    server = SshServer(tmp_path / "unused")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(LinkDownError, match="deadline"):
+            open_session(
+                parse_target(server.target(tmp_path)),
+                server.options(port=port, connect_timeout_s=30.0),
+                deadline_s=0.5,
+            )
+        assert time.monotonic() - started < 3.0
+
+
+def test_stalled_link_hits_op_timeout_and_recovers(sshd: SshServer, tmp_path: Path) -> None:
+    """SIGSTOP the server's session processes: the push times out instead of hanging."""
+    plan = make_plan_dir(tmp_path / "plan")
+    remote = tmp_path / "remote"
+    syncer = SftpSyncer(
+        SyncConfig(
+            target=sshd.target(remote), interval_s=0.1, attempt_deadline_s=1.5, max_backoff_s=0.3
+        ),
+        local_root=plan,
+        options=sshd.options(connect_timeout_s=1.0, op_timeout_s=1.0),
+    )
+    syncer.start()
+    assert sshd.process is not None
+    try:
+        wait_for(lambda: syncer.status().pushes >= 1, 10, "the first push")
+        sessions = psutil.Process(sshd.process.pid).children(recursive=True)
+        assert sessions, "the syncer's connection has a server-side session process"
+        for proc in sessions:
+            proc.suspend()
+        (plan / "progress.png").write_bytes(os.urandom(300_000))
+        started = time.monotonic()
+        syncer.push_now()
+        wait_for(lambda: syncer.status().error is not None, 10, "the stalled push to fail")
+        assert time.monotonic() - started < 6.0
+        for proc in sessions:
+            proc.kill()
+        wait_for(
+            lambda: (remote / "progress.png").read_bytes() == (plan / "progress.png").read_bytes(),
+            15,
+            "a new connection to finish the push",
+        )
+        wait_for(lambda: syncer.status().error is None, 5, "the error to clear")
+    finally:
+        syncer.close(timeout_s=2.0)
+
+
+def test_relative_key_paths_are_under_the_plan_dir(tmp_path: Path) -> None:
+    config = SyncConfig(target="h:p", key_file=Path("keys/id"), known_hosts=Path("/etc/kh"))
+    options = connect_options(config, local_root=tmp_path)
+    assert options.key_file == tmp_path / "keys" / "id"
+    assert options.known_hosts == Path("/etc/kh")
