@@ -24,6 +24,7 @@ import logging
 import os
 import posixpath
 import random
+import re
 import threading
 import time
 import uuid
@@ -117,13 +118,37 @@ class NullSyncer(Syncer):
 # --------------------------------------------------------------------------- local files
 
 
-def _match(parts: list[str], pats: list[str]) -> bool:
-    """Glob match of path components; ``**`` matches zero or more whole components."""
-    if not pats:
-        return not parts
-    if pats[0] == "**":
-        return any(_match(parts[i:], pats[1:]) for i in range(len(parts) + 1))
-    return bool(parts) and fnmatch.fnmatchcase(parts[0], pats[0]) and _match(parts[1:], pats[1:])
+def _component_regex(part: str) -> str:
+    """Regex of one glob component: ``*`` and ``?`` never cross ``/``; ``[...]`` classes kept."""
+    out, i = [], 0
+    while i < len(part):
+        ch = part[i]
+        if ch == "*":
+            out.append("[^/]*")
+        elif ch == "?":
+            out.append("[^/]")
+        elif ch == "[" and "]" in part[i + 2 :]:
+            end = part.index("]", i + 2)
+            body = part[i + 1 : end].replace("\\", "\\\\")
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = end
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return "".join(out)
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a relative glob (``**`` = zero or more whole folders) for posix relative paths."""
+    parts = pattern.split("/")
+    regex = ""
+    for index, part in enumerate(parts):
+        last = index == len(parts) - 1
+        if part == "**":
+            regex += ".*" if last else "(?:[^/]+/)*"
+        else:
+            regex += _component_regex(part) + ("" if last else "/")
+    return re.compile(regex + r"\Z")
 
 
 def _may_contain(dir_parts: list[str], pats: list[str]) -> bool:
@@ -153,6 +178,7 @@ def scan_files(
     """
     root = root.resolve()
     split = [p.split("/") for p in patterns]
+    regexes = [glob_regex(p) for p in patterns]
     found: dict[str, os.stat_result] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         rel_dir = Path(dirpath).relative_to(root).parts
@@ -166,7 +192,7 @@ def scan_files(
         for name in filenames:
             parts = [*rel_dir, name]
             rel = "/".join(parts)
-            if name.startswith(".") or not any(_match(parts, pats) for pats in split):
+            if name.startswith(".") or not any(r.match(rel) for r in regexes):
                 continue
             if not include_checkpoints and is_checkpoint(rel):
                 continue

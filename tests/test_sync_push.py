@@ -22,6 +22,7 @@ from orchestrator.sync import (
     SyncStatus,
     backoff_delay_s,
     connect_options,
+    glob_regex,
     make_syncer,
     push_order,
     scan_files,
@@ -82,6 +83,25 @@ def test_scan_selects_default_files_only(tmp_path: Path) -> None:
     assert "results/plan/race/a/checkpoints/latest.pt" in scan_files(
         plan, with_ckpt.patterns, include_checkpoints=True
     )
+
+
+@pytest.mark.parametrize(
+    ("pattern", "rel", "expected"),
+    [
+        ("**/success_viz/*.png", "results/p/e/success_viz/SUCCESS_VISUALIZATION.png", True),
+        ("**/success_viz/*.png", "success_viz/x.png", True),
+        ("**/success_viz/*.png", "success_viz/deeper/x.png", False),
+        ("**/success_viz/*_REPORT.md", "r/e/success_viz/SUCCESS_REPORT.md", True),
+        ("progress*.png", "progress.png", True),
+        ("progress*.png", "sub/progress.png", False),
+        ("a/[!b]?.md", "a/cx.md", True),
+        ("a/[!b]?.md", "a/bx.md", False),
+        ("PARALLEL_PROGRESS.md", "PARALLEL_PROGRESS.mdx", False),
+        ("**/checkpoints/*", "r/e/w/checkpoints/latest.pt", True),
+    ],
+)
+def test_glob_regex(pattern: str, rel: str, expected: bool) -> None:
+    assert bool(glob_regex(pattern).match(rel)) is expected
 
 
 def test_scan_skips_symlinks_leading_outside(tmp_path: Path) -> None:
