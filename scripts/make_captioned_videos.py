@@ -7,7 +7,8 @@ Writes (under --out):
     captions.jsonl      one {"id", "video", "caption", "split"} per line
     manifest.json       the generator's arguments and the seeded split {"train": [ids], ...}
 
-Idempotent: when manifest.json already holds the same arguments and every video exists, it
+With --features-out DIR it then runs ``precompute_dino.py --tiny`` into DIR (one command for a
+plan's ``setup:``). Idempotent: when manifest.json already holds the same arguments and every video exists, it
 does nothing (so a plan's ``setup:`` can run it every time). Other arguments -> error (use a new
 --out or delete the folder).
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fps", type=int, default=8, help="frames per second of the mp4 files")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of clips in val")
     p.add_argument("--test-fraction", type=float, default=0.1, help="fraction of clips in test")
+    p.add_argument("--features-out", default=None,
+                   help="then run precompute_dino.py --tiny on the set into this folder (cached)")
     args = p.parse_args(argv)
     if args.num_samples < 10:
         print(f"error: --num-samples must be >= 10, got {args.num_samples}", file=sys.stderr)
@@ -72,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                   "use another --out or delete it", file=sys.stderr)
             return 2
         if all((out / "videos" / f"{i}.mp4").exists() for i in ids):
-            print(f"{out}: {len(ids)} videos already there, nothing to do")
-            return 0
+            print(f"{out}: {len(ids)} videos already there")
+            return precompute_tiny(args)
     try:
         split = make_split(args.num_samples, args.seed,
                            (1 - args.val_fraction - args.test_fraction, args.val_fraction,
@@ -96,7 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     manifest_path.write_text(json.dumps({"params": params, "split": split}, indent=1) + "\n")
     print(f"{out}: wrote {args.num_samples} videos "
           f"({', '.join(f'{k} {len(v)}' for k, v in split.items())})")
-    return 0
+    return precompute_tiny(args)
+
+
+def precompute_tiny(args: argparse.Namespace) -> int:
+    """With --features-out: encode the set with the tiny encoders (resumable: skips done files)."""
+    if not args.features_out:
+        return 0
+    cmd = [sys.executable, str(Path(__file__).with_name("precompute_dino.py")), "--videos", args.out,
+           "--out", args.features_out, "--tiny", "--image-size", str(args.image_size),
+           "--num-frames", str(args.num_frames)]
+    return subprocess.run(cmd).returncode
 
 
 if __name__ == "__main__":

@@ -127,6 +127,9 @@ def evaluate(model: EfficientFoveatedModel, data: FeatureSet, tokenizer, args, d
         for j, i in enumerate(idx):
             rows.append({"id": batch["ids"][j], "caption": batch["captions"][j],
                          "n_tokens": int(mask[j].sum()),
+                         "tokens": tokenizer.convert_ids_to_tokens(ids[j, : int(mask[j].sum())].tolist()),
+                         "tok_ce_coarse": coarse.tok_ce[j, : int(mask[j].sum())].tolist(),
+                         "tok_ce_fine": fine.tok_ce[j, : int(mask[j].sum())].tolist(),
                          "ce_coarse": coarse.ce[j].item(), "ce_fine": fine.ce[j].item(),
                          "ce_fine_all": [p.ce[j].item() for p in passes[1:]],
                          "ce_blind": blind.ce[j].item(), "ce_shuffled": shuffled.ce[j].item(),

@@ -157,6 +157,7 @@ class PassOutput:
     attn: torch.Tensor | None  # [B, T, H, N] attention weights (None for blind passes)
     hidden: torch.Tensor  # [B, S, E] LM last hidden states
     ce: torch.Tensor  # [B] mean caption cross-entropy per sample (nats/token)
+    tok_ce: torch.Tensor  # [B, L] per-token cross-entropy (0 on padding)
     rec: torch.Tensor  # [B] mean latent MSE per sample (frames 2..T)
     pred_latents: torch.Tensor  # [B, T-1, C, h, w] predictions for frames 2..T
 
@@ -259,7 +260,7 @@ class EfficientFoveatedModel(nn.Module):
         state = hidden[:, 1:T]  # (B, T-1, E)
         pred = self.film_head(latents[:, :-1].to(state.dtype), state).float()  # (B, T-1, C, h, w)
         rec = (pred - latents[:, 1:].float()).pow(2).flatten(1).mean(dim=1)  # (B,)
-        return PassOutput(z=z, attn=attn, hidden=hidden, ce=ce, rec=rec, pred_latents=pred)
+        return PassOutput(z=z, attn=attn, hidden=hidden, ce=ce, tok_ce=tok_ce, rec=rec, pred_latents=pred)
 
     # -- training forward ---------------------------------------------------------------------
 
