@@ -320,9 +320,10 @@ def train(args: argparse.Namespace) -> int:
         rep.log(epoch=0, memory_gate=0.0, trainable_params=n_train, frozen_params=n_total - n_train, **summary)
     pool = [(v, t) for v in sorted(train_videos) for t in range(T, train_videos[v].num_frames)]
 
-    def checkpoint(ep: int, step: int, **kw) -> None:
+    def checkpoint(next_epoch: int, next_step: int, **kw) -> None:
+        """Save where to continue: (epoch, step within it) of the next optimizer step."""
         state = {"memory": memory.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "rng": rng_state(), "epoch": ep, "step_in_epoch": step}
+                 "rng": rng_state(), "epoch": next_epoch, "step_in_epoch": next_step}
         rep.save_checkpoint(lambda p: torch.save(state, p), **kw)
 
     while epoch <= args.epochs:

@@ -1,0 +1,131 @@
+"""End-to-end runs of workers.video_distillation as subprocesses under the worker contract."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from synthvid.segmentation import VideoSpec, generate_video, split_manifest, write_sav_video
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--pretrain-steps", "8", "--epochs", "2", "--steps-per-epoch", "12", "--batch-size", "2",
+        "--context-frames", "2", "--bootstrap", "200", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """6 tiny videos of 6 frames in the SA-V layout, a manifest, and cached features."""
+    root = tmp_path_factory.mktemp("segvid")
+    spec = VideoSpec(num_frames=6, max_objects=2)
+    ids = [f"syn_{i:06d}" for i in range(6)]
+    for i, vid in enumerate(ids):
+        write_sav_video(root, generate_video(np.random.default_rng([5, i]), spec, vid))
+    split = split_manifest(ids, seed=0, val_frac=0.34, test_frac=0.17)
+    (root / "manifest.json").write_text(json.dumps({"params": {}, "split": split}))
+    spec_ = importlib.util.spec_from_file_location("cache_ctx", ROOT / "scripts/cache_context_features.py")
+    cache = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(cache)
+    assert cache.main(["--data-dir", str(root), "--out", str(root / "features"), "--threads", "1"]) == 0
+    return root
+
+
+def start(data_dir: Path, run_dir: Path, resume: bool = False) -> subprocess.Popen:
+    env = {**os.environ, "ORCH_RUN_DIR": str(run_dir), "ORCH_RESUME": "1" if resume else "0",
+           "ORCH_EXPERIMENT": "vd", "ORCH_WORKER": "w", "ORCH_ATTEMPT": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "workers.video_distillation", "--data-dir", str(data_dir), *ARGS],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(data_dir, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("run") / "full run"
+    finish(start(data_dir, run_dir))
+    return run_dir
+
+
+def test_metrics_evals_and_checkpoints(full_run):
+    recs = records(full_run)
+    assert [r["epoch"] for r in recs] == [0, 1, 2]
+    first, last = recs[0], recs[-1]
+    # epoch 0: gate 0, the memory is off by construction, so every mode scores the same
+    assert first["val_jf_on"] == first["val_jf_off"] == first["val_jf_shuffled"]
+    assert first["val_jf_gain_vs_off"] == 0 and first["val_jf_gain_vs_off_ci_low"] == 0
+    for mode in ("on", "off", "shuffled"):
+        for key in ("jf", "iou", "det_f1", "presence_f1", "presence_precision", "presence_recall"):
+            assert 0 <= last[f"val_{key}_{mode}"] <= 1, (key, mode)
+    for key in ("val_jf_gain_vs_off", "val_jf_gain_vs_shuffled"):
+        assert last[f"{key}_ci_low"] <= last[key] <= last[f"{key}_ci_high"]
+    assert last["memory_gate"] != 0 and "test_jf_on" in last and "test_jf_on" not in recs[1]
+    assert last["train_loss"] > 0 and all(np.isfinite(last[k]) for k in last if k.startswith("train_"))
+    # the frozen image model is untouched by the video stage
+    assert last["val_jf_off"] == first["val_jf_off"]
+    ev = json.loads((full_run / "evals" / "epoch_000002.json").read_text())
+    assert {"video", "t", "degraded", "n_gt", "on", "off", "shuffled"} <= set(ev["samples"][0])
+    assert (full_run / "evals" / "test.json").exists()
+    # video-stage checkpoints: only the two trainable modules (+ optimizer, scheduler, rng)
+    ckpt = torch.load(full_run / "checkpoints" / "latest.pt", weights_only=False)
+    assert set(ckpt) == {"memory", "optimizer", "scheduler", "rng", "epoch", "step_in_epoch"}
+    assert {k.split(".")[0] for k in ckpt["memory"]} == {"perceiver_resampler", "memory_cross_attn"}
+    assert (full_run / "student_image.pt").exists()
+
+
+def test_resume_from_an_epoch_checkpoint_continues_the_same_trajectory(full_run, data_dir, tmp_path):
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(full_run, run_dir)
+    ck = run_dir / "checkpoints"
+    shutil.copy(ck / "epoch_000001.pt", ck / "latest.pt")
+    shutil.copy(ck / "epoch_000001.json", ck / "latest.json")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    out = finish(start(data_dir, run_dir, resume=True))
+    assert "resumed the video stage at epoch 2" in out
+    a, b = records(full_run)[-1], records(run_dir)[-1]
+    for key in ("val_jf_on", "val_jf_shuffled", "train_loss", "memory_gate", "test_jf_on"):
+        assert b[key] == pytest.approx(a[key], abs=1e-6), key
+
+
+def test_sigterm_checkpoints_exits_0_and_resume_matches(full_run, data_dir, tmp_path):
+    run_dir = tmp_path / "stopped"
+    proc = start(data_dir, run_dir)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and records(run_dir):  # stage 2 has begun
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc)
+    assert "SIGTERM" in out
+    ckpt = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"]) != (3, 0), "the run finished before SIGTERM"
+    finish(start(data_dir, run_dir, resume=True))
+    a, b = records(full_run)[-1], records(run_dir)[-1]
+    assert b["epoch"] == 2
+    for key in ("val_jf_on", "val_jf_shuffled", "memory_gate", "test_jf_on"):
+        assert b[key] == pytest.approx(a[key], abs=1e-6), key
+
+
+def test_bad_input_is_one_error_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "workers.video_distillation", "--data-dir", str(tmp_path),
+                        "--run-dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
