@@ -31,6 +31,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import unquote
 
 from .errors import SyncError
 from .ssh import (
@@ -41,6 +42,7 @@ from .ssh import (
     LinkDownError,
     RemotePathError,
     SshSession,
+    check_relative,
     classify_sftp_error,
     open_session,
     parse_target,
@@ -207,6 +209,39 @@ def scan_files(
     return found
 
 
+_MD_IMAGE = re.compile(r"!\[[^\]]*\]\(\s*(<[^>]+>|[^)\s]+)(?:\s+\"[^\"]*\")?\s*\)")
+_HTML_IMAGE = re.compile(r"<img\s[^>]*src=[\"']([^\"']+)[\"']", re.IGNORECASE)
+
+
+def image_references(markdown: str) -> list[str]:
+    """Relative image paths a markdown page references (``![..](x)`` and ``<img src=x>``).
+
+    URLs, absolute paths, data: URIs and paths with ``..`` are left out (never synced).
+    """
+    refs: list[str] = []
+    for raw in [*_MD_IMAGE.findall(markdown), *_HTML_IMAGE.findall(markdown)]:
+        ref = unquote(raw.strip("<>").split("#", 1)[0].split("?", 1)[0])
+        if not ref or "://" in ref or ref.startswith(("data:", "mailto:")):
+            continue
+        try:
+            ref = check_relative(ref)
+        except RemotePathError:
+            continue
+        if ref not in refs:
+            refs.append(ref)
+    return refs
+
+
+def referenced_files(root: Path, page_rel: str) -> list[str]:
+    """Images the markdown file ``root/page_rel`` references, as paths relative to ``root``."""
+    try:
+        text = (root / page_rel).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    base = posixpath.dirname(page_rel)
+    return [posixpath.join(base, ref) if base else ref for ref in image_references(text)]
+
+
 def _signature(st: os.stat_result) -> Signature:
     return (st.st_size, st.st_mtime_ns, st.st_ino)
 
@@ -321,6 +356,7 @@ class SftpSyncer(Syncer):
         self._session_lock = threading.Lock()
         self._session: SshSession | None = None
         self._pushed: dict[str, Signature] = {}
+        self._page_refs: dict[str, tuple[Signature, list[str]]] = {}
         self._fatal = False
         self._status = SyncStatus(last_success_s=None, error=None, pushes=0)
         self.files_uploaded = 0  # total files written remotely (for tests and benchmarks)
@@ -429,6 +465,7 @@ class SftpSyncer(Syncer):
             self.config.patterns,
             include_checkpoints=self.config.include_checkpoints,
         )
+        self._add_referenced(files)
         changed = [rel for rel, st in files.items() if self._pushed.get(rel) != _signature(st)]
         session = self._session
         if not changed and session is not None and session.alive:
@@ -449,6 +486,25 @@ class SftpSyncer(Syncer):
                 else:
                     self._pushed[rel] = signature
                     self.files_uploaded += 1
+
+    def _add_referenced(self, files: dict[str, os.stat_result]) -> None:
+        """Add the images that the matched markdown pages reference (wherever they live)."""
+        for page in [rel for rel in files if rel.endswith(".md")]:
+            signature = _signature(files[page])
+            if self._page_refs.get(page, (None, []))[0] != signature:
+                self._page_refs[page] = (signature, referenced_files(self.local_root, page))
+            for rel in self._page_refs[page][1]:
+                path = self.local_root / rel
+                if rel in files or rel.startswith(".") or "/." in rel:
+                    continue
+                if is_checkpoint(rel) and not self.config.include_checkpoints:
+                    continue
+                try:
+                    if not path.resolve().is_relative_to(self.local_root):
+                        continue  # a symlink leading out of the plan's folder
+                    files[rel] = path.stat()
+                except OSError:
+                    continue  # not written yet
 
     def _fail(self, exc: SyncError) -> None:
         message = " ".join(str(exc).split())

@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .ssh import parse_target
 
 DEFAULT_SYNC_FILES = (
-    "PARALLEL_PROGRESS.md",
-    "progress*.png",
+    "**/PARALLEL_PROGRESS.md",
+    "**/progress*.png",
     "**/success_viz/*.png",
     "**/success_viz/*_REPORT.md",
 )
@@ -32,7 +32,8 @@ class SyncConfig(BaseModel):
 
     ``target`` is ``user@host:path``, ``host:path`` or ``alias:path`` where alias is a Host in
     ~/.ssh/config. Passwords are never accepted: keys come from the agent, ``key_file`` or
-    ~/.ssh/config. Each file lands at the same relative path under the target directory.
+    ~/.ssh/config. Each file lands at the same relative path under the target directory, and
+    so do the images that pushed markdown pages reference (inside the plan's directory).
     Checkpoints (any ``checkpoints/`` folder, ``*.pt``, ``*.ckpt``, ``*.safetensors``) are
     skipped unless ``include_checkpoints`` is true.
     """

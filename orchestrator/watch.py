@@ -20,14 +20,12 @@ import json
 import os
 import posixpath
 import random
-import re
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import unquote
 
 from .errors import OrchestratorError, SyncError
 from .ssh import (
@@ -41,14 +39,12 @@ from .ssh import (
     open_session,
     parse_target,
 )
-from .sync import backoff_delay_s
+from .sync import backoff_delay_s, image_references
 
 if TYPE_CHECKING:
     from rich.console import Group, RenderableType
 
 DASHBOARD = "PARALLEL_PROGRESS.md"
-_MD_IMAGE = re.compile(r"!\[[^\]]*\]\(\s*(<[^>]+>|[^)\s]+)(?:\s+\"[^\"]*\")?\s*\)")
-_HTML_IMAGE = re.compile(r"<img\s[^>]*src=[\"']([^\"']+)[\"']", re.IGNORECASE)
 
 
 def _positive_float(text: str) -> float:
@@ -116,25 +112,6 @@ def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------- fetching
-
-
-def image_references(markdown: str) -> list[str]:
-    """Relative image paths a markdown page references (``![..](x)`` and ``<img src=x>``).
-
-    URLs, absolute paths, data: URIs and paths with ``..`` are left out (never fetched).
-    """
-    refs: list[str] = []
-    for raw in [*_MD_IMAGE.findall(markdown), *_HTML_IMAGE.findall(markdown)]:
-        ref = unquote(raw.strip("<>").split("#", 1)[0].split("?", 1)[0])
-        if not ref or "://" in ref or ref.startswith(("data:", "mailto:")):
-            continue
-        try:
-            ref = check_relative(ref)
-        except RemotePathError:
-            continue
-        if ref not in refs:
-            refs.append(ref)
-    return refs
 
 
 @dataclass

@@ -179,13 +179,16 @@ class SshServer:
             children = psutil.Process(process.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             children = []
-        process.send_signal(signal.SIGTERM)
-        for child in children:
+        # Deepest first, each while its parent is alive to reap it (no zombies left to pid 1).
+        for child in reversed(children):
             try:
                 child.kill()
             except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(children, timeout=5)
+                continue
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and child.is_running():
+                time.sleep(0.002)
+        process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=5)
         except subprocess.TimeoutExpired:

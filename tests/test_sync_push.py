@@ -174,6 +174,34 @@ def test_pushes_dashboard_plots_and_report_only_changed(sshd: SshServer, tmp_pat
         syncer.close()
 
 
+def test_pushes_images_the_dashboard_references(sshd: SshServer, tmp_path: Path) -> None:
+    plan = tmp_path / "plan"
+    (plan / "dash" / "figs").mkdir(parents=True)
+    (plan / "dash" / "PARALLEL_PROGRESS.md").write_text(
+        "![curve](figs/curve%201.png) ![up](../outside.png) ![gone](figs/later.png)\n"
+    )
+    (plan / "dash" / "figs" / "curve 1.png").write_bytes(b"curve")
+    (plan / "dash" / "figs" / "unreferenced.png").write_bytes(b"no")
+    (tmp_path / "outside.png").write_bytes(b"secret")
+    remote = tmp_path / "remote"
+    syncer = syncer_for(sshd, plan, remote)
+    syncer.start()
+    try:
+        wait_for(lambda: syncer.status().pushes >= 1, 10, "the first push")
+        assert (remote / "dash" / "figs" / "curve 1.png").read_bytes() == b"curve"
+        assert not (remote / "dash" / "figs" / "unreferenced.png").exists()
+        (plan / "dash" / "figs" / "later.png").write_bytes(b"later")  # referenced, now written
+        syncer.push_now()
+        wait_for(lambda: (remote / "dash" / "figs" / "later.png").exists(), 5, "the late image")
+    finally:
+        syncer.close()
+    assert sorted(p.name for p in remote.rglob("*") if p.is_file()) == [
+        "PARALLEL_PROGRESS.md",
+        "curve 1.png",
+        "later.png",
+    ]
+
+
 def test_restarted_syncer_does_not_reupload_unchanged_files(
     sshd: SshServer, tmp_path: Path
 ) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import sshd_fixture
 from sshd_fixture import SshServer
 
-from orchestrator.watch import image_references
+from orchestrator.sync import image_references
 
 sshd = sshd_fixture.sshd  # the fixture: a started SshServer
 

@@ -1,0 +1,105 @@
+"""A whole race with a ``sync:`` section while the link to the laptop dies and comes back."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import sshd_fixture
+from conftest import fake, write_plan
+from sshd_fixture import SshServer
+
+from orchestrator.config import load_plan
+from orchestrator.controller import Controller
+from orchestrator.paths import ResultsPaths
+from orchestrator.state import PlanState
+
+sshd = sshd_fixture.sshd  # the fixture: a started SshServer
+
+WORKERS = [
+    {
+        "name": "winner",
+        "branch": "r/winner",
+        "command": fake("--epochs", 200, "--interval", 0.05, "--metric", "acc=0.5+0.02*epoch"),
+    },
+    {
+        "name": "loser",
+        "branch": "r/loser",
+        "command": fake("--epochs", 200, "--interval", 0.05, "--metric", "acc=0.1"),
+    },
+]
+
+
+def run_race(plan_path: Path) -> tuple[int, PlanState, float]:
+    controller = Controller(load_plan(plan_path))
+    started = time.monotonic()
+    code = controller.run()
+    state = PlanState.load(ResultsPaths(controller.plan.results_dir).state)
+    return code, state, time.monotonic() - started
+
+
+def test_race_with_link_cut_mid_race_decides_on_time_and_sync_catches_up(
+    sshd: SshServer, repo: Path, tmp_path: Path, leak_check: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    baseline = write_plan(repo, WORKERS, file="baseline.yaml", results_dir="results/baseline")
+    code, state, _ = run_race(baseline)
+    assert code == 0 and state.experiments["race"].winner == "winner"
+    latency_off = state.experiments["race"].decision_latency_s
+    assert latency_off is not None
+
+    remote = tmp_path / "laptop copy"
+    sync = {
+        "target": sshd.target(remote),
+        "port": sshd.port,
+        "key_file": str(sshd.client_key),
+        "known_hosts": str(sshd.known_hosts),
+        "ssh_config": str(sshd.empty_ssh_config),
+        "interval_s": 0.2,
+        "max_backoff_s": 0.5,
+        "connect_timeout_s": 2.0,
+        "op_timeout_s": 2.0,
+    }
+    plan = write_plan(
+        repo,
+        [{**w, "branch": w["branch"] + "-synced"} for w in WORKERS],
+        name="synced-race",
+        file="synced.yaml",
+        worktree_root=".worktrees-synced",
+        results_dir="results/synced",
+        dashboard="synced/PARALLEL_PROGRESS.md",
+        sync=sync,
+    )
+    remote_page = remote / "synced" / "PARALLEL_PROGRESS.md"
+    cut: dict[str, float] = {}
+
+    def cut_link() -> None:
+        deadline = time.monotonic() + 30
+        while not remote_page.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sshd.stop()  # the laptop drops off mid-race
+        cut["at"] = time.monotonic()
+        time.sleep(0.6)
+        sshd.start()
+        cut["restored"] = time.monotonic()
+
+    cutter = threading.Thread(target=cut_link)
+    cutter.start()
+    code, state, _ = run_race(plan)
+    cutter.join()
+    assert "at" in cut, f"the link was never cut; sync status: {state.sync}"
+    assert code == 0, (repo / "results" / "synced" / "events.jsonl").read_text()[-3000:]
+    assert state.experiments["synced-race"].winner == "winner"
+    latency_on = state.experiments["synced-race"].decision_latency_s
+    assert latency_on is not None
+    # the decision (winning record -> losers reaped) is not delayed by the dead link
+    message = f"with sync {latency_on:.2f} s, without {latency_off:.2f} s"
+    assert latency_on < latency_off + 1.0, message
+    local_page = repo / "synced" / "PARALLEL_PROGRESS.md"
+    assert remote_page.read_text() == local_page.read_text()  # the final flush caught up
+    assert "winner" in remote_page.read_text()
+    assert (remote / "synced" / "progress.png").read_bytes() == (
+        repo / "synced" / "progress.png"
+    ).read_bytes()
