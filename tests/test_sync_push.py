@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import socket
@@ -428,3 +429,37 @@ def test_relative_key_paths_are_under_the_plan_dir(tmp_path: Path) -> None:
     options = connect_options(config, local_root=tmp_path)
     assert options.key_file == tmp_path / "keys" / "id"
     assert options.known_hosts == Path("/etc/kh")
+
+
+def syncer_has_news(syncer: SftpSyncer) -> Callable[[], bool]:
+    return lambda: syncer.status() != SyncStatus(last_success_s=None, error=None, pushes=0)
+
+
+def test_unknown_host_key_refused_unless_plan_accepts_it(sshd: SshServer, tmp_path: Path) -> None:
+    plan = make_plan_dir(tmp_path / "plan")
+    known = tmp_path / "known_hosts"  # missing: the host is unknown
+    for accept in (False, True):
+        config = SyncConfig(
+            target=sshd.target(tmp_path / "remote"),
+            port=sshd.port,
+            key_file=sshd.client_key,
+            known_hosts=known,
+            ssh_config=sshd.empty_ssh_config,
+            interval_s=0.1,
+            accept_unknown_host=accept,
+        )
+        options = dataclasses.replace(connect_options(config, local_root=plan), allow_agent=False)
+        syncer = SftpSyncer(config, local_root=plan, options=options)
+        syncer.start()
+        try:
+            wait_for(syncer_has_news(syncer), 10, "the first round")
+            status = syncer.status()
+        finally:
+            syncer.close()
+        if accept:
+            assert status.error is None and (tmp_path / "remote" / "progress.png").exists()
+            assert known.read_text().startswith(f"[127.0.0.1]:{sshd.port} ssh-ed25519 ")
+        else:
+            error = status.error or ""
+            assert status.pushes == 0 and not known.exists()
+            assert "not in" in error and sshd.host_fingerprint in error
