@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from synthvid.segmentation import list_sav_videos, load_sav_video
+from synthvid.segmentation import list_sav_videos, load_sav_video, num_annotated_frames
 
 FEATURE_CHANNELS, FEATURE_GRID = 256, 18
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -171,12 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     info_path.write_text(json.dumps(info, indent=1))
 
     done = skipped = 0
-    for vid in tqdm(videos, desc="caching"):
+    for vid in tqdm(videos, desc="caching", mininterval=2):
         path = args.out / f"{vid}.pt"
-        video = load_sav_video(args.data_dir, vid, args.frame_stride)
-        if path.exists() and check_cache_file(path, video.num_frames) is None:
+        if path.exists() and check_cache_file(path, num_annotated_frames(args.data_dir, vid)) is None:
             skipped += 1
             continue
+        video = load_sav_video(args.data_dir, vid, args.frame_stride)
         frames = torch.from_numpy(video.frames)  # (T, H, W, 3) uint8
         feats = torch.cat([extractor(frames[i:i + args.batch_size].to(args.device)).cpu()
                            for i in range(0, len(frames), args.batch_size)]).half()  # (T, 256, 18, 18)

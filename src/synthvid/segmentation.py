@@ -210,6 +210,11 @@ def list_sav_videos(root: Path) -> list[str]:
     return sorted(p.name[: -len(ANNOTATION_SUFFIX)] for p in Path(root).glob(f"*{ANNOTATION_SUFFIX}"))
 
 
+def num_annotated_frames(root: Path, video_id: str) -> int:
+    """Number of annotated frames of a SA-V-layout video (reads only its JSON)."""
+    return len(json.loads((Path(root) / f"{video_id}{ANNOTATION_SUFFIX}").read_text())["masklet"])
+
+
 def load_sav_video(root: Path, video_id: str, frame_stride: int | None = None) -> SegVideo:
     """Load one SA-V-layout video: annotated frames and their masklets.
 
