@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pydantic
@@ -205,3 +206,12 @@ def test_symlink_escape_rejected(sshd: SshServer, tmp_path: Path) -> None:
     finally:
         session.close()
     assert list(outside.iterdir()) == []
+
+
+def test_importing_sync_and_watch_does_not_import_paramiko_or_rich() -> None:
+    code = (
+        "import sys, orchestrator.sync, orchestrator.watch, orchestrator.sync_config\n"
+        "print(sorted(m for m in ('paramiko', 'rich') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
