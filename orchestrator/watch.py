@@ -102,6 +102,11 @@ def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
         help="also run `python -m orchestrator status --json` in the remote folder",
     )
     parser.add_argument(
+        "--remote-plan",
+        help="plan file for --remote-status, relative to the target folder "
+        "(default: the remote CLI's default, experiments.yaml)",
+    )
+    parser.add_argument(
         "--remote-python",
         default="python",
         help="interpreter for --remote-status on the remote machine (e.g. .venv/bin/python)",
@@ -193,15 +198,16 @@ class DashboardFetcher:
         return result
 
 
-def remote_status(session: SshSession, python: str, timeout_s: float) -> str:
-    """Run ``<python> -m orchestrator status --json`` in the remote folder; pretty JSON text.
+def remote_status(
+    session: SshSession, python: str, timeout_s: float, plan: str | None = None
+) -> str:
+    """Run ``<python> -m orchestrator status --json [plan]`` in the remote folder; pretty JSON.
 
     Raises:
         SyncError: if the command fails or prints something that is not JSON.
     """
-    code, out, err = session.run(
-        [python, "-m", "orchestrator", "status", "--json"], timeout_s=timeout_s
-    )
+    argv = [python, "-m", "orchestrator", "status", "--json"] + (["--", plan] if plan else [])
+    code, out, err = session.run(argv, timeout_s=timeout_s)
     if code != 0:
         tail = " ".join(err.strip().splitlines()[-1:]) or f"exit status {code}"
         raise SyncError(
@@ -303,7 +309,9 @@ def run_watch(args: argparse.Namespace) -> int:
             "error": None,
         }
         if args.remote_status:
-            state["status_json"] = remote_status(session, args.remote_python, options.op_timeout_s)
+            state["status_json"] = remote_status(
+                session, args.remote_python, options.op_timeout_s, args.remote_plan
+            )
         return state
 
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -103,3 +105,36 @@ def test_race_with_link_cut_mid_race_decides_on_time_and_sync_catches_up(
     assert (remote / "synced" / "progress.png").read_bytes() == (
         repo / "synced" / "progress.png"
     ).read_bytes()
+
+    # the pull side against the same box: the real `orchestrator status --json`, run remotely
+    argv = [
+        sys.executable,
+        "-m",
+        "orchestrator.watch",
+        sshd.target(repo),
+        "--once",
+        "--out",
+        str(tmp_path / "pulled"),
+        "--dashboard",
+        "synced/PARALLEL_PROGRESS.md",
+        "--remote-status",
+        "--remote-plan",
+        "synced.yaml",
+        "--remote-python",
+        sys.executable,
+        "--port",
+        str(sshd.port),
+        "--key-file",
+        str(sshd.client_key),
+        "--known-hosts",
+        str(sshd.known_hosts),
+        "--ssh-config",
+        str(sshd.empty_ssh_config),
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "pulled" / "synced" / "PARALLEL_PROGRESS.md").read_text() == (
+        local_page.read_text()
+    )
+    assert (tmp_path / "pulled" / "synced" / "progress.png").exists()
+    assert '"synced-race"' in done.stdout and '"winner"' in done.stdout
