@@ -6,6 +6,7 @@ import dataclasses
 import os
 import random
 import socket
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -308,7 +309,9 @@ def test_link_killed_and_restored_syncer_catches_up_without_blocking(
         assert (syncer.status().last_success_s or 0) > (last_success or 0)
     finally:
         syncer.close()
-    assert max(call_s) < 0.05, f"a notify/push_now call took {max(call_s) * 1e3:.1f} ms"
+    # Never waits for the network (connect timeout 2 s); the max allows for a loaded CI box.
+    assert statistics.median(call_s) < 0.001, f"median call {statistics.median(call_s) * 1e3} ms"
+    assert max(call_s) < 0.25, f"a notify/push_now call took {max(call_s) * 1e3:.1f} ms"
 
 
 def test_host_key_mismatch_stops_syncer_with_clear_status(sshd: SshServer, tmp_path: Path) -> None:
