@@ -316,10 +316,15 @@ def _wait_for_stop(paths: ResultsPaths, workers: list[str], timeout_s: float = 6
             time.sleep(0.2)
             continue
         runs = [r for r in state.runs.values() if not workers or r.worker in workers]
+        alive = controller_alive(state.controller)
         if paths.stop_request.exists():
+            if not alive:
+                paths.stop_request.unlink(missing_ok=True)
+                print("the controller exited before it handled the request", file=sys.stderr)
+                return 0 if not any(r.state.active for r in runs) else 1
             time.sleep(0.1)
             continue
-        if not any(r.state.active for r in runs) and (workers or not controller_alive(state.controller)):
+        if not any(r.state.active for r in runs) and (workers or not alive):
             print("stopped")
             return 0
         time.sleep(0.2)

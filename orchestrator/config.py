@@ -363,10 +363,11 @@ def _model_in_annotation(annotation: Any) -> type[BaseModel] | None:
 
 def _format_error(err: Any, located: _Located, file: str) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    # pydantic adds union-member tags ("str", "list[str]") to loc; drop ones not in the YAML.
-    while loc and loc not in located.lines and isinstance(loc[-1], str) and err["type"] != (
-        "extra_forbidden"
-    ):
+    # pydantic adds union-member tags ("str", "list[str]") to loc; drop what is not a field.
+    while loc and isinstance(loc[-1], str) and loc not in located.lines:
+        model = _model_for(loc[:-1])
+        if err["type"] == "extra_forbidden" or (model and loc[-1] in model.model_fields):
+            break
         loc = loc[:-1]
     line = located.line_for(loc)
     where = f"{file}:{line}" if line else file
@@ -487,7 +488,8 @@ def load_plan(path: str | Path) -> Plan:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{where}: not valid YAML: {problem}", [f"{where}: {problem}"]) from None
+        message = f"{where}: not valid YAML: {problem}"
+        raise ConfigError(message, [message]) from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}: the plan must be a mapping with an 'experiments' list at the top level"

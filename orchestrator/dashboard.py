@@ -104,7 +104,9 @@ def best_record(
             if c.threshold is None or c.evaluate(r):
                 continue
             v = r.get(c.threshold.metric)
-            if isinstance(v, (int, float)) and c.threshold.value:
+            if not isinstance(v, (int, float)):
+                score -= 1e6  # a missing metric is further than any reported value
+            elif c.threshold.value:
                 gap = (v - c.threshold.value) / abs(c.threshold.value)
                 score += gap if c.threshold.higher_is_better else -gap
         key = (passed, score)

@@ -125,10 +125,13 @@ def mean_sd(values: list[float]) -> tuple[float, float | None]:
 
 
 def format_mean_sd(values: list[float], digits: int = 3) -> str:
-    """"0.812 +- 0.031" (n >= 2), "0.812" (n = 1), "-" (no values)."""
+    """"0.812 +- 0.031" (n >= 2), "0.812" (n = 1), "-" (no values); counts as "248,362"."""
     if not values:
         return "-"
     mean, sd = mean_sd(values)
+    if all(float(v).is_integer() for v in values) and abs(mean) >= 1000:  # counts
+        fmt = "{:,.0f}"
+        return fmt.format(mean) if sd is None else f"{fmt.format(mean)} +- {fmt.format(sd)}"
     fmt = _number_format(mean, digits)
     return fmt.format(mean) if sd is None else f"{fmt.format(mean)} +- {fmt.format(sd)}"
 

@@ -258,6 +258,8 @@ def controller_alive(info: dict[str, Any]) -> bool:
         return False
     try:
         proc = psutil.Process(int(info["pid"]))
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
         return abs(proc.create_time() - float(info["create_time"])) < 0.01
     except (psutil.NoSuchProcess, KeyError, ValueError, TypeError):
         return False

@@ -26,15 +26,17 @@ SLEEPER = "import time\nwhile True: time.sleep(0.05)\n"
 
 
 def parse_metric(text: str) -> tuple[str, float, float]:
-    """'acc=0.5+0.05*epoch' -> ('acc', 0.5, 0.05); 'loss=2' -> ('loss', 2.0, 0.0)."""
+    """'acc=0.5+0.05*epoch' -> ('acc', 0.5, 0.05); 'acc=0.1*epoch' -> ('acc', 0, 0.1);
+    'loss=2' -> ('loss', 2.0, 0.0)."""
     name, _, expr = text.partition("=")
-    if "+" in expr and "*epoch" in expr:
-        start, _, slope = expr.partition("+")
-        return name, float(start), float(slope.replace("*epoch", ""))
-    if "-" in expr[1:] and "*epoch" in expr:
-        start, _, slope = expr[1:].partition("-")
-        return name, float(expr[0] + start), -float(slope.replace("*epoch", ""))
-    return name, float(expr), 0.0
+    expr = expr.replace(" ", "")
+    if not expr.endswith("*epoch"):
+        return name, float(expr), 0.0
+    body = expr[: -len("*epoch")]
+    for i in range(len(body) - 1, 0, -1):
+        if body[i] in "+-" and body[i - 1] not in "eE":
+            return name, float(body[:i]), float(body[i:])
+    return name, 0.0, float(body)
 
 
 def main() -> int:
@@ -80,6 +82,8 @@ def main() -> int:
                 time.sleep(0.01)
             break
         values = {name: round(a + b * epoch, 6) for name, a, b in metrics}
+        values["gpu"] = int(os.environ.get("CUDA_VISIBLE_DEVICES") or -1)
+        values["resumed"] = int(rep.resume)
         rep.log(epoch=epoch, **values)
         rep.save_checkpoint(
             lambda path, e=epoch: path.write_text(json.dumps({"epoch": e})),
