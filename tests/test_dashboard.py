@@ -1,0 +1,115 @@
+"""The dashboard rendered to text: a golden file, plus the progress plot and atomic writes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.config import load_plan
+from orchestrator.metrics import MetricHistory
+from orchestrator.state import ExperimentRecord, ExperimentStatus, PlanState, RunRecord, RunState
+from orchestrator.dashboard import render_markdown
+
+GOLDEN = Path(__file__).parent / "golden" / "dashboard.md"
+T0 = 1_800_000_000.0  # fixed clock
+
+
+@pytest.fixture(autouse=True)
+def utc(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+
+
+def plan_file(tmp_path: Path) -> Path:
+    plan = {
+        "gpus": [0, 1],
+        "experiments": [
+            {
+                "name": "early-persistence",
+                "criteria": ["attention_ratio >= 1.5", "val_accuracy >= 0.75", "separation_p < 0.01"],
+                "check_every": 5,
+                "max_epochs": 50,
+                "workers": [
+                    {"name": "attention-supervised", "branch": "ep/attention-supervised", "command": "python -m x"},
+                    {"name": "contrastive", "branch": "ep/contrastive", "command": "python -m x"},
+                    {"name": "multitask", "branch": "ep/multitask", "command": "python -m x"},
+                    {"name": "pretrained", "branch": "ep/pretrained", "command": "python -m x"},
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "experiments.yaml"
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    return path
+
+
+def history(rows: list[tuple[int, float, float, float]]) -> MetricHistory:
+    h = MetricHistory()
+    h.add(
+        {"epoch": e, "time_s": T0 + 60 * e, "attention_ratio": r, "val_accuracy": a, "separation_p": p}
+        for e, r, a, p in rows
+    )
+    return h
+
+
+def scenario(tmp_path: Path):
+    plan = load_plan(plan_file(tmp_path))
+    state = PlanState(plan=str(plan.source), started_at=T0)
+    state.experiments["early-persistence"] = ExperimentRecord("early-persistence", started_at=T0)
+    runs = {
+        "attention-supervised": dict(state=RunState.running, slot="gpu0", epoch=10, attempt=1),
+        "contrastive": dict(state=RunState.running, slot="gpu1", epoch=10, attempt=2),
+        "multitask": dict(state=RunState.failed, slot=None, epoch=3, attempt=3,
+                          error="RuntimeError: CUDA out of memory"),
+        "pretrained": dict(state=RunState.pending, slot=None, epoch=None, attempt=0),
+    }
+    for name, fields in runs.items():
+        rec = RunRecord("early-persistence", name, f"ep/{name}", max_epochs=50, **fields)
+        state.runs[rec.key] = rec
+    state.runs["early-persistence/contrastive"].stalled = True
+    histories = {
+        "early-persistence/attention-supervised": history(
+            [(5, 1.1, 0.70, 0.2), (10, 1.28, 0.78, 0.004)]
+        ),
+        "early-persistence/contrastive": history([(5, 1.0, 0.6, 0.5), (10, 0.98, 0.66, 0.3)]),
+        "early-persistence/multitask": history([(1, 1.0, 0.5, 0.9), (3, 1.02, 0.55, 0.8)]),
+    }
+    events = ["00:01:00 early-persistence/multitask: FAILED (exit 1) after 3 attempts"]
+    return plan, state, histories, events
+
+
+def test_dashboard_matches_golden_file(tmp_path: Path) -> None:
+    plan, state, histories, events = scenario(tmp_path)
+    text = render_markdown(
+        plan, state, histories, events, now=T0 + 600, progress_image="progress.png",
+        sync_line="last push 08:09:50",
+    )
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
+
+
+def test_decided_race_shows_the_winner(tmp_path: Path) -> None:
+    plan, state, histories, events = scenario(tmp_path)
+    erec = state.experiments["early-persistence"]
+    erec.status, erec.winner, erec.winner_epoch = ExperimentStatus.succeeded, "attention-supervised", 10
+    text = render_markdown(plan, state, histories, events, now=T0 + 600)
+    assert "🏆 **attention-supervised** won at epoch 10" in text
+    assert "![progress]" not in text
+
+
+def test_progress_plot_has_one_panel_per_criterion_metric(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from orchestrator.plots import render_progress
+
+    plan, _, histories, _ = scenario(tmp_path)
+    out = tmp_path / "progress.png"
+    render_progress(plan, histories, out)
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.size[0] > 500
