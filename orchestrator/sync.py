@@ -469,6 +469,14 @@ class SftpSyncer(Syncer):
         changed = [rel for rel, st in files.items() if self._pushed.get(rel) != _signature(st)]
         session = self._session
         if not changed and session is not None and session.alive:
+            # Nothing to upload: one round trip proves the link (and the status) still true.
+            with session.deadline(max(0.1, min(budget_s, self.options.op_timeout_s))):
+                try:
+                    session.sftp.stat(session.root)
+                except Exception as exc:  # noqa: BLE001 (classified and re-raised)
+                    raise classify_sftp_error(
+                        exc, op="stat", path=session.root, session=session
+                    ) from exc
             return
         if session is None:
             session = open_session(self.target, self.options, create_root=True, deadline_s=budget_s)
