@@ -280,8 +280,13 @@ class _HostKeyPolicy:
             )
         client.get_host_keys().add(hostname, key.get_name(), key)
         self.known_hosts.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(self.known_hosts, "a", encoding="ascii") as fh:
-            fh.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        with open(self.known_hosts, "a+b") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() > 0:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    fh.write(b"\n")  # never glue our line onto an unterminated last line
+            fh.write(f"{hostname} {key.get_name()} {key.get_base64()}\n".encode("ascii"))
         self.accepted_fingerprint = fingerprint
         log.warning(
             "added host %s (%s %s) to %s", hostname, key.get_name(), fingerprint, self.known_hosts

@@ -115,10 +115,14 @@ def test_unknown_host_refused_with_fingerprint_unless_accepted(
         open_session(target, sshd.options(known_hosts=known))
     assert info.value.fingerprint == sshd.host_fingerprint
     assert sshd.host_fingerprint in str(info.value)
-    assert not known.exists()
+    assert not known.exists()  # refusing writes nothing
 
+    known.parent.mkdir()
+    known.write_text("# other hosts, no final newline")
     open_session(target, sshd.options(known_hosts=known, accept_new_host_key=True)).close()
-    assert f"[127.0.0.1]:{sshd.port} ssh-ed25519 " in known.read_text()
+    lines = known.read_text().splitlines()
+    assert lines[0] == "# other hosts, no final newline"
+    assert lines[1].startswith(f"[127.0.0.1]:{sshd.port} ssh-ed25519 ")
     open_session(target, sshd.options(known_hosts=known)).close()  # now known
 
 
