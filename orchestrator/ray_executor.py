@@ -48,7 +48,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,7 +58,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import psutil
 
@@ -78,7 +80,7 @@ WORKING_DIR_EXCLUDES = [
 APPEND_SUFFIXES = (".jsonl", ".log", ".csv")
 DEAD_ACTOR_CODE = -9  # what poll() returns for a run whose actor or node died
 MAX_CHUNK_BYTES = 8 << 20  # per file and pull, so one pull never carries a whole huge log
-UNSTARTED_STOP_WAIT_S = 10.0  # how long a stop waits for an actor that holds no worker yet
+UNSTARTED_STOP_WAIT_S = 30.0  # how long a stop waits for an actor that holds no worker yet
 RESCAN_S = 0.25  # how often a pull looks for new append-only files in the node run directory
 
 
@@ -141,6 +143,7 @@ class RunActor:
         self.spec = spec
         self._lock = threading.Lock()
         self._tree: ProcessTree | None = None
+        self._sentinel: IO[bytes] | None = None
         self._stopped = False
         self._closed = False
         self._offsets: dict[str, int] = {}
@@ -179,18 +182,24 @@ class RunActor:
                 else:
                     self._sent[rel] = (st.st_size, st.st_mtime_ns)
             argv, env = self._node_command()
-            self._tree = launch(
-                argv,
-                cwd=self.cwd,
-                env=env,
-                stdout=self.paths.stdout,
-                stderr=self.paths.stderr,
-                exit_status=self.paths.exit_status(spec.attempt),
-                run_id=spec.run_id,
-                header=spec.header,
-            )
-            self._start_sentinel(self._tree)
+            # The sentinel first: if this actor dies at any point from here on, it cleans up.
+            self._sentinel = self._start_sentinel()
+            try:
+                self._tree = launch(
+                    argv,
+                    cwd=self.cwd,
+                    env=env,
+                    stdout=self.paths.stdout,
+                    stderr=self.paths.stderr,
+                    exit_status=self.paths.exit_status(spec.attempt),
+                    run_id=spec.run_id,
+                    header=spec.header,
+                )
+            except BaseException:
+                self._tell_sentinel("done")
+                raise
             leader = self._tree.leader
+            self._tell_sentinel(f"leader {leader.pid} {leader.create_time!r}")
         return {"pid": leader.pid, "create_time": leader.create_time, "node": _node_ip(),
                 "started": True, "run_dir": str(self.run_dir), "cwd": str(self.cwd)}
 
@@ -219,29 +228,39 @@ class RunActor:
         env.pop(RUN_ID_ENV, None)
         return argv, env
 
-    def _start_sentinel(self, tree: ProcessTree) -> None:
-        """Start the sentinel that stops ``tree`` if this actor dies (see ``_sentinel_main``).
+    def _start_sentinel(self) -> IO[bytes]:
+        """Start the sentinel that stops this run's processes if the actor dies.
 
-        It detaches itself (double fork): Ray kills an exiting worker's direct children, and
-        the sentinel must outlive the actor to do its job.
+        It detaches itself (double fork: Ray kills an exiting actor's direct children) and
+        reads our messages from a pipe; end-of-file on that pipe means this actor is gone.
+        Returns the pipe's write end (see ``_sentinel_main`` for the messages).
         """
-        me = psutil.Process()
-        argv = [
-            sys.executable, "-m", "orchestrator.ray_executor", "sentinel",
-            "--watch-pid", str(me.pid), "--watch-create-time", repr(me.create_time()),
-            "--leader-pid", str(tree.leader.pid),
-            "--leader-create-time", repr(tree.leader.create_time),
-            "--run-id", self.spec.run_id,
-        ]
+        argv = [sys.executable, "-m", "orchestrator.ray_executor", "sentinel",
+                "--watch-pid", str(os.getpid()), "--run-id", self.spec.run_id]
         if self.spec.shipped:
             argv += ["--remove", str(self.run_dir)]
         env = {k: v for k, v in os.environ.items() if k != RUN_ID_ENV}
         pkg_root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH", "")) if p)
-        subprocess.run(
-            argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True, check=False,
-        )  # returns once the sentinel has forked off
+        proc = subprocess.Popen(
+            argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+        )
+        proc.wait()  # the first fork exits at once; the sentinel lives on, detached
+        assert proc.stdin is not None
+        return proc.stdin
+
+    def _tell_sentinel(self, message: str) -> None:
+        pipe = self._sentinel
+        if pipe is None or pipe.closed:
+            return
+        try:
+            pipe.write(message.encode() + b"\n")
+            pipe.flush()
+            if message == "done":
+                pipe.close()
+        except OSError:  # the sentinel is gone already
+            pass
 
     def _returncode(self) -> int | None:
         with self._lock:
@@ -357,11 +376,11 @@ class RunActor:
         return stop_trees([tree], grace_s=grace_s)[0]
 
     def close(self) -> None:
-        """Remove the node copy of the run directory (shipped mode). The sentinel ends by
-        itself once the worker is gone."""
+        """Dismiss the sentinel; remove the node copy of the run directory (shipped mode)."""
         if self._closed:
             return
         self._closed = True
+        self._tell_sentinel("done")
         if self.spec.shipped:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
@@ -739,41 +758,85 @@ def _first_line(e: BaseException) -> str:
 
 
 def _sentinel_main(argv: list[str]) -> int:
-    """Stop a worker's process tree (processes.stop_trees) once its actor process is gone.
+    """Stop a run's processes on this node once its actor process is gone.
 
     Ray kills an actor's process with SIGKILL (``ray.kill``, node OOM, a crash) and, on exit,
-    its direct children, but not the worker's own descendants (their own session). Detaches at
-    once (double fork), so it is nobody's direct child; exits when the worker ends on its own.
+    its direct children, but not the worker's descendants (their own session). The sentinel is
+    started before the worker, detaches at once (double fork, so it is nobody's direct child)
+    and reads lines from stdin, a pipe from the actor:
+
+    - ``leader PID CREATE_TIME``: the worker's launch wrapper, once started;
+    - ``done``: the run is over and collected; exit quietly.
+
+    End-of-file without ``done`` (or the actor's pid gone) means the actor died: stop the tree
+    (processes.stop_trees: group, descendants and the ORCH_RUN_ID tag), or, if the wrapper was
+    never reported, every process carrying the tag; then delete the node run directory.
     """
     p = argparse.ArgumentParser(prog="python -m orchestrator.ray_executor sentinel")
     p.add_argument("--watch-pid", type=int, required=True, help="the actor's pid")
-    p.add_argument("--watch-create-time", type=float, required=True)
-    p.add_argument("--leader-pid", type=int, required=True)
-    p.add_argument("--leader-create-time", type=float, required=True)
     p.add_argument("--run-id", required=True, help="ORCH_RUN_ID of the worker's processes")
     p.add_argument("--remove", default=None, help="node run directory to delete afterwards")
     p.add_argument("--grace-s", type=float, default=5.0)
     p.add_argument("--interval-s", type=float, default=0.1)
     args = p.parse_args(argv)
+    try:
+        actor = ProcessKey.of(psutil.Process(args.watch_pid))
+    except psutil.NoSuchProcess:
+        actor = None
     if os.fork() > 0:
         os._exit(0)
-    actor = ProcessKey(args.watch_pid, args.watch_create_time)
-    leader = ProcessKey(args.leader_pid, args.leader_create_time)
-    tree = ProcessTree(leader, args.run_id)
-    while True:
-        time.sleep(args.interval_s)
-        if actor.process() is None:
-            break  # the actor is gone: its worker must not outlive it
-        if leader.process() is None:
-            # The wrapper ended: normally after the worker (then nothing is left), but Ray
-            # may have killed it as the actor's child, leaving the worker in its group.
-            if not tree.members(scan_env=False):
-                return 0
-            break
-    stop_trees([tree], grace_s=args.grace_s)
-    if actor.process() is None and args.remove:
+    leader: ProcessKey | None = None
+    buffer = b""
+    while actor is not None and actor.process() is not None:
+        ready, _, _ = select.select([0], [], [], args.interval_s)
+        if ready:
+            chunk = os.read(0, 4096)
+            if not chunk:
+                break  # the actor's end of the pipe closed: it died
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                words = line.decode().split()
+                if words == ["done"]:
+                    return 0
+                if len(words) == 3 and words[0] == "leader":
+                    leader = ProcessKey(int(words[1]), float(words[2]))
+        if leader is not None and leader.process() is None:
+            # The wrapper ended: normally after the worker (nothing is left; the actor will
+            # say done), but Ray may have killed it as the actor's child, leaving the worker.
+            if ProcessTree(leader, args.run_id).members(scan_env=False):
+                break
+    if leader is not None:
+        stop_trees([ProcessTree(leader, args.run_id)], grace_s=args.grace_s)
+    else:
+        _stop_tagged(args.run_id, args.grace_s)
+    if args.remove and (actor is None or actor.process() is None):
         shutil.rmtree(args.remove, ignore_errors=True)
     return 0
+
+
+def _stop_tagged(run_id: str, grace_s: float) -> None:
+    """SIGTERM every process of this user tagged ORCH_RUN_ID=run_id, SIGKILL after grace_s."""
+
+    def tagged() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["uids"]):
+            try:
+                if proc.pid != os.getpid() and proc.info["uids"].real == os.getuid() \
+                        and proc.environ().get(RUN_ID_ENV) == run_id:
+                    found.append(proc)
+            except (psutil.Error, OSError):
+                continue
+        return found
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        procs = tagged()
+        for proc in procs:
+            try:
+                proc.send_signal(sig)
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=grace_s if sig == signal.SIGTERM else 5.0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,238 @@
+"""executor: ray on a local Ray instance (2 CPUs, no GPU): races, stops, a killed actor, results.
+
+Real git repositories (in a path with spaces), real fake-worker subprocesses started by Ray
+actors, real worktrees shipped as the actors' working directories. One Ray instance serves the
+whole module (starting one takes ~10 s on a small machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
+
+from orchestrator.config import load_plan  # noqa: E402
+from orchestrator.controller import Controller  # noqa: E402
+from orchestrator.launchers import LaunchSpec  # noqa: E402
+from orchestrator.processes import RUN_ID_ENV  # noqa: E402
+from orchestrator.ray_executor import RayLauncher, RayRunHandle, is_append_only  # noqa: E402
+from orchestrator.state import PlanState, RunState  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,
+    # Ray's own modules warn on import/shutdown (deprecations, unclosed sockets): not ours.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
+
+FAKE_WORKER = Path(__file__).resolve().parent / "fake_worker.py"
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Any:
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_repo(tmp_path: Path) -> Path:
+    """A git repo (path with spaces) whose commit holds the fake worker: it must travel with
+    the worktree, since the command runs it by a relative path."""
+    repo = tmp_path / "my repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "config", "user.email", "test@example.com")
+    git(repo, "config", "user.name", "Test")
+    shutil.copy(FAKE_WORKER, repo / "fake_worker.py")
+    git(repo, "add", "fake_worker.py")
+    git(repo, "commit", "-q", "-m", "init")
+    return repo
+
+
+def write_plan(repo: Path, workers: list[dict[str, Any]], criteria: list[str],
+               **settings: Any) -> Path:
+    plan = {
+        "gpus": "none",
+        "poll_interval_s": 0.1,
+        "dashboard_interval_s": 0.5,
+        "grace_s": 2,
+        "retry_backoff_s": 0.1,
+        "max_retries": 2,
+        "executor": "ray",
+        "ray": {"num_cpus_per_worker": 0.5},
+        "experiments": [{"name": "race", "criteria": criteria, "max_epochs": 100,
+                         "workers": workers}],
+    }
+    plan.update(settings)
+    path = repo / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    return path
+
+
+def worker(name: str, *args: str | int | float) -> dict[str, Any]:
+    return {"name": name, "branch": f"race/{name}",
+            "command": ["python", "fake_worker.py", *map(str, args)]}
+
+
+class RecordingLauncher(RayLauncher):
+    """A RayLauncher that keeps every handle it made (the controller drops them)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.started: list[RayRunHandle] = []
+
+    def start(self, spec: LaunchSpec) -> RayRunHandle:
+        handle = super().start(spec)
+        self.started.append(handle)
+        return handle
+
+
+def tagged_processes(prefix: str) -> list[str]:
+    """Live processes of this user whose ORCH_RUN_ID starts with ``prefix`` (orphans)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "uids"]):
+        try:
+            if proc.info["uids"].real != os.getuid() or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            run_id = proc.environ().get(RUN_ID_ENV, "")
+            if run_id.startswith(prefix):
+                found.append(f"{proc.pid} {run_id} {' '.join(proc.cmdline())[-80:]}")
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_core_does_not_import_ray() -> None:
+    code = ("import sys, orchestrator.controller, orchestrator.cli, orchestrator.launchers; "
+            "sys.exit(1 if 'ray' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_append_only_classification() -> None:
+    assert is_append_only("metrics.jsonl") and is_append_only("stdout.log")
+    assert is_append_only("logs/version_0/metrics.csv")
+    assert is_append_only("tb/events.out.tfevents.1700000000.host")
+    assert not is_append_only("checkpoints/latest.pt")
+    assert not is_append_only("attempts/0001.exit.json")
+
+
+@pytest.mark.parametrize("ship", [True, False], ids=["shipped", "in-place"])
+def test_race_decides_stops_losers_and_returns_results(
+    local_ray: Any, tmp_path: Path, ship: bool
+) -> None:
+    repo = make_repo(tmp_path)
+    plan_path = write_plan(repo, [
+        worker("fast", "--epochs", 60, "--interval", 0.1, "--metric", "acc=0.5+0.025*epoch"),
+        worker("slow", "--epochs", 600, "--interval", 0.1, "--metric", "acc=0.1+0.001*epoch",
+               "--children", 2),
+        worker("stubborn", "--epochs", 600, "--interval", 0.1, "--metric", "acc=0.1",
+               "--ignore-sigterm", "--setsid-child"),
+    ], ["acc >= 0.9"])
+    plan = load_plan(plan_path)
+    launcher = RecordingLauncher(plan, ship=ship, checkpoint_sync_s=0.0)
+    assert launcher.ship is ship
+    rc = Controller(plan, launcher=launcher).run()
+
+    assert rc == 0
+    state = PlanState.load(plan.results_dir / "state.json")
+    assert state.experiments["race"].winner == "fast"
+    assert state.experiments["race"].winner_epoch == 16
+    assert state.runs["race/slow"].state == RunState.stopped
+    assert state.runs["race/stubborn"].state == RunState.stopped
+    assert state.experiments["race"].decision_latency_s is not None
+    # No orphan on the node: the children, the setsid helper and the SIGTERM-ignorer are gone.
+    assert tagged_processes("race/") == []
+
+    fast = plan.results_dir / "race" / "fast"
+    epochs = [r["epoch"] for r in read_metrics(fast)]
+    assert epochs[:16] == list(range(1, 17))  # streamed once each, in order
+    assert (fast / "checkpoints" / "latest.ckpt").is_file()
+    assert json.loads((fast / "checkpoints" / "latest.json").read_text())["epoch"] >= 16
+    assert json.loads((fast / "attempts" / "0001.exit.json").read_text())["returncode"] == 0
+    assert "==== attempt 1" in (fast / "stdout.log").read_text()
+    assert "epoch 16" in (fast / "stdout.log").read_text()
+
+    handles = {h.spec.key: h for h in launcher.started}
+    assert set(handles) == {"race/fast", "race/slow", "race/stubborn"}
+    assert handles["race/fast"].pid is not None and handles["race/fast"].pid > 0
+    for h in launcher.started:
+        if h.pid == -1:  # the race ended before Ray started this actor (a busy machine)
+            assert h.spec.key != "race/fast"
+            continue
+        assert h.node is not None
+        # Every started run's logs came back, header first.
+        assert (h.spec.paths.stdout).read_text().startswith("==== attempt 1")
+        if ship:  # ran in Ray's unpacked copy of the worktree, wrote a node-local run dir
+            assert h.node_cwd is not None and Path(h.node_cwd) != h.spec.cwd
+            assert h.node_run_dir is not None and not Path(h.node_run_dir).exists()
+        else:
+            assert h.node_cwd == str(h.spec.cwd)
+
+
+def test_killed_actor_is_retried_with_resume(local_ray: Any, tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    plan_path = write_plan(repo, [
+        worker("solo", "--epochs", 60, "--interval", 0.1, "--metric", "acc=0.02*epoch",
+               "--children", 1),
+    ], ["acc >= 0.5"])
+    plan = load_plan(plan_path)
+    launcher = RecordingLauncher(plan, ship=True, checkpoint_sync_s=0.0)
+    metrics = plan.results_dir / "race" / "solo" / "metrics.jsonl"
+    killed: dict[str, Any] = {}
+
+    def kill_after_five_epochs() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+                handle = launcher.started[0]
+                killed["pids"] = ray.get(handle.actor.node_pids.remote())
+                ray.kill(handle.actor, no_restart=True)
+                killed["at"] = time.monotonic()
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_after_five_epochs, daemon=True)
+    killer.start()
+    rc = Controller(plan, launcher=launcher).run()
+    killer.join(timeout=5)
+
+    assert rc == 0 and "pids" in killed
+    state = PlanState.load(plan.results_dir / "state.json")
+    run = state.runs["race/solo"]
+    assert run.attempt == 2 and run.state == RunState.succeeded
+    assert state.experiments["race"].winner_epoch == 25
+    # The killed actor's worker (and its child) did not outlive it: the sentinel stopped them.
+    assert len(killed["pids"]) >= 2
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                   for p in killed["pids"])
+    assert tagged_processes("race/") == []
+    # Attempt 2 resumed from the checkpoint the controller held (shipped back to the node).
+    stdout = (plan.results_dir / "race" / "solo" / "stdout.log").read_text()
+    assert "==== attempt 2" in stdout and "resume=1" in stdout
+    resumed_at = int(stdout.split("resumed at epoch ")[1].split()[0])
+    assert resumed_at >= 5
+    epochs = [r["epoch"] for r in read_metrics(plan.results_dir / "race" / "solo")]
+    assert epochs[-1] >= 25
+    assert sorted(set(epochs)) == list(range(1, epochs[-1] + 1))  # no gap across attempts
+    assert "died" in (plan.results_dir / "race" / "solo" / "stderr.log").read_text()
