@@ -141,7 +141,11 @@ def _component_regex(part: str) -> str:
 
 
 def glob_regex(pattern: str) -> re.Pattern[str]:
-    """Compile a relative glob (``**`` = zero or more whole folders) for posix relative paths."""
+    """Compile a relative glob for posix relative paths.
+
+    ``*``, ``?`` and ``[...]`` match within one path component, ``**`` zero or more whole
+    components; a trailing ``dir/**`` matches everything below ``dir``.
+    """
     parts = pattern.split("/")
     regex = ""
     for index, part in enumerate(parts):

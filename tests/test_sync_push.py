@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 import random
 import socket
@@ -15,6 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 import sshd_fixture
+from hypothesis import given
+from hypothesis import strategies as st
 from sshd_fixture import SshServer
 
 from orchestrator.ssh import LinkDownError, open_session, parse_target
@@ -466,3 +469,32 @@ def test_unknown_host_key_refused_unless_plan_accepts_it(sshd: SshServer, tmp_pa
             error = status.error or ""
             assert status.pushes == 0 and not known.exists()
             assert "not in" in error and sshd.host_fingerprint in error
+
+
+def _reference_match(parts: list[str], pats: list[str]) -> bool:
+    """Component-wise glob match with fnmatch; ``**`` = zero or more whole components, but a
+    trailing ``**`` (``dir/**``) means everything below: at least one component."""
+    if not pats:
+        return not parts
+    if pats == ["**"]:
+        return len(parts) >= 1
+    if pats[0] == "**":
+        return any(_reference_match(parts[i:], pats[1:]) for i in range(len(parts) + 1))
+    return (
+        bool(parts)
+        and fnmatch.fnmatchcase(parts[0], pats[0])
+        and _reference_match(parts[1:], pats[1:])
+    )
+
+
+PATTERN_PARTS = ["**", "*", "a*", "?b", "a", "x.png", "*.png", "[ab]", "[!a]*"]
+PATH_PARTS = ["a", "ab", "bb", "x.png", "a.png", "b", "aa"]
+
+
+@given(
+    st.lists(st.sampled_from(PATTERN_PARTS), min_size=1, max_size=4),
+    st.lists(st.sampled_from(PATH_PARTS), min_size=1, max_size=5),
+)
+def test_glob_regex_matches_componentwise_fnmatch(pats: list[str], parts: list[str]) -> None:
+    expected = _reference_match(parts, pats)
+    assert bool(glob_regex("/".join(pats)).match("/".join(parts))) is expected

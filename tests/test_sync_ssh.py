@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import posixpath
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import pydantic
 import pytest
 import sshd_fixture
+from hypothesis import given
+from hypothesis import strategies as st
 from sshd_fixture import SshServer, free_port, keygen, require_sshd
 
 from orchestrator.ssh import (
@@ -219,3 +222,14 @@ def test_importing_sync_and_watch_does_not_import_paramiko_or_rich() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@given(st.lists(st.sampled_from(["a", "b c", ".", "..", "", "~", "x/", "/"]), max_size=8))
+def test_check_relative_never_leaves_the_root(parts: list[str]) -> None:
+    rel = "/".join(parts)
+    try:
+        clean = check_relative(rel)
+    except RemotePathError:
+        return
+    joined = posixpath.normpath(posixpath.join("/root dir", clean))
+    assert joined.startswith("/root dir/") and ".." not in clean.split("/")
