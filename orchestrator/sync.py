@@ -213,7 +213,7 @@ def scan_files(
     return found
 
 
-_MD_IMAGE = re.compile(r"!\[[^\]]*\]\(\s*(<[^>]+>|[^)\s]+)(?:\s+\"[^\"]*\")?\s*\)")
+IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(\s*(<[^>]+>|[^)\s]+)(?:\s+\"[^\"]*\")?\s*\)")
 _HTML_IMAGE = re.compile(r"<img\s[^>]*src=[\"']([^\"']+)[\"']", re.IGNORECASE)
 
 
@@ -223,7 +223,7 @@ def image_references(markdown: str) -> list[str]:
     URLs, absolute paths, data: URIs and paths with ``..`` are left out (never synced).
     """
     refs: list[str] = []
-    for raw in [*_MD_IMAGE.findall(markdown), *_HTML_IMAGE.findall(markdown)]:
+    for raw in [*IMAGE_LINK.findall(markdown), *_HTML_IMAGE.findall(markdown)]:
         ref = unquote(raw.strip("<>").split("#", 1)[0].split("?", 1)[0])
         if not ref or "://" in ref or ref.startswith(("data:", "mailto:")):
             continue

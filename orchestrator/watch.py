@@ -20,6 +20,7 @@ import json
 import os
 import posixpath
 import random
+import re
 import sys
 import tempfile
 import time
@@ -39,7 +40,7 @@ from .ssh import (
     open_session,
     parse_target,
 )
-from .sync import backoff_delay_s, image_references
+from .sync import IMAGE_LINK, backoff_delay_s, image_references
 
 if TYPE_CHECKING:
     from rich.console import Group, RenderableType
@@ -223,6 +224,20 @@ def remote_status(
 # --------------------------------------------------------------------------- showing
 
 
+def local_image_links(markdown: str, page_dir: Path) -> str:
+    """Point relative image links at the fetched local copies (``file://`` URIs), so clicking
+    one in the terminal opens the image; links without a local copy are left alone."""
+
+    def replace(match: re.Match[str]) -> str:
+        refs = image_references(match.group(0))
+        if not refs or not (page_dir / refs[0]).is_file():
+            return match.group(0)
+        uri = (page_dir / refs[0]).resolve().as_uri()
+        return match.group(0).replace(match.group(1), uri, 1)
+
+    return IMAGE_LINK.sub(replace, markdown)
+
+
 def _render(target: SshTarget, out_dir: Path, state: dict[str, object]) -> Group:
     from rich.console import Group
     from rich.markdown import Markdown
@@ -242,7 +257,8 @@ def _render(target: SshTarget, out_dir: Path, state: dict[str, object]) -> Group
     parts: list[RenderableType] = [header]
     text = state.get("dashboard")
     if isinstance(text, str):
-        parts.append(Markdown(text))
+        page_dir = out_dir / posixpath.dirname(str(state.get("dashboard_rel", "")))
+        parts.append(Markdown(local_image_links(text, page_dir)))
     else:
         parts.append(Text("(no dashboard on the remote yet)", style="dim"))
     missing = state.get("missing")
@@ -304,6 +320,7 @@ def run_watch(args: argparse.Namespace) -> int:
         result = fetcher.fetch(session)
         state: dict[str, object] = {
             "dashboard": result.dashboard,
+            "dashboard_rel": fetcher.dashboard_rel,
             "missing": result.missing,
             "fetched_at": time.time(),
             "error": None,

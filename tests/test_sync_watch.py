@@ -14,6 +14,7 @@ import sshd_fixture
 from sshd_fixture import SshServer
 
 from orchestrator.sync import image_references
+from orchestrator.watch import local_image_links
 
 sshd = sshd_fixture.sshd  # the fixture: a started SshServer
 
@@ -204,3 +205,14 @@ def test_watch_live_survives_link_drop_and_exits_on_ctrl_c(sshd: SshServer, tmp_
             proc.communicate()
     assert proc.returncode == 0, stderr
     assert "watch stopped" in stdout and "Traceback" not in stderr
+
+
+def test_local_image_links_point_at_fetched_copies(tmp_path: Path) -> None:
+    page_dir = tmp_path / "dash board"
+    (page_dir / "figs").mkdir(parents=True)
+    (page_dir / "figs" / "p 1.png").write_bytes(b"png")
+    text = "![p](figs/p%201.png) ![m](missing.png) ![w](https://x.org/a.png)"
+    out = local_image_links(text, page_dir)
+    uri = (page_dir / "figs" / "p 1.png").resolve().as_uri()
+    assert out == f"![p]({uri}) ![m](missing.png) ![w](https://x.org/a.png)"
+    assert "%20" in uri  # spaces quoted
