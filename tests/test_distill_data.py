@@ -114,3 +114,31 @@ def test_make_and_cache_scripts(tmp_path):
     assert torch.equal(again, f)
     missing = run("scripts/cache_context_features.py", "--data-dir", str(tmp_path / "nope"), "--out", str(feats))
     assert missing.returncode == 2 and missing.stderr.startswith("error:")
+
+
+def test_hf_teacher_extractor_through_from_pretrained(tmp_path):
+    """The documented SAM 2 path: a tiny random Sam2VisionModel saved and re-loaded offline."""
+    import importlib.util
+
+    from transformers import Sam2HieraDetConfig, Sam2VisionConfig, Sam2VisionModel
+
+    backbone = Sam2HieraDetConfig(
+        hidden_size=16, num_attention_heads=1, image_size=[64, 64], blocks_per_stage=[1, 1, 2, 1],
+        embed_dim_per_stage=[16, 32, 64, 128], num_attention_heads_per_stage=[1, 1, 1, 1],
+        window_size_per_stage=[4, 4, 4, 4], global_attention_blocks=[3],
+        window_positional_embedding_background_size=[2, 2])
+    cfg = Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=[128, 64, 32, 16],
+                           backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]], fpn_hidden_size=256)
+    Sam2VisionModel(cfg).save_pretrained(tmp_path / "teacher")
+    data = tmp_path / "data"
+    write_sav_video(data, generate_video(np.random.default_rng(0), VideoSpec(num_frames=3), "syn_a"))
+    spec = importlib.util.spec_from_file_location("cache_ctx", ROOT / "scripts/cache_context_features.py")
+    cache = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cache)
+    rc = cache.main(["--data-dir", str(data), "--out", str(data / "features"), "--extractor", "hf",
+                     "--hf-model", str(tmp_path / "teacher"), "--hf-class", "Sam2VisionModel",
+                     "--image-size", "64", "--fpn-level", "0", "--local-files-only", "--threads", "1"])
+    assert rc == 0
+    assert cache.check_cache_file(data / "features" / "syn_a.pt", 3) is None
+    info = json.loads((data / "features" / "cache_info.json").read_text())
+    assert info["extractor"].startswith("hf:") and "Sam2VisionModel" in info["extractor"]
