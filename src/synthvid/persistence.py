@@ -481,3 +481,69 @@ def extract_tokens(split: PersistenceSplit, crop_size: int = 16) -> ObjectTokens
         offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
         sample_ids=list(split.sample_ids),
     )
+
+
+@dataclass
+class TrackSequences:
+    """Per ground-truth track, the crops a tracker would hand a per-track classifier.
+
+    From the track's first visible frame (onset) on: the crop at its GT centre while visible, at
+    its last seen centre after it vanished (a tracker's last known position). Sequences are
+    left-aligned: step s is frame onset + s; steps past the clip end are padding.
+
+    Attributes:
+        crops: uint8 [M, T, 3, P, P].
+        valid: bool [M, T] (a prefix: T - onset steps).
+        visible: bool [M, T], the object is visible at that step.
+        label: int64 [M], 1 persistent.
+        duration: int64 [M], visible frames.
+        onset: int64 [M]; clip: int64 [M] index into sample_ids; track: int64 [M] object id.
+        sample_ids: N ids.
+    """
+
+    crops: np.ndarray
+    valid: np.ndarray
+    visible: np.ndarray
+    label: np.ndarray
+    duration: np.ndarray
+    onset: np.ndarray
+    clip: np.ndarray
+    track: np.ndarray
+    sample_ids: list[str]
+
+
+def extract_track_sequences(split: PersistenceSplit, crop_size: int = 16) -> TrackSequences:
+    """Build TrackSequences for every object of ``split`` (see the class docstring)."""
+    o = split.objects
+    m, t_count = o["obj_visible"].shape
+    half = crop_size // 2
+    vis = o["obj_visible"]
+    onset = vis.argmax(1)
+    steps = np.arange(t_count)
+    frame = onset[:, None] + steps[None]  # [M, T]
+    valid = frame < t_count
+    frame = np.minimum(frame, t_count - 1)
+    rows = np.arange(m)[:, None]
+    visible = vis[rows, frame] & valid
+    # last seen centre: forward-fill the centres over frames
+    cen = o["obj_centres"].copy()  # [M, T, 2], NaN where not visible
+    last = np.where(vis, np.arange(t_count)[None], -1)
+    last = np.maximum.accumulate(last, axis=1)  # [M, T] frame of the last sighting
+    filled = cen[rows, np.maximum(last, 0)]
+    centres = filled[rows, frame]  # [M, T, 2]
+    padded = np.pad(split.video, ((0, 0), (0, 0), (0, 0), (half, half), (half, half)), mode="edge")
+    x0 = np.rint(centres[..., 0]).astype(np.int64)
+    y0 = np.rint(centres[..., 1]).astype(np.int64)
+    ar = np.arange(crop_size)
+    r_idx = (y0[..., None] + ar)[..., :, None]  # [M, T, P, 1]
+    c_idx = (x0[..., None] + ar)[..., None, :]  # [M, T, 1, P]
+    s_idx = o["obj_sample"][:, None, None, None]
+    crops = padded[s_idx, frame[..., None, None], :, r_idx, c_idx]  # [M, T, P, P, 3]
+    crops = np.where(valid[..., None, None, None], crops, 0).astype(np.uint8)
+    return TrackSequences(
+        crops=np.ascontiguousarray(crops.transpose(0, 1, 4, 2, 3)),
+        valid=valid, visible=visible, label=o["obj_kind"].astype(np.int64),
+        duration=vis.sum(1).astype(np.int64), onset=onset.astype(np.int64),
+        clip=o["obj_sample"].astype(np.int64), track=o["obj_id"].astype(np.int64),
+        sample_ids=list(split.sample_ids),
+    )
