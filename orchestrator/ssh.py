@@ -15,6 +15,7 @@ paramiko is imported inside functions so that ``import orchestrator.sync`` stays
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -195,6 +196,8 @@ class Endpoint:
     key_files: tuple[str, ...]
     known_hosts: Path
     label: str = field(default="")  # user@host:port for messages (no secrets)
+    proxy_jump: str | None = None  # ProxyJump from ssh config: "[user@]host[:port],..."
+    proxy_command: str | None = None  # ProxyCommand from ssh config, tokens expanded
 
 
 def resolve(target: SshTarget, options: ConnectOptions) -> Endpoint:
@@ -203,7 +206,7 @@ def resolve(target: SshTarget, options: ConnectOptions) -> Endpoint:
     Explicit options win over ssh config, ssh config wins over defaults.
 
     Raises:
-        SyncError: if the ssh config cannot be read or asks for ProxyJump/ProxyCommand.
+        SyncError: if the ssh config cannot be read.
     """
     import getpass
 
@@ -218,12 +221,12 @@ def resolve(target: SshTarget, options: ConnectOptions) -> Endpoint:
             raise SyncError(f"cannot read ssh config {config_path}: {exc}") from exc
     elif options.ssh_config is not None:
         raise SyncError(f"ssh config {config_path} does not exist")
-    for unsupported in ("proxyjump", "proxycommand"):
-        if host_config.get(unsupported):
-            raise SyncError(
-                f"{config_path} sets {unsupported} for {target.host}; it is not supported",
-                hint="forward a local port with `ssh -L` and target 127.0.0.1 with --port",
-            )
+    proxy_jump = str(host_config.get("proxyjump") or "") or None
+    proxy_command = str(host_config.get("proxycommand") or "") or None
+    if proxy_jump and proxy_jump.lower() == "none":
+        proxy_jump = None
+    if proxy_command and proxy_command.lower() == "none":
+        proxy_command = None
     hostname = str(host_config.get("hostname", target.host))
     port = options.port or int(host_config.get("port", 22))
     user = target.user or str(host_config.get("user") or getpass.getuser())
@@ -247,7 +250,27 @@ def resolve(target: SshTarget, options: ConnectOptions) -> Endpoint:
         key_files=tuple(k for k in key_files if os.path.isfile(k)),
         known_hosts=known_hosts,
         label=f"{user}@{hostname}:{port}",
+        proxy_jump=proxy_jump,
+        proxy_command=None if proxy_jump else proxy_command,
     )
+
+
+def parse_jump(hop: str) -> tuple[SshTarget, int | None]:
+    """Split one ProxyJump hop, ``[user@]host[:port]`` (``[v6]:port`` for IPv6).
+
+    Raises:
+        SyncError: if the hop is malformed.
+    """
+    text = hop.strip().removeprefix("ssh://")
+    user, _, rest = text.rpartition("@")
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        port_text = tail.removeprefix(":")
+    else:
+        host, _, port_text = rest.partition(":")
+    if not host or (port_text and not port_text.isdigit()):
+        raise SyncError(f"cannot parse ProxyJump hop {hop!r}; expected [user@]host[:port]")
+    return SshTarget(host=host, user=user or None, path=""), int(port_text) if port_text else None
 
 
 def host_key_name(hostname: str, port: int) -> str:
@@ -297,6 +320,7 @@ def _connect_client(
     endpoint: Endpoint,
     options: ConnectOptions,
     on_client: Callable[[paramiko.SSHClient], None] | None = None,
+    sock: Any = None,
 ) -> tuple[paramiko.SSHClient, str | None]:
     """Connect and authenticate; returns the client and the fingerprint of a newly accepted
     host key (None when the key was already known). Every failure is a SyncError subclass.
@@ -329,6 +353,7 @@ def _connect_client(
             banner_timeout=options.connect_timeout_s,
             auth_timeout=options.connect_timeout_s,
             channel_timeout=options.op_timeout_s,
+            sock=sock,
         )
     except SyncError:  # raised by _HostKeyPolicy
         client.close()
@@ -384,6 +409,67 @@ def _connect_client(
     assert transport is not None
     transport.set_keepalive(max(1, int(options.keepalive_s)))
     return client, policy.accepted_fingerprint
+
+
+def _connect_chain(
+    endpoint: Endpoint,
+    options: ConnectOptions,
+    on_client: Callable[[paramiko.SSHClient], None],
+) -> tuple[paramiko.SSHClient, str | None, list[paramiko.SSHClient]]:
+    """Connect to ``endpoint`` directly, through its ProxyCommand, or hop by hop through its
+    ProxyJump hosts (each a direct-tcpip channel of the previous one, as OpenSSH's -J does).
+
+    Returns:
+        (client, newly accepted host key fingerprint or None, the jump hosts' clients).
+    """
+    import paramiko
+
+    if endpoint.proxy_command:
+        try:
+            command = paramiko.ProxyCommand(endpoint.proxy_command)
+        except (OSError, paramiko.SSHException) as exc:
+            raise LinkDownError(f"ProxyCommand for {endpoint.label} failed: {exc}") from exc
+        client, new_key = _connect_client(endpoint, options, on_client, sock=command)
+        return client, new_key, []
+    if not endpoint.proxy_jump:
+        client, new_key = _connect_client(endpoint, options, on_client)
+        return client, new_key, []
+    hop_options = dataclasses.replace(options, port=None)
+    hops: list[Endpoint] = []
+    for hop in endpoint.proxy_jump.split(","):
+        hop_target, hop_port = parse_jump(hop)
+        hop_endpoint = resolve(hop_target, dataclasses.replace(hop_options, port=hop_port))
+        if hop_endpoint.proxy_jump and hops:
+            raise SyncError(f"ProxyJump host {hop_target.host} has its own ProxyJump: unsupported")
+        hops.append(dataclasses.replace(hop_endpoint, proxy_jump=None))
+    jump_clients: list[paramiko.SSHClient] = []
+    sock: Any = None
+    try:
+        for hop_endpoint, next_endpoint in zip(hops, [*hops[1:], endpoint], strict=True):
+            if sock is None and hop_endpoint.proxy_command:
+                sock = paramiko.ProxyCommand(hop_endpoint.proxy_command)
+            client, _ = _connect_client(hop_endpoint, hop_options, on_client, sock=sock)
+            jump_clients.append(client)
+            transport = client.get_transport()
+            assert transport is not None
+            try:
+                sock = transport.open_channel(
+                    "direct-tcpip",
+                    (next_endpoint.hostname, next_endpoint.port),
+                    ("127.0.0.1", 0),
+                    timeout=options.connect_timeout_s,
+                )
+            except (OSError, EOFError, paramiko.SSHException) as exc:
+                raise LinkDownError(
+                    f"jump host {hop_endpoint.label} cannot reach {next_endpoint.label}: "
+                    f"{_one_line(exc)}"
+                ) from exc
+        client, new_key = _connect_client(endpoint, options, on_client, sock=sock)
+    except BaseException:
+        for jump in jump_clients:
+            jump.close()
+        raise
+    return client, new_key, jump_clients
 
 
 def _one_line(exc: BaseException) -> str:
@@ -451,6 +537,7 @@ class SshSession:
         self.root = "/"
         self.deadline_fired = False
         self.new_host_key: str | None = None  # fingerprint, when this connection accepted it
+        self.jump_clients: list[paramiko.SSHClient] = []  # ProxyJump hops, closed with us
         self._safe_dirs: set[str] = set()
 
     @property
@@ -465,6 +552,8 @@ class SshSession:
             self.sftp.close()
         finally:
             self.client.close()
+            for jump in reversed(self.jump_clients):
+                jump.close()
 
     @contextmanager
     def deadline(self, seconds: float) -> Iterator[None]:
@@ -473,6 +562,8 @@ class SshSession:
         def fire() -> None:
             self.deadline_fired = True
             self.client.close()
+            for jump in self.jump_clients:
+                jump.close()
 
         timer = threading.Timer(seconds, fire)
         timer.daemon = True
@@ -616,26 +707,28 @@ def open_session(
         RemoteIOError, RemotePermissionError: the target directory is missing or not writable.
     """
     endpoint = resolve(target, options)
-    holder: dict[str, Any] = {}
+    clients: list[paramiko.SSHClient] = []  # every client made, so the deadline can close them
+    fired = threading.Event()
 
     def fire() -> None:
-        holder["fired"] = True
-        if "client" in holder:
-            holder["client"].close()
+        fired.set()
+        for made in list(clients):
+            made.close()
 
     timer = threading.Timer(deadline_s, fire) if deadline_s else None
     if timer:
         timer.daemon = True
         timer.start()
     try:
-        client, new_host_key = _connect_client(
-            endpoint, options, on_client=lambda c: holder.__setitem__("client", c)
-        )
+        client, new_host_key, jump_clients = _connect_chain(endpoint, options, clients.append)
         try:
             session = SshSession(client, endpoint, options.op_timeout_s)
             session.new_host_key = new_host_key
+            session.jump_clients = jump_clients
         except Exception as exc:  # noqa: BLE001
             client.close()
+            for jump in jump_clients:
+                jump.close()
             raise LinkDownError(
                 f"cannot open SFTP on {endpoint.label}: {_one_line(exc)}",
                 hint="the remote sshd must enable the sftp subsystem",
@@ -646,7 +739,7 @@ def open_session(
             session.close()
             raise
     except (SyncError, OSError, EOFError):
-        if holder.get("fired"):
+        if fired.is_set():
             raise LinkDownError(
                 f"connecting to {endpoint.label} exceeded the {deadline_s:g} s deadline"
             ) from None

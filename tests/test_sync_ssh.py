@@ -6,8 +6,10 @@ import os
 import posixpath
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pydantic
 import pytest
 import sshd_fixture
@@ -233,3 +235,51 @@ def test_check_relative_never_leaves_the_root(parts: list[str]) -> None:
         return
     joined = posixpath.normpath(posixpath.join("/root dir", clean))
     assert joined.startswith("/root dir/") and ".." not in clean.split("/")
+
+
+def settles_at(server: SshServer, sessions: int, timeout_s: float = 5.0) -> bool:
+    """Whether ``server`` serves exactly ``sessions`` connections (forked children) within
+    ``timeout_s`` (the fixture's readiness probe leaves a short-lived one behind)."""
+    assert server.process is not None
+    deadline = time.monotonic() + timeout_s
+    while len(psutil.Process(server.process.pid).children()) != sessions:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_proxy_jump_and_proxy_command_from_ssh_config(sshd: SshServer, tmp_path: Path) -> None:
+    jump = SshServer(tmp_path / "jump")
+    jump.start()
+    try:
+        common = (
+            f"  HostName 127.0.0.1\n  User {sshd.user}\n  IdentityFile {sshd.client_key}\n"
+            f"  UserKnownHostsFile {tmp_path / 'known_hosts'}\n"
+        )
+        (tmp_path / "known_hosts").write_text(
+            sshd.known_hosts.read_text() + jump.known_hosts.read_text()
+        )
+        jump.authorized_keys.write_text((sshd.workdir / "client_ed25519.pub").read_text())
+        proxy_command = (
+            f"ssh -q -W %h:%p -p {jump.port} -i {sshd.client_key} -o BatchMode=yes "
+            f"-o UserKnownHostsFile={tmp_path / 'known_hosts'} {sshd.user}@127.0.0.1"
+        )
+        config = tmp_path / "ssh_config"
+        config.write_text(
+            f"Host bastion\n  Port {jump.port}\n{common}"
+            f"Host viajump\n  Port {sshd.port}\n  ProxyJump bastion\n{common}"
+            f"Host viacommand\n  Port {sshd.port}\n  ProxyCommand {proxy_command}\n{common}"
+        )
+        options = sshd.options(port=None, key_file=None, known_hosts=None, ssh_config=config)
+        for alias in ("viajump", "viacommand"):
+            assert settles_at(jump, 0)
+            session = open_session(parse_target(f"{alias}:{tmp_path}"), options)
+            try:
+                assert session.run(["pwd"], timeout_s=5)[1].strip() == str(tmp_path)
+                assert settles_at(jump, 1), f"{alias}: the connection did not go through the hop"
+            finally:
+                session.close()
+            assert settles_at(jump, 0), f"{alias}: the hop was not closed"
+    finally:
+        jump.stop()
