@@ -37,7 +37,7 @@ def _cmd(data_dir: Path, approach: str, *extra: str) -> list[str]:
 def _run(cmd: list[str], run_dir: Path, resume: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "ORCH_RUN_DIR": str(run_dir), "ORCH_RESUME": "1" if resume else "0",
            "PYTHONPATH": f"{REPO / 'src'}:{REPO}"}
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -86,11 +86,11 @@ def test_sigterm_checkpoints_and_exits_zero(data_dir, tmp_path):
     cmd = _cmd(data_dir, "multitask", "--epochs", "500", "--eval-every", "1000")
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "metrics.jsonl"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 600
     while not metrics.exists() and time.monotonic() < deadline:  # training is under way
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
+    out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     assert "stop requested" in out
     info = json.loads((tmp_path / "checkpoints" / "latest.json").read_text())
@@ -100,6 +100,6 @@ def test_sigterm_checkpoints_and_exits_zero(data_dir, tmp_path):
 def test_bad_input_is_one_error_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "workers.early_persistence", "--approach", "contrastive",
                            "--data-dir", str(tmp_path / "missing"), "--run-dir", str(tmp_path / "r")],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error:") and "generate_persistence_dataset" in proc.stderr
