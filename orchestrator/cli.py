@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", action="store_true", help="also delete run directories and state")
     p.set_defaults(func=cmd_clean)
 
+    from .report import add_report_arguments, run_report
+
+    p = sub.add_parser("report", help="compare a plan's runs: markdown table and curves")
+    add_report_arguments(p)
+    p.set_defaults(func=run_report)
+
     from .watch import add_watch_arguments, run_watch
 
     p = sub.add_parser("watch", help="follow a remote plan's dashboard over SSH (laptop side)")

@@ -153,6 +153,7 @@ class Controller:
         self.interrupted: str | None = None  # "interrupted" once Ctrl-C/SIGTERM arrived
         self.detach = False
         self._dirty = True
+        self._replay: dict[str, list[dict[str, Any]]] = {}
         self._stopper = ThreadPoolExecutor(max_workers=4, thread_name_prefix="stop")
         self._lock = ControllerLock(self.paths.lock)
         self._observer: Any = None
@@ -185,7 +186,7 @@ class Controller:
                 pattern=worker.metrics.pattern,
             )
             live = LiveRun(rec, exp, worker, paths, source)
-            live.history.add(source.read_new())  # history already on disk (resume)
+            self._replay[key] = source.read_new()  # history already on disk (resume)
             self.runs[key] = live
         for exp in self.plan.experiments:
             if exp.name not in self.state.experiments:
@@ -206,7 +207,9 @@ class Controller:
         self.paths.events.unlink(missing_ok=True)
 
     def _resume_runs(self) -> None:
-        """Re-attach live runs of an earlier controller; requeue the ones that died."""
+        """Re-attach live runs of an earlier controller, decide on the records written while
+        no controller ran (in the order they were written), then requeue the runs that died."""
+        dead: list[tuple[LiveRun, int]] = []
         for live in self.runs.values():
             rec = live.record
             exp_done = self.state.experiments[rec.experiment].status != ExperimentStatus.running
@@ -221,7 +224,7 @@ class Controller:
                     continue
                 code = self._exit_code_of_dead(live)
                 self.event(f"{rec.key}: attempt {rec.attempt} ended while no controller ran")
-                self._handle_exit(live, code)
+                dead.append((live, code))
             elif rec.state == RunState.preparing:
                 rec.transition(RunState.pending, why="controller restarted")
             elif rec.state == RunState.stopped and rec.stop_reason in ("interrupted", "user"):
@@ -229,6 +232,22 @@ class Controller:
                     rec.transition(RunState.pending, why="resume after interruption")
                     rec.resume = True
                     rec.stop_reason = None
+        batch = []
+        for key, records in self._replay.items():
+            live = self.runs[key]
+            decide = not live.record.state.terminal
+            batch += [(r.get("time_s", 0.0), i, live, r, decide) for i, r in enumerate(records)]
+        self._replay.clear()
+        for _, _, live, record, decide in sorted(batch, key=lambda b: (b[0], b[1])):
+            self._accept(live, record, decide=decide and live.stopping is None)
+        for live, code in dead:
+            if live.record.state == RunState.running:
+                self._release_dead(live)
+                self._handle_exit(live, code)
+
+    def _release_dead(self, live: LiveRun) -> None:
+        """A run that died while no controller ran has no handle: nothing to stop."""
+        live.handle = None
 
     def _exit_code_of_dead(self, live: LiveRun) -> int:
         from .launchers import read_exit_status
@@ -309,11 +328,13 @@ class Controller:
         self.wake.set()
 
     def tick(self) -> None:
-        """One pass: control requests, metrics, decisions, exits, stalls, scheduling."""
+        """One pass: control requests, exits, metrics (in write order), decisions, stalls,
+        scheduling."""
         now = self.clock()
         self._read_control()
         if self.subreaper:
             reap_orphans({})
+        exits: dict[str, int] = {}
         for live in list(self.runs.values()):
             if live.stopping is not None:
                 if live.stopping.done():
@@ -322,15 +343,16 @@ class Controller:
             if live.handle is None:
                 continue
             live.handle.refresh()
-            self._ingest(live)
-            if live.handle is None or live.stopping is not None:
-                continue  # decided (and being stopped) by its own record
-            code = live.handle.poll()
+            code = live.handle.poll()  # polled before reading: the read sees its last records
             if code is not None:
-                self._ingest(live)  # the last records written before exit
-                if live.stopping is None and live.handle is not None:
-                    self._handle_exit(live, code)
-            else:
+                exits[live.record.key] = code
+        self._ingest([r for r in self.runs.values() if r.handle is not None])
+        for key, code in exits.items():
+            live = self.runs[key]
+            if live.stopping is None and live.handle is not None:
+                self._handle_exit(live, code)
+        for live in self.runs.values():
+            if live.handle is not None and live.stopping is None:
                 self._check_stall(live, now)
         self._check_hooks()
         self._decide_failures()
@@ -356,6 +378,11 @@ class Controller:
         return [self.state.experiments[n] for n in names]
 
     def _shutdown(self) -> int:
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self.state.controller["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 3)
+        self.state.controller["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)  # KiB on Linux
         if self.interrupted:
             active = [r for r in self.runs.values() if r.record.state.active and r.handle]
             if self.detach:
@@ -380,30 +407,38 @@ class Controller:
 
     # -- metrics and decisions --------------------------------------------------------------
 
-    def _ingest(self, live: LiveRun) -> None:
-        try:
-            new = live.source.read_new()
-        except (OSError, RuntimeError) as e:
-            live.record.error = f"metrics: {e}"
-            return
-        if not new:
-            return
+    def _ingest(self, lives: list[LiveRun]) -> None:
+        """Read new records of these runs and act on them in the order they were written, so
+        that of two records passing in the same tick the earlier one wins."""
+        batch = []
+        for n, live in enumerate(lives):
+            try:
+                new = live.source.read_new()
+            except (OSError, RuntimeError) as e:
+                live.record.error = f"metrics: {e}"
+                continue
+            batch += [(r.get("time_s", 0.0), n, i, live, r) for i, r in enumerate(new)]
+        for _, _, _, live, record in sorted(batch, key=lambda b: b[:3]):
+            self._accept(live, record, decide=live.stopping is None and live.handle is not None)
+
+    def _accept(self, live: LiveRun, record: dict[str, Any], *, decide: bool) -> None:
+        """Add one record to a run's history; if ``decide``, check criteria and max_epochs."""
         rec = live.record
-        for record in live.history.add(new):
-            rec.records += 1
-            rec.last_record_at = self.clock()
-            rec.stalled = False
-            if "epoch" in record:
-                rec.epoch = record["epoch"]
-            rec.last_metrics = {k: v for k, v in record.items() if k not in ("time_s",)}
-            self._dirty = True
-            if self._passes(live, record):
-                self._declare_winner(live, record)
-                return
-            if rec.epoch is not None and rec.epoch >= live.max_epochs:
-                self.event(f"{rec.key}: reached max_epochs {live.max_epochs}")
-                self._stop([live], self._ended_state(live), reason="max_epochs")
-                return
+        live.history.add([record])
+        rec.records += 1
+        rec.last_record_at = self.clock()
+        rec.stalled = False
+        if "epoch" in record:
+            rec.epoch = record["epoch"]
+        rec.last_metrics = {k: v for k, v in record.items() if k != "time_s"}
+        self._dirty = True
+        if not decide:
+            return
+        if self._passes(live, record):
+            self._declare_winner(live, record)
+        elif rec.epoch is not None and rec.epoch >= live.max_epochs and live.handle is not None:
+            self.event(f"{rec.key}: reached max_epochs {live.max_epochs}")
+            self._stop([live], self._ended_state(live), reason="max_epochs")
 
     def _passes(self, live: LiveRun, record: dict[str, Any]) -> bool:
         if self.state.experiments[live.experiment.name].status != ExperimentStatus.running:
@@ -430,6 +465,8 @@ class Controller:
             self._stop_losers(live, erec, record.get("time_s"))
             # The winner is done too: SIGTERM lets it write its final checkpoint.
             self._stop([live], RunState.succeeded, reason="won")
+        if live.handle is None and not live.record.state.terminal:
+            live.record.transition(RunState.succeeded, why="passed while no controller ran")
         self._start_hook(live)
         self._dirty = True
         self._flush(force=True)
@@ -580,13 +617,11 @@ class Controller:
 
     def _ingest_final(self, live: LiveRun) -> None:
         try:
-            for record in live.history.add(live.source.read_new()):
-                live.record.records += 1
-                if "epoch" in record:
-                    live.record.epoch = record["epoch"]
-                live.record.last_metrics = {k: v for k, v in record.items() if k != "time_s"}
+            records = live.source.read_new()
         except (OSError, RuntimeError):
-            pass
+            return
+        for record in records:
+            self._accept(live, record, decide=False)
 
     def _release(self, live: LiveRun, now: float) -> None:
         rec = live.record

@@ -304,6 +304,11 @@ class Dashboard:
         self._plot_signature: tuple[Any, ...] | None = None
         self._errors: dict[str, float] = {}
         self.write_errors = 0
+        # Plots render on their own thread: a slow matplotlib never delays a decision.
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._plotter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plot")
+        self._plot_future: Any = None
         self.syncer = make_syncer(plan.sync, local_root=plan.plan_dir)
         self.syncer.start()
 
@@ -367,16 +372,22 @@ class Dashboard:
             return self.progress_path.name if have else None
         if not any(h.records for h in histories.values()):
             return None
+        if self._plot_future is not None and not self._plot_future.done():
+            return self.progress_path.name if have else None
+        snapshot = {k: MetricHistory(list(h.records)) for k, h in histories.items()}
+        self._plot_future = self._plotter.submit(self._render_plot, snapshot)
+        self._plot_signature = signature
+        self._last_plot = now
+        return self.progress_path.name if have else None
+
+    def _render_plot(self, histories: Mapping[str, MetricHistory]) -> None:
         from .plots import render_progress
 
         try:
             render_progress(self.plan, histories, self.progress_path)
         except OSError as e:
             self.report_write_error("progress plot", e)
-            return self.progress_path.name if have else None
-        self._plot_signature = signature
-        self._last_plot = now
-        return self.progress_path.name
+        self.syncer.notify_changed()
 
     def _links(self) -> dict[str, list[tuple[str, str]]]:
         out: dict[str, list[tuple[str, str]]] = {}
@@ -411,6 +422,8 @@ class Dashboard:
         self.syncer.push_now()
 
     def close(self) -> None:
+        """Finish the last plot, flush the sync (bounded), stop the threads."""
+        self._plotter.shutdown(wait=True)
         self.syncer.close()
 
 

@@ -135,54 +135,66 @@ class ProcessTree:
             return
 
     def members(self, *, scan_env: bool) -> list[psutil.Process]:
-        """A fresh snapshot of every live process of this run.
+        """A fresh snapshot of every live process of this run (see ``snapshot``)."""
+        return snapshot([self], scan_env=scan_env)[0]
 
-        Args:
-            scan_env: also scan all processes of this user for the run's ORCH_RUN_ID tag
-                (finds setsid'd helpers never seen as descendants; costs ~ms per process).
-        """
-        found: dict[int, psutil.Process] = {}
 
-        def add(proc: psutil.Process) -> None:
-            try:
-                if proc.status() != psutil.STATUS_ZOMBIE and proc.pid != os.getpid():
-                    found[proc.pid] = proc
-            except psutil.NoSuchProcess:
-                pass
+def snapshot(trees: list[ProcessTree], *, scan_env: bool) -> list[list[psutil.Process]]:
+    """Every live process of each run, from one pass over the process table.
 
-        leader = self.leader_process()
-        if leader is not None:
-            add(leader)
-            try:
-                for child in leader.children(recursive=True):
-                    add(child)
-                    self.seen.setdefault(child.pid, child.create_time())
-            except psutil.NoSuchProcess:
-                pass
-        for pid, ctime in list(self.seen.items()):
-            proc = ProcessKey(pid, ctime).process()
-            if proc is not None:
-                add(proc)
-                try:
-                    for child in proc.children(recursive=True):
-                        add(child)
-                except psutil.NoSuchProcess:
-                    pass
-        pgid = self.leader.pid  # start_new_session: the leader's pid is the group id
-        uid = os.getuid()
-        for proc in psutil.process_iter(["pid", "uids"]):
-            if proc.pid in found or proc.pid == os.getpid():
+    A process belongs to a run if it is the leader, a descendant of it or of a process recorded
+    earlier, in the leader's process group, or (``scan_env``) carries the run's ORCH_RUN_ID in
+    its environment. Only processes started after the run's leader can carry the tag, so the
+    environment is read for those alone.
+
+    Returns:
+        One list per tree, in the order of ``trees``.
+    """
+    me = os.getpid()
+    found: list[dict[int, psutil.Process]] = [{} for _ in trees]
+
+    def add(i: int, proc: psutil.Process) -> None:
+        try:
+            if proc.pid != me and proc.status() != psutil.STATUS_ZOMBIE:
+                found[i][proc.pid] = proc
+        except psutil.NoSuchProcess:
+            pass
+
+    for i, tree in enumerate(trees):
+        roots = [tree.leader_process()]
+        roots += [ProcessKey(pid, ct).process() for pid, ct in list(tree.seen.items())]
+        for root in roots:
+            if root is None:
                 continue
+            add(i, root)
             try:
-                if proc.info["uids"] is None or proc.info["uids"].real != uid:
-                    continue
-                if os.getpgid(proc.pid) == pgid:
-                    add(proc)
-                elif scan_env and proc.environ().get(RUN_ID_ENV) == self.run_id:
-                    add(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+                for child in root.children(recursive=True):
+                    add(i, child)
+                    tree.seen.setdefault(child.pid, child.create_time())
+            except psutil.NoSuchProcess:
                 continue
-        return list(found.values())
+    by_group = {t.leader.pid: i for i, t in enumerate(trees)}
+    by_tag = {t.run_id: i for i, t in enumerate(trees)}
+    oldest = min(t.leader.create_time for t in trees) - 1.0 if trees else 0.0
+    uid = os.getuid()
+    for proc in psutil.process_iter(["uids", "create_time"]):
+        if proc.pid == me:
+            continue
+        try:
+            uids = proc.info["uids"]
+            if uids is None or uids.real != uid:
+                continue
+            i = by_group.get(os.getpgid(proc.pid))
+            if i is not None:
+                add(i, proc)
+                continue
+            if scan_env and (proc.info["create_time"] or 0) >= oldest:
+                tag = proc.environ().get(RUN_ID_ENV)
+                if tag in by_tag:
+                    add(by_tag[tag], proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
+    return [list(f.values()) for f in found]
 
 
 def launch(
@@ -318,7 +330,7 @@ def stop_trees(
             t.refresh()
         time.sleep(poll_s)
     # Phase 2: SIGTERM everything else of each tree (group, descendants, tagged).
-    members = [t.members(scan_env=True) for t in trees]
+    members = snapshot(trees, scan_env=True)
     for t, procs in zip(trees, members):
         _signal_group(t.leader.pid, signal.SIGTERM)
         _signal(procs, signal.SIGTERM)
@@ -329,8 +341,9 @@ def stop_trees(
             break
         time.sleep(poll_s)
     # Phase 3: SIGKILL what is left, from a fresh snapshot.
+    fresh = snapshot(trees, scan_env=True)
     for i, t in enumerate(trees):
-        left = t.members(scan_env=True)
+        left = fresh[i]
         _signal_group(t.leader.pid, signal.SIGKILL)
         _signal(left, signal.SIGKILL)
         reports[i].killed = len(left)

@@ -23,6 +23,7 @@ import posixpath
 import shlex
 import socket
 import stat
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -411,6 +412,29 @@ def _connect_client(
     return client, policy.accepted_fingerprint
 
 
+class _ProxyProcess:
+    """Owns a paramiko.ProxyCommand's process: ``close()`` ends it, reaps it, closes its pipes
+    (paramiko only sends SIGTERM)."""
+
+    def __init__(self, command: str) -> None:
+        import paramiko
+
+        self.sock = paramiko.ProxyCommand(command)
+
+    def close(self) -> None:
+        process = self.sock.process
+        if process.poll() is None:
+            process.terminate()
+        try:
+            process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
 def _connect_chain(
     endpoint: Endpoint,
     options: ConnectOptions,
@@ -420,20 +444,48 @@ def _connect_chain(
     ProxyJump hosts (each a direct-tcpip channel of the previous one, as OpenSSH's -J does).
 
     Returns:
-        (client, newly accepted host key fingerprint or None, the jump hosts' clients).
+        (client, newly accepted host key fingerprint or None, what to close after the client:
+        the jump hosts' clients and ProxyCommand processes).
     """
-    import paramiko
 
-    if endpoint.proxy_command:
-        try:
-            command = paramiko.ProxyCommand(endpoint.proxy_command)
-        except (OSError, paramiko.SSHException) as exc:
-            raise LinkDownError(f"ProxyCommand for {endpoint.label} failed: {exc}") from exc
-        client, new_key = _connect_client(endpoint, options, on_client, sock=command)
-        return client, new_key, []
-    if not endpoint.proxy_jump:
+    if not endpoint.proxy_jump and not endpoint.proxy_command:
         client, new_key = _connect_client(endpoint, options, on_client)
         return client, new_key, []
+    closers: list[Any] = []
+    try:
+        if endpoint.proxy_command:
+            proxy = _start_proxy(endpoint)
+            closers.append(proxy)
+            client, new_key = _connect_client(endpoint, options, on_client, sock=proxy.sock)
+            return client, new_key, closers
+        client, new_key = _connect_jumps(endpoint, options, on_client, closers)
+    except BaseException:
+        for closer in reversed(closers):
+            closer.close()
+        raise
+    return client, new_key, closers
+
+
+def _start_proxy(endpoint: Endpoint) -> _ProxyProcess:
+    import paramiko
+
+    assert endpoint.proxy_command
+    try:
+        return _ProxyProcess(endpoint.proxy_command)
+    except (OSError, paramiko.SSHException) as exc:
+        raise LinkDownError(f"ProxyCommand for {endpoint.label} failed: {exc}") from exc
+
+
+def _connect_jumps(
+    endpoint: Endpoint,
+    options: ConnectOptions,
+    on_client: Callable[[paramiko.SSHClient], None],
+    closers: list[Any],
+) -> tuple[paramiko.SSHClient, str | None]:
+    """Connect through ``endpoint.proxy_jump``; appends every hop's client to ``closers``."""
+    import paramiko
+
+    assert endpoint.proxy_jump
     hop_options = dataclasses.replace(options, port=None)
     hops: list[Endpoint] = []
     for hop in endpoint.proxy_jump.split(","):
@@ -442,34 +494,29 @@ def _connect_chain(
         if hop_endpoint.proxy_jump and hops:
             raise SyncError(f"ProxyJump host {hop_target.host} has its own ProxyJump: unsupported")
         hops.append(dataclasses.replace(hop_endpoint, proxy_jump=None))
-    jump_clients: list[paramiko.SSHClient] = []
     sock: Any = None
-    try:
-        for hop_endpoint, next_endpoint in zip(hops, [*hops[1:], endpoint], strict=True):
-            if sock is None and hop_endpoint.proxy_command:
-                sock = paramiko.ProxyCommand(hop_endpoint.proxy_command)
-            client, _ = _connect_client(hop_endpoint, hop_options, on_client, sock=sock)
-            jump_clients.append(client)
-            transport = client.get_transport()
-            assert transport is not None
-            try:
-                sock = transport.open_channel(
-                    "direct-tcpip",
-                    (next_endpoint.hostname, next_endpoint.port),
-                    ("127.0.0.1", 0),
-                    timeout=options.connect_timeout_s,
-                )
-            except (OSError, EOFError, paramiko.SSHException) as exc:
-                raise LinkDownError(
-                    f"jump host {hop_endpoint.label} cannot reach {next_endpoint.label}: "
-                    f"{_one_line(exc)}"
-                ) from exc
-        client, new_key = _connect_client(endpoint, options, on_client, sock=sock)
-    except BaseException:
-        for jump in jump_clients:
-            jump.close()
-        raise
-    return client, new_key, jump_clients
+    for hop_endpoint, next_endpoint in zip(hops, [*hops[1:], endpoint], strict=True):
+        if sock is None and hop_endpoint.proxy_command:
+            proxy = _start_proxy(hop_endpoint)
+            closers.append(proxy)
+            sock = proxy.sock
+        client, _ = _connect_client(hop_endpoint, hop_options, on_client, sock=sock)
+        closers.append(client)
+        transport = client.get_transport()
+        assert transport is not None
+        try:
+            sock = transport.open_channel(
+                "direct-tcpip",
+                (next_endpoint.hostname, next_endpoint.port),
+                ("127.0.0.1", 0),
+                timeout=options.connect_timeout_s,
+            )
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise LinkDownError(
+                f"jump host {hop_endpoint.label} cannot reach {next_endpoint.label}: "
+                f"{_one_line(exc)}"
+            ) from exc
+    return _connect_client(endpoint, options, on_client, sock=sock)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -537,7 +584,7 @@ class SshSession:
         self.root = "/"
         self.deadline_fired = False
         self.new_host_key: str | None = None  # fingerprint, when this connection accepted it
-        self.jump_clients: list[paramiko.SSHClient] = []  # ProxyJump hops, closed with us
+        self.closers: list[Any] = []  # ProxyJump hops' clients, ProxyCommand processes
         self._safe_dirs: set[str] = set()
 
     @property
@@ -552,8 +599,8 @@ class SshSession:
             self.sftp.close()
         finally:
             self.client.close()
-            for jump in reversed(self.jump_clients):
-                jump.close()
+            for closer in reversed(self.closers):
+                closer.close()
 
     @contextmanager
     def deadline(self, seconds: float) -> Iterator[None]:
@@ -562,8 +609,9 @@ class SshSession:
         def fire() -> None:
             self.deadline_fired = True
             self.client.close()
-            for jump in self.jump_clients:
-                jump.close()
+            for closer in self.closers:
+                if not isinstance(closer, _ProxyProcess):  # no waiting in a timer thread
+                    closer.close()
 
         timer = threading.Timer(seconds, fire)
         timer.daemon = True
@@ -720,15 +768,15 @@ def open_session(
         timer.daemon = True
         timer.start()
     try:
-        client, new_host_key, jump_clients = _connect_chain(endpoint, options, clients.append)
+        client, new_host_key, closers = _connect_chain(endpoint, options, clients.append)
         try:
             session = SshSession(client, endpoint, options.op_timeout_s)
             session.new_host_key = new_host_key
-            session.jump_clients = jump_clients
+            session.closers = closers
         except Exception as exc:  # noqa: BLE001
             client.close()
-            for jump in jump_clients:
-                jump.close()
+            for closer in reversed(closers):
+                closer.close()
             raise LinkDownError(
                 f"cannot open SFTP on {endpoint.label}: {_one_line(exc)}",
                 hint="the remote sshd must enable the sftp subsystem",

@@ -49,7 +49,10 @@ TERMINAL = frozenset(
 )
 
 _ALLOWED: dict[RunState, frozenset[RunState]] = {
-    RunState.pending: frozenset({RunState.preparing, RunState.cancelled, RunState.stopped}),
+    # pending -> succeeded: its record, read after a controller restart, met the criteria.
+    RunState.pending: frozenset(
+        {RunState.preparing, RunState.cancelled, RunState.stopped, RunState.succeeded}
+    ),
     RunState.preparing: frozenset(
         {RunState.running, RunState.failed, RunState.cancelled, RunState.pending, RunState.stopped}
     ),

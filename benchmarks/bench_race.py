@@ -1,0 +1,117 @@
+"""Race benchmark: how fast the controller decides and stops the losers.
+
+A race of N fake workers (tests/fake_worker.py) that each report every 0.1 s; one passes the
+criterion at epoch 13 (1.3 s after it starts). Each race is a real `python -m orchestrator run`
+in a real git repository with real worktrees (created once, reused). Reported per race size:
+
+- wall: `run` start to exit (s)
+- latency: the winning record's write time -> last loser reaped (s), from the state file
+- controller CPU seconds and peak RSS, measured by the controller itself (getrusage)
+
+    python benchmarks/bench_race.py                    # 20 races of 4, 3 races of 64
+    python benchmarks/bench_race.py --repeats 5 --large-repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE = ROOT / "tests" / "fake_worker.py"
+
+
+def make_repo(root: Path) -> Path:
+    repo = root / "bench repo"
+    repo.mkdir()
+    for args in (["init", "-q", "-b", "main"], ["config", "user.email", "b@b"],
+                 ["config", "user.name", "b"]):
+        subprocess.run(["git", *args], cwd=repo, check=True)
+    (repo / "README.md").write_text("bench\n")
+    subprocess.run(["git", "add", "."], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", "init"], cwd=repo, check=True)
+    return repo
+
+
+def write_plan(repo: Path, n: int) -> Path:
+    workers = []
+    for i in range(n):
+        slope = 0.1 if i == 0 else 0.01  # worker 0 reaches 1.3 at epoch 13 (1.3 s)
+        workers.append({
+            "name": f"w{i:02d}",
+            "branch": f"bench/w{i:02d}",
+            "command": ["python", str(FAKE), "--epochs", "1000", "--interval", "0.1",
+                        "--metric", f"score=0+{slope}*epoch"],
+        })
+    plan = {
+        "gpus": "none", "max_parallel": n, "poll_interval_s": 1.0, "grace_s": 10,
+        "dashboard_interval_s": 2.0,
+        "experiments": [{"name": "race", "criteria": ["score >= 1.3"], "max_epochs": 1000,
+                         "workers": workers}],
+    }
+    path = repo / f"plan-{n}.yaml"
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    return path
+
+
+def one_race(repo: Path, plan: Path) -> dict:
+    shutil.rmtree(repo / "results", ignore_errors=True)
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(plan), "--plain"],
+                         cwd=repo, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if out.returncode != 0:
+        raise SystemExit(f"race failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    state = json.loads((repo / "results" / "state.json").read_text())
+    exp = state["experiments"]["race"]
+    assert exp["winner"] == "w00", exp
+    return {"wall_s": wall, "latency_s": exp["decision_latency_s"],
+            "cpu_s": state["controller"]["cpu_s"], "rss_mib": state["controller"]["peak_rss_mib"]}
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=20, help="races of --workers workers")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--large", type=int, default=64, help="workers in the large race (0: skip)")
+    p.add_argument("--large-repeats", type=int, default=3)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = make_repo(Path(tmp))
+        rows = []
+        for n, repeats in ((args.workers, args.repeats), (args.large, args.large_repeats)):
+            if n <= 0 or repeats <= 0:
+                continue
+            plan = write_plan(repo, n)
+            one_race(repo, plan)  # warm-up: creates the worktrees
+            runs = [one_race(repo, plan) for _ in range(repeats)]
+            lat = [r["latency_s"] for r in runs]
+            rows.append((n, repeats, statistics.median(r["wall_s"] for r in runs),
+                         statistics.median(lat), pct(lat, 0.95),
+                         statistics.median(r["cpu_s"] for r in runs),
+                         max(r["rss_mib"] for r in runs)))
+    print(f"\nrace benchmark ({Path(sys.argv[0]).name}; fake workers report every 0.1 s, "
+          "the winner passes at 1.3 s)\n")
+    print("| workers | races | wall s (median) | win record -> losers reaped s (median) | (p95) "
+          "| controller CPU s (median) | controller peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for n, k, wall, lat, p95, cpu, rss in rows:
+        print(f"| {n} | {k} | {wall:.2f} | {lat:.3f} | {p95:.3f} | {cpu:.2f} | {rss:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
