@@ -201,6 +201,8 @@ def plot_curves(groups: list[GroupSummary], metrics: list[str], out: Path, title
             sds = [statistics.stdev(by_x[x]) if len(by_x[x]) > 1 else 0.0 for x in xs]
             colour = f"C{i % 10}"
             ax.plot(xs, means, marker="o", ms=3, color=colour, label=f"{g.name} (n={len(g.runs)})")
+            if len(xs) == 1:  # a metric logged once (e.g. a final test score): an error bar
+                ax.errorbar(xs, means, yerr=sds, color=colour, capsize=4, lw=1)
             ax.fill_between(xs, [m - s for m, s in zip(means, sds)],
                             [m + s for m, s in zip(means, sds)], color=colour, alpha=0.2, lw=0)
         ax.set_title(metric, fontsize=9)
