@@ -413,13 +413,22 @@ def _connect_client(
 
 
 class _ProxyProcess:
-    """Owns a paramiko.ProxyCommand's process: ``close()`` ends it, reaps it, closes its pipes
-    (paramiko only sends SIGTERM)."""
+    """Owns a ProxyCommand's process: ``close()`` ends it, reaps it and closes its pipes.
+
+    paramiko's ProxyCommand.close() only sends SIGTERM (and raises if the process was already
+    reaped), so the socket handed to paramiko is a subclass whose close() is idempotent; the
+    session calls this ``close()`` after the transport thread has finished reading.
+    """
 
     def __init__(self, command: str) -> None:
         import paramiko
 
-        self.sock = paramiko.ProxyCommand(command)
+        class _IdempotentProxyCommand(paramiko.ProxyCommand):  # type: ignore[misc]
+            def close(self) -> None:
+                if self.process.poll() is None:
+                    self.process.terminate()
+
+        self.sock = _IdempotentProxyCommand(command)
 
     def close(self) -> None:
         process = self.sock.process
@@ -595,10 +604,17 @@ class SshSession:
 
     def close(self) -> None:
         """Close SFTP and the connection; safe from any thread, safe twice."""
+        transport = self.client.get_transport()
         try:
             self.sftp.close()
         finally:
             self.client.close()
+            if (
+                self.closers
+                and transport is not None
+                and transport is not threading.current_thread()
+            ):
+                transport.join(2.0)  # stop reading from a ProxyCommand before closing its pipes
             for closer in reversed(self.closers):
                 closer.close()
 
