@@ -129,7 +129,7 @@ def test_lm_and_tokenizer_load_offline(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path / "tok")
     lm2 = load_lm(str(tmp_path / "lm"), local_files_only=True).eval()
     tok2 = load_tokenizer(str(tmp_path / "tok"), local_files_only=True)
-    assert type(lm2).__name__ == "LlamaForCausalLM"
+    assert type(lm2).__name__ == "LlamaForCausalLM" and lm2.dtype == torch.float32
     ids = torch.tensor([tok2(CAPTIONS[0])["input_ids"]])
     assert ids.tolist() == [tokenizer(CAPTIONS[0])["input_ids"]]
     with torch.no_grad():

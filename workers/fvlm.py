@@ -160,6 +160,18 @@ def evaluate(model: EfficientFoveatedModel, data: FeatureSet, tokenizer, args, d
     return {k: float(v) if not isinstance(v, int) else v for k, v in summary.items()}, rows
 
 
+def per_token_table(rows: list[dict]) -> dict[str, dict]:
+    """Mean per-token CE of the coarse and fine passes for each token string over eval samples."""
+    acc: dict[str, list[list[float]]] = {}
+    for r in rows:
+        for tok, c, f in zip(r["tokens"], r["tok_ce_coarse"], r["tok_ce_fine"]):
+            acc.setdefault(tok, [[], []])
+            acc[tok][0].append(c)
+            acc[tok][1].append(f)
+    return {tok: {"n": len(c), "ce_coarse": float(np.mean(c)), "ce_fine": float(np.mean(f))}
+            for tok, (c, f) in sorted(acc.items())}
+
+
 def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
     """Linear warmup to 1, then cosine decay to 0.1 at total_steps."""
     if step < warmup_steps:
@@ -294,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     def run_eval(split_name: str, dataset: FeatureSet, train_stats: dict) -> dict:
         summary, rows = evaluate(model, dataset, tokenizer, args, device)
         rep.write_eval(f"{split_name}_epoch_{epoch:06d}", {"split": split_name, "epoch": epoch, "step": step,
-                                                          "summary": summary, "samples": rows})
+                                                          "summary": summary,
+                                                          "per_token": per_token_table(rows), "samples": rows})
         if split_name != "val":  # test scores never feed the criteria
             summary = {f"{split_name}_{k}": v for k, v in summary.items()}
         elif epoch == 0:  # untrained: diagnostics only, no success metrics

@@ -75,10 +75,14 @@ def tiny_lm(vocab_size: int, seed: int = 0):
 
 
 def load_lm(name_or_path: str = SMOLLM2_NAME, local_files_only: bool = False):
-    """Load a causal LM with ``AutoModelForCausalLM.from_pretrained`` (SmolLM2-135M by default)."""
+    """Load a causal LM with ``AutoModelForCausalLM.from_pretrained`` (SmolLM2-135M by default).
+
+    Weights are loaded in float32 (the master copy AdamW updates; bf16 comes from autocast).
+    """
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=local_files_only)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=local_files_only,
+                                                dtype=torch.float32)
 
 
 class FoveatedCrossAttention(nn.Module):
