@@ -129,3 +129,22 @@ def test_bad_input_is_one_error_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "workers.video_distillation", "--data-dir", str(tmp_path),
                         "--run-dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_evaluate_when_no_query_is_present(data_dir):
+    """A student that predicts "no object" everywhere: recall 0, negatives scored as correct."""
+    from models.detr_student import DETRStudent, StudentConfig
+    from workers.video_distillation import evaluate, load_split
+
+    split = json.loads((data_dir / "manifest.json").read_text())["split"]
+    videos, feats = load_split(data_dir, data_dir / "features", split["val"], 64, 2)
+    torch.manual_seed(0)
+    student = DETRStudent(StudentConfig.tiny())
+    with torch.no_grad():
+        student.class_head.bias.copy_(torch.tensor([-20.0, 20.0]))
+    summary, recs = evaluate(student, videos, feats, 2, torch.device("cpu"), 4, 0, 100, "val")
+    assert len(recs) == sum(v.num_frames - 2 for v in videos.values())
+    assert summary["val_det_recall_on"] == 0 and summary["val_presence_precision_off"] == 0
+    negatives = [r for r in recs if r["n_gt"] == 0]
+    assert all(r["on"]["jf"] == 1.0 for r in negatives)
+    assert summary["val_jf_on"] == pytest.approx(len(negatives) / len(recs))

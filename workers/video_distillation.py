@@ -156,9 +156,12 @@ def evaluate(student: DETRStudent, videos: dict, feats: dict, context_frames: in
             rec = {"video": vid, "t": t, "degraded": bool(videos[vid].degraded[t]), "n_gt": len(gt)}
             for mode, out in outs.items():
                 present = out["pred_logits"][i].float().softmax(-1)[:, 0] > 0.5
-                logits = F.interpolate(out["pred_masks"][i][present][None].float(), size=gt.shape[-2:],
-                                       mode="bilinear", align_corners=False)[0]
-                sc = score_frame((logits > 0).cpu().numpy(), gt)
+                pred = np.zeros((0, *gt.shape[-2:]), bool)
+                if present.any():
+                    logits = F.interpolate(out["pred_masks"][i][present][None].float(), size=gt.shape[-2:],
+                                           mode="bilinear", align_corners=False)[0]  # (P, H, W)
+                    pred = (logits > 0).cpu().numpy()
+                sc = score_frame(pred, gt)
                 rec[mode] = {k: round(v, 5) if isinstance(v, float) else v for k, v in sc.items()}
             records.append(rec)
 
@@ -227,6 +230,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=10, help="stage-2 (video) epochs")
     p.add_argument("--steps-per-epoch", type=int, default=40, help="stage-2 optimizer steps per epoch")
     p.add_argument("--lr", type=float, default=5e-4, help="stage-2 AdamW learning rate (memory modules)")
+    p.add_argument("--gate-lr-mult", type=float, default=10.0,
+                   help="learning-rate multiplier of the memory's tanh gate (starts at 0)")
     p.add_argument("--batch-size", type=int, default=16, help="query frames per step")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs")
     p.add_argument("--seed", type=int, default=0, help="training seed")
@@ -304,7 +309,11 @@ def train(args: argparse.Namespace) -> int:
     # ---- stage 2: the memory modules only ----
     memory = student.memory_modules()
     trainable = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=1e-4)
+    gate = student.memory_cross_attn.gate
+    opt = torch.optim.AdamW([  # the tanh gate: no decay towards 0, its own learning rate
+        {"params": [p for p in trainable if p is not gate], "weight_decay": 1e-4},
+        {"params": [gate], "weight_decay": 0.0, "lr": args.lr * args.gate_lr_mult},
+    ], lr=args.lr)
     total = args.epochs * args.steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(min(50, total // 10 + 1), total))
     epoch, step_in_epoch = 1, 0
