@@ -28,11 +28,11 @@ from .config import ExperimentConfig, Plan, WorkerConfig, expand
 from .criteria import Criterion, all_pass
 from .dashboard import Dashboard
 from .errors import LaunchError, OrchestratorError, StateError, WorktreeError
-from .gpus import Slot, make_slots
+from .gpus import Slot, make_slots, wait_gpu_memory_released
 from .launchers import LaunchSpec, Launcher, LocalLauncher, RunHandle
 from .metrics import MetricHistory, MetricSource, make_source
 from .paths import ResultsPaths, RunPaths
-from .processes import reap_orphans
+from .processes import find_strays, reap_orphans, stop_processes
 from .state import (
     ExperimentRecord,
     ExperimentStatus,
@@ -45,6 +45,7 @@ from .state import (
 )
 
 STDERR_TAIL_LINES = 20
+METRIC_PROBLEM_REPORT_S = 60.0  # report growing metric-file problems at most this often a run
 
 
 @dataclass
@@ -61,6 +62,7 @@ class LiveRun:
     slot: Slot | None = None
     stopping: Future[Any] | None = None  # a stop in flight on a worker thread
     stop_state: RunState | None = None  # state to enter once the stop completes
+    problems_reported_at: float | None = None  # last event about metric-file problems
 
     @property
     def criteria(self) -> tuple[Criterion, ...]:
@@ -155,6 +157,11 @@ class Controller:
         self._dirty = True
         self._replay: dict[str, list[dict[str, Any]]] = {}
         self._stopper = ThreadPoolExecutor(max_workers=4, thread_name_prefix="stop")
+        # GPU slots whose last run's memory is not yet confirmed released (slot index -> wait).
+        self._slot_holds: dict[int, tuple[LiveRun, Future[Any]]] = {}
+        self._gpu_waits = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gpu-release")
+        self._cancel_waits = threading.Event()
+        self.gpu_release_timeout_s = 30.0
         self._lock = ControllerLock(self.paths.lock)
         self._observer: Any = None
         self.dashboard = Dashboard(plan, self.paths)
@@ -186,8 +193,8 @@ class Controller:
                 pattern=worker.metrics.pattern,
             )
             live = LiveRun(rec, exp, worker, paths, source)
-            self._replay[key] = source.read_new()  # history already on disk (resume)
             self.runs[key] = live
+            self._replay[key] = self._read_source(live)  # history already on disk (resume)
         for exp in self.plan.experiments:
             if exp.name not in self.state.experiments:
                 self.state.experiments[exp.name] = ExperimentRecord(exp.name)
@@ -232,22 +239,76 @@ class Controller:
                     rec.transition(RunState.pending, why="resume after interruption")
                     rec.resume = True
                     rec.stop_reason = None
+        self._stop_strays()
         batch = []
         for key, records in self._replay.items():
             live = self.runs[key]
             decide = not live.record.state.terminal
-            batch += [(r.get("time_s", 0.0), i, live, r, decide) for i, r in enumerate(records)]
+            batch += [(_written_at(r), i, live, r, decide) for i, r in enumerate(records)]
         self._replay.clear()
         for _, _, live, record, decide in sorted(batch, key=lambda b: (b[0], b[1])):
             self._accept(live, record, decide=decide and live.stopping is None)
         for live, code in dead:
-            if live.record.state == RunState.running:
-                self._release_dead(live)
+            self._release_dead(live)
+            if live.record.state != RunState.running:
+                continue  # its records, replayed above, made it the winner
+            if self.state.experiments[live.experiment.name].status == ExperimentStatus.running:
                 self._handle_exit(live, code)
+            else:
+                self._settle_decided(live, code)
+        # A race decided by an earlier controller (which died while stopping its runs): finish
+        # what it started, never leave a re-attached run of a decided experiment running.
+        for live in self.runs.values():
+            erec = self.state.experiments[live.experiment.name]
+            if erec.status == ExperimentStatus.running or live.handle is None:
+                continue
+            if live.stopping is None:
+                won = erec.winner == live.worker.name
+                self._stop(
+                    [live], RunState.succeeded if won else RunState.stopped,
+                    reason="won" if won else f"lost to {erec.winner}",
+                )
+
+    def _stop_strays(self) -> None:
+        """Stop processes of attempts no controller tracks: one launched just before the old
+        controller died (its pid never reached the state file), or the trainer of an attempt
+        whose launch wrapper died. They would otherwise run next to the attempt replacing them.
+        """
+        allowed = {
+            str(live.paths.run_dir): ({live.record.run_id} if live.handle is not None else set())
+            for live in self.runs.values()
+        }
+        for run_dir, procs in find_strays(allowed).items():
+            if not procs:
+                continue
+            live = next(r for r in self.runs.values() if str(r.paths.run_dir) == run_dir)
+            pids = sorted(p.pid for p in procs)
+            self.event(f"{live.record.key}: stopping {len(pids)} untracked process(es) {pids} "
+                       "of an earlier attempt")
+            left = stop_processes(procs, grace_s=self.plan.grace_s)
+            if left:
+                self.event(f"{live.record.key}: processes {left} survived SIGKILL")
+
+    def _settle_decided(self, live: LiveRun, code: int) -> None:
+        """A run of an already decided race that ended while no controller ran."""
+        rec = live.record
+        erec = self.state.experiments[live.experiment.name]
+        self._release(live, self.clock())
+        rec.exit_code = code
+        if erec.winner == live.worker.name:
+            rec.transition(RunState.succeeded, why="ended after winning")
+        else:
+            rec.stop_reason = rec.stop_reason or f"lost to {erec.winner}"
+            rec.transition(RunState.stopped, why="race decided")
+        self.event(f"{rec.key}: {rec.state.value} (ended while no controller ran)")
+        self._dirty = True
 
     def _release_dead(self, live: LiveRun) -> None:
-        """A run that died while no controller ran has no handle: nothing to stop."""
+        """A run that died while no controller ran has no handle; its strays were stopped by
+        ``_stop_strays``."""
         live.handle = None
+        live.record.pid = None
+        live.record.create_time = None
 
     def _exit_code_of_dead(self, live: LiveRun) -> int:
         from .launchers import read_exit_status
@@ -317,6 +378,8 @@ class Controller:
         finally:
             self._stop_watching()
             self._stopper.shutdown(wait=True)
+            self._cancel_waits.set()
+            self._gpu_waits.shutdown(wait=True)
             self.dashboard.close()
             self.launcher.close()
             self._lock.release()
@@ -355,6 +418,7 @@ class Controller:
             if live.handle is not None and live.stopping is None:
                 self._check_stall(live, now)
         self._check_hooks()
+        self._check_slot_holds()
         self._decide_failures()
         self._schedule(now)
         if self.ui:
@@ -412,14 +476,35 @@ class Controller:
         that of two records passing in the same tick the earlier one wins."""
         batch = []
         for n, live in enumerate(lives):
-            try:
-                new = live.source.read_new()
-            except (OSError, RuntimeError) as e:
-                live.record.error = f"metrics: {e}"
-                continue
-            batch += [(r.get("time_s", 0.0), n, i, live, r) for i, r in enumerate(new)]
+            new = self._read_source(live)
+            batch += [(_written_at(r), n, i, live, r) for i, r in enumerate(new)]
         for _, _, _, live, record in sorted(batch, key=lambda b: b[:3]):
             self._accept(live, record, decide=live.stopping is None and live.handle is not None)
+
+    def _read_source(self, live: LiveRun) -> list[dict[str, Any]]:
+        """New records of one run. A metric source never crashes the controller: a failed read
+        is counted and reported, and what the source could not use (garbage lines, non-numeric
+        values, a replaced file) is counted in the run's ``metric_problems``."""
+        try:
+            new = live.source.read_new()
+        except Exception as e:  # a corrupt file, a permission error, a missing package
+            live.source.stats.read_errors += 1
+            error = f"metrics: {e}"
+            if live.record.error != error:
+                live.record.error = error
+                self.event(f"{live.record.key}: cannot read metrics: {e}")
+            new = []
+        problems = live.source.stats.as_dict()
+        if problems != live.record.metric_problems:
+            live.record.metric_problems = problems
+            self._dirty = True
+            now = self.clock()
+            last = live.problems_reported_at
+            if last is None or now - last >= METRIC_PROBLEM_REPORT_S:
+                live.problems_reported_at = now
+                what = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in problems.items())
+                self.event(f"{live.record.key}: metric file problems (counted, skipped): {what}")
+        return new
 
     def _accept(self, live: LiveRun, record: dict[str, Any], *, decide: bool) -> None:
         """Add one record to a run's history; if ``decide``, check criteria and max_epochs."""
@@ -508,6 +593,8 @@ class Controller:
 
     def _handle_exit(self, live: LiveRun, code: int) -> None:
         rec = live.record
+        if live.handle is not None:
+            self._cleanup_leftovers(live)
         now = self.clock()
         self._release(live, now)
         rec.exit_code = code
@@ -530,6 +617,24 @@ class Controller:
             rec.error = _last_line(rec.stderr_tail) or f"exit {code}"
             self.event(f"{rec.key}: FAILED (exit {code}) after {rec.attempt} attempts: {rec.error}")
         self._dirty = True
+
+    def _cleanup_leftovers(self, live: LiveRun) -> None:
+        """The attempt's leader exited: stop what outlived it (DataLoader workers, setsid
+        helpers, the trainer itself when only the launch wrapper was killed) before its slot is
+        reused or it is retried. Blocks this tick for at most ~1 s plus SIGKILL time, and only
+        when something was left."""
+        assert live.handle is not None
+        try:
+            report = self.launcher.cleanup(live.handle, self.plan.grace_s)
+        except Exception as e:  # a bug here must not kill the race
+            self.event(f"{live.record.key}: cleanup after exit failed: {e!r}")
+            return
+        if report is None:
+            return
+        self.event(f"{live.record.key}: stopped processes left behind by the exited attempt "
+                   f"({report.killed} needed SIGKILL)")
+        if report.survivors:
+            self.event(f"{live.record.key}: processes {report.survivors} survived SIGKILL")
 
     def _ended_state(self, live: LiveRun) -> RunState:
         """A run that finished on its own: the winner (stop_losers: false) or exhausted."""
@@ -616,17 +721,15 @@ class Controller:
         self._dirty = True
 
     def _ingest_final(self, live: LiveRun) -> None:
-        try:
-            records = live.source.read_new()
-        except (OSError, RuntimeError):
-            return
-        for record in records:
+        for record in self._read_source(live):
             self._accept(live, record, decide=False)
 
     def _release(self, live: LiveRun, now: float) -> None:
         rec = live.record
         if live.handle is not None:
             rec.cpu_s += live.handle.cpu_seconds()
+            if live.slot is not None and live.slot.gpu is not None:
+                self._hold_gpu_slot(live, live.slot, live.handle.pids())
         if rec.started_at is not None:
             rec.busy_s += max(0.0, now - rec.started_at)
         rec.ended_at = now
@@ -636,10 +739,46 @@ class Controller:
         live.slot = None
         worktrees.unlock_worktree(self.plan.repo, self._worktree(live))
 
+    def _hold_gpu_slot(self, live: LiveRun, slot: Slot, pids: set[int]) -> None:
+        """Keep ``slot`` from the next run until NVML shows none of ``pids`` holding memory on
+        its GPU (bounded by ``gpu_release_timeout_s``; no wait where NVML is unavailable)."""
+        assert slot.gpu is not None
+        if not pids:
+            return
+        future = self._gpu_waits.submit(
+            wait_gpu_memory_released, slot.gpu, set(pids),
+            timeout_s=self.gpu_release_timeout_s, cancel=self._cancel_waits,
+        )
+        future.add_done_callback(lambda _f: self.wake.set())
+        self._slot_holds[slot.index] = (live, future)
+
+    def _check_slot_holds(self) -> None:
+        for index, (live, future) in list(self._slot_holds.items()):
+            if not future.done():
+                continue
+            del self._slot_holds[index]
+            try:
+                held, waited = future.result()
+            except Exception as e:  # NVML misbehaving must not kill the race
+                self.event(f"{live.record.key}: GPU memory check failed: {e!r}")
+                continue
+            slot = self.slots[index]
+            if held:
+                live.record.gpu_release = (
+                    f"NOT released after {waited:.0f}s (pids {held}); slot handed over anyway"
+                )
+                self.event(f"{live.record.key}: GPU {slot.gpu} memory still held by pids {held} "
+                           f"after {waited:.0f}s; handing {slot.label()} over anyway")
+            else:
+                live.record.gpu_release = f"released in {waited:.1f}s"
+            self._dirty = True
+
     # -- scheduling and launching -----------------------------------------------------------
 
     def _schedule(self, now: float) -> None:
+        self._check_slot_holds()
         busy = {r.slot.index for r in self.runs.values() if r.slot is not None}
+        busy |= set(self._slot_holds)
         free = [s for s in self.slots if s.index not in busy]
         if not free or self.interrupted:
             return
@@ -898,6 +1037,13 @@ def _base_env() -> dict[str, str]:
         if key.startswith("ORCH_") and key != "ORCH_FAKE_GPUS":
             del env[key]
     return env
+
+
+def _written_at(record: dict[str, Any]) -> float:
+    """When a record was written (its ``time_s``), for ordering; 0 when missing or not a
+    number (a worker may write anything there)."""
+    value = record.get("time_s")
+    return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 def _tail(path: Path, lines: int) -> str:

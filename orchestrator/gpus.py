@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 
 
@@ -99,3 +101,75 @@ def make_slots(
     if max_parallel is not None:
         slots = slots[:max_parallel]
     return slots
+
+
+def gpu_memory_holders(gpu: int) -> dict[int, int] | None:
+    """pid -> bytes of GPU memory used, for the compute processes NVML lists on GPU ``gpu``.
+
+    Args:
+        gpu: NVML device index (the physical index; equals the CUDA index when
+            CUDA_DEVICE_ORDER=PCI_BUS_ID).
+
+    Returns:
+        The map (possibly empty), or None when NVML is unavailable (pynvml from nvidia-ml-py not
+        installed, no driver, no such device): the caller then has nothing to wait for.
+    """
+    try:
+        import pynvml  # nvidia-ml-py
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # pynvml.NVMLError: no driver / library
+        return None
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(gpu)
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        return {int(p.pid): int(p.usedGpuMemory or 0) for p in procs}
+    except Exception:
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def wait_gpu_memory_released(
+    gpu: int,
+    pids: set[int],
+    *,
+    timeout_s: float,
+    poll_s: float = 0.25,
+    cancel: threading.Event | None = None,
+) -> tuple[list[int], float]:
+    """Wait until none of ``pids`` holds memory on GPU ``gpu`` (bounded).
+
+    The driver frees a process's memory shortly after the process is reaped, occasionally much
+    later (a stuck context, a zombie holding the device file). Handing the slot to the next
+    run before that happens gives it an out-of-memory error at start. Uses
+    ``nvmlDeviceGetComputeRunningProcesses``; NVML reports pids of the host's pid namespace, so
+    inside a container with its own pid namespace nothing matches and this returns at once.
+
+    Args:
+        gpu: NVML device index.
+        pids: the stopped run's processes (see RunHandle.pids).
+        timeout_s: give up after this many seconds.
+        poll_s: NVML polling interval.
+        cancel: set to give up early (controller shutdown).
+
+    Returns:
+        (pids still holding memory at the end ([] once released or when NVML is unavailable),
+        seconds waited).
+    """
+    start = time.monotonic()
+    while True:
+        holders = gpu_memory_holders(gpu)
+        held = sorted(pids & set(holders)) if holders is not None else []
+        waited = time.monotonic() - start
+        if not held or waited >= timeout_s or (cancel is not None and cancel.is_set()):
+            return held, waited
+        if cancel is not None:
+            cancel.wait(min(poll_s, max(0.0, timeout_s - waited)))
+        else:
+            time.sleep(min(poll_s, max(0.0, timeout_s - waited)))

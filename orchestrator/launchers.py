@@ -51,6 +51,11 @@ class RunHandle:
         """CPU seconds used so far by the attempt's processes (best effort)."""
         return 0.0
 
+    def pids(self) -> set[int]:
+        """Every pid this attempt is known to have had (leader and descendants seen), for
+        matching against NVML's list of processes holding GPU memory. Empty if unknown."""
+        return set()
+
 
 class Launcher:
     """Interface of an executor."""
@@ -65,6 +70,12 @@ class Launcher:
 
     def stop(self, handles: list[RunHandle], grace_s: float) -> list[StopReport]:
         raise NotImplementedError
+
+    def cleanup(self, handle: RunHandle, grace_s: float) -> StopReport | None:
+        """After an attempt's leader exited on its own (or was killed): stop whatever is left
+        of its processes (children that outlived it, setsid helpers, the trainer itself when
+        only the launch wrapper was killed). None when nothing was left."""
+        return None
 
     def close(self) -> None:
         """Release executor resources (nothing for local processes)."""
@@ -110,6 +121,9 @@ class LocalRunHandle(RunHandle):
     def cpu_seconds(self) -> float:
         return sum(self._cpu.values())
 
+    def pids(self) -> set[int]:
+        return {self.tree.leader.pid, *self.tree.seen}
+
 
 def read_exit_status(path: Path) -> int:
     """Return code from the wrapper's exit file; -9 (killed) when the file is missing."""
@@ -148,3 +162,10 @@ class LocalLauncher(Launcher):
     def stop(self, handles: list[RunHandle], grace_s: float) -> list[StopReport]:
         trees = [h.tree for h in handles if isinstance(h, LocalRunHandle)]
         return stop_trees(trees, grace_s=grace_s)
+
+    def cleanup(self, handle: RunHandle, grace_s: float) -> StopReport | None:
+        if not isinstance(handle, LocalRunHandle) or not handle.tree.members(scan_env=True):
+            return None
+        # The leader is gone, so stop_trees goes straight to phase 2: SIGTERM what is left
+        # (group, descendants, tagged), up to ``grace_s`` (at most 1 s), then SIGKILL.
+        return stop_trees([handle.tree], grace_s=grace_s, term_wait_s=min(grace_s, 1.0))

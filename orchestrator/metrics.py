@@ -24,17 +24,21 @@ from typing import Any
 Record = dict[str, Any]
 
 
-def clean_record(raw: Any) -> Record | None:
+def clean_record(raw: Any, stats: SourceStats | None = None) -> Record | None:
     """Keep numeric fields of a decoded record; None if it has no epoch or step.
 
     NaN/inf and null become None; strings that parse as numbers are converted; other values
-    are dropped (and counted by the caller as problems only if the record is unusable).
+    (text, lists, objects) are dropped and, when ``stats`` is given, counted in
+    ``stats.bad_values``. A record without a usable epoch/step is returned as None (the caller
+    counts it as a bad line).
     """
     if not isinstance(raw, dict):
         return None
     out: Record = {}
+    dropped = 0
     for key, value in raw.items():
         if not isinstance(key, str):
+            dropped += 1
             continue
         if isinstance(value, bool):
             out[key] = int(value)
@@ -46,14 +50,20 @@ def clean_record(raw: Any) -> Record | None:
             try:
                 f = float(value)
             except ValueError:
+                dropped += 1
                 continue
             out[key] = f if math.isfinite(f) else None
+        else:
+            dropped += 1
+    if stats is not None:
+        stats.bad_values += dropped
     for key in ("epoch", "step"):
         if key in out:
-            if out[key] is None:
-                del out[key]
+            value = out[key]
+            if value is None or (isinstance(value, float) and not value.is_integer()):
+                del out[key]  # an epoch of 2.5 is not an epoch
             else:
-                out[key] = int(out[key])
+                out[key] = int(value)
     if "epoch" not in out and "step" not in out:
         return None
     return out
@@ -63,9 +73,16 @@ def clean_record(raw: Any) -> Record | None:
 class SourceStats:
     """Counters a source keeps about what it could not use."""
 
-    bad_lines: int = 0
+    bad_lines: int = 0  # lines (rows, events) without a usable record
+    bad_values: int = 0  # non-numeric values dropped from otherwise usable records
+    salvaged: int = 0  # records recovered from a line glued to an earlier partial line
     truncations: int = 0
     replacements: int = 0
+    read_errors: int = 0  # reads that failed (unreadable file, corrupt event file, ...)
+
+    def as_dict(self) -> dict[str, int]:
+        """Only the counters that are not zero, e.g. ``{"bad_lines": 2}``."""
+        return {k: v for k, v in self.__dict__.items() if v}
 
 
 class MetricSource:
@@ -85,8 +102,11 @@ class FileTailer:
     """Incremental reader of a growing text file: new complete lines only.
 
     Tracks (inode, offset); a partial last line stays buffered; a file that shrank is read from
-    the start (truncation), a new inode from the start (replacement).
+    the start (truncation), a new inode from the start (replacement). A "line" that grows past
+    ``MAX_LINE_BYTES`` without a newline is garbage: it is dropped and counted as a bad line.
     """
+
+    MAX_LINE_BYTES = 1 << 20
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -118,6 +138,9 @@ class FileTailer:
         self.offset += len(chunk)
         data = self.buffer + chunk
         *lines, self.buffer = data.split(b"\n")
+        if len(self.buffer) > self.MAX_LINE_BYTES:
+            self.stats.bad_lines += 1
+            self.buffer = b""
         return [line.decode("utf-8", errors="replace") for line in lines if line.strip()]
 
 
@@ -131,15 +154,33 @@ class JsonlSource(MetricSource):
     def read_new(self) -> list[Record]:
         out = []
         for line in self.tailer.read_lines():
-            try:
-                record = clean_record(json.loads(line))
-            except (json.JSONDecodeError, RecursionError):
-                record = None
+            record = self._parse(line)
             if record is None:
+                record = self._salvage(line)
                 self.stats.bad_lines += 1
-            else:
+                if record is not None:
+                    self.stats.salvaged += 1
+            if record is not None:
                 out.append(record)
         return out
+
+    def _parse(self, text: str) -> Record | None:
+        try:
+            return clean_record(json.loads(text), self.stats)
+        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
+            return None
+
+    def _salvage(self, line: str) -> Record | None:
+        """A writer that died mid-line leaves a partial line; the next attempt's first record is
+        then glued to it (``{"epoch": 5, "ac{"epoch": 5, "acc": 0.8}``). Recover the complete
+        record at the end of such a line instead of losing that epoch."""
+        start = line.find("{", 1)
+        while start != -1:
+            record = self._parse(line[start:])
+            if record is not None:
+                return record
+            start = line.find("{", start + 1)
+        return None
 
     def watch_paths(self) -> list[Path]:
         return [self.tailer.path.parent]
@@ -163,7 +204,8 @@ class RegexSource(MetricSource):
             m = self.regex.search(line)
             if m is None:
                 continue
-            record = clean_record({k: v for k, v in m.groupdict().items() if v is not None})
+            groups = {k: v for k, v in m.groupdict().items() if v is not None}
+            record = clean_record(groups, self.stats)
             if record is None:
                 self.stats.bad_lines += 1
             else:
@@ -201,12 +243,20 @@ class CsvSource(MetricSource):
         self._signature = signature
         if not text.endswith("\n"):
             text = text[: text.rfind("\n") + 1]  # a partial last row waits
-        rows = list(csv.DictReader(io.StringIO(text)))
+        try:
+            rows = list(csv.DictReader(io.StringIO(text.replace("\0", ""))))
+        except csv.Error:  # e.g. a field longer than csv.field_size_limit()
+            self.stats.read_errors += 1
+            return []
+        if len(rows) < self.rows_seen:  # rewritten shorter: start over
+            self.stats.truncations += 1
+            self.rows_seen = 0
         new = rows[self.rows_seen :]
         self.rows_seen = len(rows)
         out = []
         for row in new:
-            record = clean_record({k: v for k, v in row.items() if k and v not in (None, "")})
+            cells = {k: v for k, v in row.items() if isinstance(k, str) and k and isinstance(v, str) and v != ""}
+            record = clean_record(cells, self.stats)
             if record is None:
                 self.stats.bad_lines += 1
             else:

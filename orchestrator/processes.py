@@ -379,3 +379,65 @@ def _alive(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def find_strays(run_dirs: Mapping[str, set[str]]) -> dict[str, list[psutil.Process]]:
+    """Processes of earlier attempts that no controller tracks, by run directory.
+
+    A process belongs to run directory ``d`` if its environment carries ``ORCH_RUN_DIR=d`` and
+    an ``ORCH_RUN_ID`` tag (every process an attempt starts inherits both, setsid helpers
+    included). Processes whose tag is in ``run_dirs[d]`` (the attempt a controller re-attached
+    to) are not strays. Used after a controller restart: an attempt launched just before the
+    old controller died (state not yet saved), or the orphaned children of a dead launch
+    wrapper, must not keep running next to the attempt that replaces them.
+
+    Args:
+        run_dirs: absolute run directory -> the run ids that are legitimately alive there.
+
+    Returns:
+        run directory -> live processes (not zombies, not this process) that are strays.
+    """
+    me = os.getpid()
+    uid = os.getuid()
+    out: dict[str, list[psutil.Process]] = {d: [] for d in run_dirs}
+    for proc in psutil.process_iter(["uids"]):
+        if proc.pid == me:
+            continue
+        try:
+            uids = proc.info["uids"]
+            if uids is None or uids.real != uid:
+                continue
+            env = proc.environ()
+            tag, run_dir = env.get(RUN_ID_ENV), env.get("ORCH_RUN_DIR")
+            if tag is None or run_dir not in run_dirs or tag in run_dirs[run_dir]:
+                continue
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            out[run_dir].append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
+    return out
+
+
+def stop_processes(procs: list[psutil.Process], *, grace_s: float, kill_wait_s: float = 10.0) -> list[int]:
+    """SIGTERM ``procs``, wait up to ``grace_s``, SIGKILL the rest, wait until they are gone.
+
+    Works for processes that are not our children (psutil polls them). Returns the pids still
+    alive at the end (should be empty).
+    """
+    if not procs:
+        return []
+    _signal(procs, signal.SIGTERM)
+    alive = _wait_gone(procs, max(grace_s, 0.05))
+    _signal(alive, signal.SIGKILL)
+    return [p.pid for p in _wait_gone(alive, kill_wait_s)]
+
+
+def _wait_gone(procs: list[psutil.Process], timeout_s: float, poll_s: float = 0.02) -> list[psutil.Process]:
+    """Wait until every process is gone or a zombie (someone else reaps it); the rest."""
+    deadline = time.monotonic() + timeout_s
+    alive = [p for p in procs if _alive(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        alive = [p for p in alive if _alive(p)]
+    return alive

@@ -108,6 +108,12 @@ class RunRecord:
     retry_at: float | None = None
     stalled: bool = False
     resume: bool = False  # next attempt must resume from the checkpoint
+    # What the metric source could not use: {"bad_lines": 2, "bad_values": 1, ...} (counted,
+    # never fatal; see orchestrator.metrics.SourceStats).
+    metric_problems: dict[str, int] = field(default_factory=dict)
+    # After the last attempt on a GPU slot: "released in 0.4s", or "NOT released after 30s
+    # (pids [...])" when NVML still showed the run's processes holding memory.
+    gpu_release: str | None = None
 
     @property
     def key(self) -> str:
