@@ -254,7 +254,7 @@ def _worker_from_run_dir(plan: Plan, exp: ExperimentConfig, run_dir: Path) -> st
             return w.name
     names = [w.name for w in exp.workers]
     raise SuccessReportError(
-        f"run directory {run_dir} is not one of experiment {exp.name!r}'s runs "
+        f"{run_dir} is not a run directory of experiment {exp.name!r} "
         f"(expected {paths.experiment_dir(exp.name)}/<worker> for a worker in {names})",
         hint="pass --worker NAME instead of --run-dir")
 
@@ -481,7 +481,7 @@ def compute_savings(outcome: RaceOutcome) -> list[ComputeRow]:
         if ended_early and done > 0:
             full_busy = busy / done * w.max_epochs
             full_cpu = cpu / done * w.max_epochs
-            note = f"{done} of {w.max_epochs} epochs; {fmt(busy / done)} s/epoch measured"
+            note = f"{done} of {w.max_epochs} epochs; {busy / done:,.1f} s/epoch measured"
         elif ended_early and median_busy is not None and median_cpu is not None:
             full_busy = busy + median_busy * (w.max_epochs - done)
             full_cpu = cpu + median_cpu * (w.max_epochs - done)
@@ -564,7 +564,8 @@ def _draw_ratio(ax: Axes, o: RaceOutcome) -> None:
         ax.plot([o.epoch], [y], marker=marker, ms=16 if o.succeeded else 11, color="gold" if
                 o.succeeded else "darkred", mec="black", zorder=5, ls="none",
                 label=f"{o.focus.name} {what} at epoch {o.epoch} (r = {fmt(y)})")
-    ax.set_xlim(0, max(w.max_epochs for w in o.workers) + 1)
+    last_x = max((x for w in o.workers for x in w.history.series("attention_ratio")[0]), default=0)
+    ax.set_xlim(0, max(last_x, *(w.max_epochs for w in o.workers)) + 1)
     ax.set_xlabel("epoch")
     ax.set_ylabel("attention ratio r (geo. mean over clips)")
     ax.set_title("1. Attention ratio vs epoch, every worker (band: 95% CI)", fontsize=10)
@@ -626,8 +627,10 @@ def _draw_separation(ax: Axes, o: RaceOutcome) -> None:
     ax.axhline(1.0, color="grey", ls=":", lw=1)
     ax.set_xticks([0, 1], ["transient objects", "persistent objects"])
     ax.set_xlim(-0.6, 1.6)
+    lo = float(min(p.min(initial=1.0), t.min(initial=1.0)))
     hi = float(max(p.max(initial=1.0), t.max(initial=1.0)))
-    ax.set_ylim(0, hi * 1.45)
+    span = max(hi - lo, 0.1)
+    ax.set_ylim(max(0.0, lo - 0.1 * span), hi + 0.45 * span)  # room for the text box
     ax.set_ylabel("attention per token / uniform share")
     dz = "n/a" if sep.d_z is None else fmt(sep.d_z)
     if sep.d_z_ci is not None:
@@ -635,7 +638,8 @@ def _draw_separation(ax: Axes, o: RaceOutcome) -> None:
     text = (f"paired Wilcoxon signed-rank, n = {sep.n} clips"
             + (f" ({sep.n_excluded} without transients excluded)" if sep.n_excluded else "")
             + f"\np = {fmt(sep.p_value)}   effect size d_z = {dz}"
-            + f"\nclips with persistent > transient: {sep.frac_above_1:.0%}" if sep.n else
+            + f"\nclips with persistent > transient: {sep.frac_above_1:.0%} (green lines; red: <=)"
+            if sep.n else
             "no clip has transient objects: no paired test")
     ax.text(0.5, 0.98, text, transform=ax.transAxes, ha="center", va="top", fontsize=7.5,
             bbox={"boxstyle": "round", "fc": "white", "ec": "0.6"})
@@ -737,6 +741,10 @@ def _utc(t: float | None) -> str:
     if t is None:
         return "unknown"
     return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _secs(x: float | None) -> str:
+    return "—" if x is None else f"{x:,.0f}"
 
 
 def _ci(ci: tuple[float, float] | None) -> str:
@@ -854,15 +862,15 @@ def render_report(outcome: RaceOutcome, files: dict[str, Path], *, now: float) -
               f"- started {_utc(started)}, decided {_utc(decided)}: "
               f"{_duration(decided - started if started and decided else None)}",
               f"- slot-seconds used (wall time holding a slot; GPU-seconds on GPU slots): "
-              f"{fmt(used)} s; estimated to run every worker to max_epochs: {fmt(full)} s",
-              f"- **estimated compute saved by stopping early: {fmt(saved)} slot-seconds"
-              + (f" ({saved / full:.0%})" if full > 0 else "") + f", {fmt(saved_cpu)} CPU-seconds**",
+              f"{_secs(used)} s; estimated to run every worker to max_epochs: {_secs(full)} s",
+              f"- **estimated compute saved by stopping early: {_secs(saved)} slot-seconds"
+              + (f" ({saved / full:.0%})" if full > 0 else "") + f", {_secs(saved_cpu)} CPU-seconds**",
               "", "| worker | state | epochs | slot-s used | slot-s to max_epochs (est.) | saved (est.) "
               "| CPU-s used | CPU-s saved (est.) | basis |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.worker} | {r.state} | {r.epochs_done}/{r.max_epochs} | {fmt(r.busy_s)} | "
-                     f"{fmt(r.full_busy_s)} | {fmt(r.saved_busy_s)} | {fmt(r.cpu_s)} | "
-                     f"{fmt(r.saved_cpu_s)} | {r.note} |")
+        lines.append(f"| {r.worker} | {r.state} | {r.epochs_done}/{r.max_epochs} | {_secs(r.busy_s)} | "
+                     f"{_secs(r.full_busy_s)} | {_secs(r.saved_busy_s)} | {_secs(r.cpu_s)} | "
+                     f"{_secs(r.saved_cpu_s)} | {r.note} |")
     lines += ["", "These savings are an ESTIMATE: each stopped run's measured seconds per epoch so "
               "far (start-up and evaluations included) times the epochs it did not run; runs that "
               "ended on their own save nothing.", "", "## Files", ""]
