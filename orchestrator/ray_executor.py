@@ -80,7 +80,9 @@ WORKING_DIR_EXCLUDES = [
 APPEND_SUFFIXES = (".jsonl", ".log", ".csv")
 DEAD_ACTOR_CODE = -9  # what poll() returns for a run whose actor or node died
 MAX_CHUNK_BYTES = 8 << 20  # per file and pull, so one pull never carries a whole huge log
-UNSTARTED_STOP_WAIT_S = 30.0  # how long a stop waits for an actor that holds no worker yet
+# How long a stop waits for an actor that has not reported a started worker yet before it
+# kills it (safe: the sentinel, started before the worker, stops whatever it had launched).
+UNSTARTED_STOP_WAIT_S = 2.0
 RESCAN_S = 0.25  # how often a pull looks for new append-only files in the node run directory
 
 
@@ -599,9 +601,9 @@ class RayLauncher(Launcher):
             checkpoint_sync_s=self.checkpoint_sync_s,
             files=self._seed_files(spec.paths) if self.ship else {},
         )
-        cls = self.ray.remote(RunActor)
+        cls: Any = self.ray.remote(RunActor)
         try:
-            actor = cls.options(
+            actor: Any = cls.options(
                 num_cpus=self.config.num_cpus_per_worker,
                 num_gpus=self.config.num_gpus_per_worker,
                 max_concurrency=4,
@@ -694,8 +696,9 @@ class RayLauncher(Launcher):
         mine = [h for h in handles if isinstance(h, RayRunHandle)]
         reports = [StopReport() for _ in mine]
         start = time.monotonic()
-        # An actor that has not started its worker yet gets the stop too (it then never
-        # starts it); one still waiting for resources or a runtime_env is killed after a while.
+        # An actor that has not reported its worker yet gets the stop too (it then never starts
+        # it); one still waiting for resources, a worker process or its runtime_env is killed
+        # after UNSTARTED_STOP_WAIT_S, so a busy cluster does not delay the race's end.
         calls = [None if h.done.is_set() else h.actor.stop.remote(grace_s) for h in mine]
         for i, (h, ref) in enumerate(zip(mine, calls, strict=True)):
             if ref is None:
