@@ -198,12 +198,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=50, help="linear warmup steps")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm")
     p.add_argument("--fine-iterations", type=int, default=None, help="fine passes (default: preset)")
+    p.add_argument("--pos-embed-std", type=float, default=None,
+                   help="init std of the model's patch position embedding (default: preset)")
     p.add_argument("--num-frames", type=int, default=None, help="frames used per clip (default: all)")
     p.add_argument("--max-caption-tokens", type=int, default=64, help="caption truncation, EOS incl.")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
     p.add_argument("--eval-batch-size", type=int, default=64, help="evaluation batch size")
     p.add_argument("--eval-only", action="store_true", help="evaluate the latest checkpoint and exit")
     p.add_argument("--split", default="val", help="split scored by --eval-only")
+    p.add_argument("--checkpoint", default=None, help="checkpoint for --eval-only (default: latest)")
     p.add_argument("--final-test", action="store_true", help="score the test split after the last epoch")
     p.add_argument("--seed", type=int, default=0, help="seed of init, data order, controls")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
@@ -259,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = dict(num_tokens=N, feature_dim=D, latent_channels=C, latent_size=h)
     if args.fine_iterations is not None:
         overrides["fine_iterations"] = args.fine_iterations
+    if args.pos_embed_std is not None:
+        overrides["pos_embed_std"] = args.pos_embed_std
     cfg = cfg_fn(**overrides)
     args.fine_iterations = cfg.fine_iterations
     torch.manual_seed(args.seed)
@@ -275,7 +280,10 @@ def main(argv: list[str] | None = None) -> int:
 
     epoch, step_in_epoch, step = 0, 0, 0  # epoch = completed epochs
     eval_pending = False  # an epoch ended on SIGTERM before its evaluation
-    ckpt = rep.latest_checkpoint()
+    ckpt = Path(args.checkpoint) if args.eval_only and args.checkpoint else rep.latest_checkpoint()
+    if ckpt is not None and not ckpt.exists():
+        print(f"error: checkpoint {ckpt} not found", file=sys.stderr)
+        return 2
     if (rep.resume or args.resume or args.eval_only) and ckpt is not None:
         state = torch.load(ckpt, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])

@@ -48,6 +48,7 @@ class FoveatedConfig:
     latent_size: int = 32  # h = w = 256 / 8
     film_channels: int = 64  # F
     fine_iterations: int = 2  # coarse -> fine_1 -> fine_2
+    pos_embed_std: float = 0.02  # init std of the patch position embedding (features are LayerNormed)
     lambda_recon: float = 0.1
 
     @classmethod
@@ -97,7 +98,7 @@ class FoveatedCrossAttention(nn.Module):
         assert cfg.attn_dim % cfg.num_heads == 0, "attn_dim must be divisible by num_heads"
         self.num_heads = cfg.num_heads
         self.feat_norm = nn.LayerNorm(cfg.feature_dim)
-        self.pos_embed = nn.Parameter(torch.randn(cfg.num_tokens, cfg.feature_dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(cfg.num_tokens, cfg.feature_dim) * cfg.pos_embed_std)
         self.query_norm = nn.LayerNorm(cfg.attn_dim)
         self.to_q = nn.Linear(cfg.attn_dim, cfg.attn_dim, bias=False)
         self.to_k = nn.Linear(cfg.feature_dim, cfg.attn_dim, bias=False)
