@@ -256,6 +256,13 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def save(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -> None:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                    "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(),
+                                    "results": results}, indent=1))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -269,12 +276,22 @@ def main() -> int:
     p.add_argument("--timeout-s", type=float, default=300, help="limit per driver run")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_ray_vs_tune.json",
                    help="raw per-run results (JSON)")
+    p.add_argument("--table-from", type=Path, default=None,
+                   help="only print the table of an earlier run's --out file")
     p.add_argument("--tune-driver", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--address", help=argparse.SUPPRESS)
     p.add_argument("--storage", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.tune_driver:
         return tune_driver(args)
+    if args.table_from is not None:
+        try:
+            saved = json.loads(args.table_from.read_text())
+        except (OSError, ValueError) as e:
+            print(f"error: cannot read {args.table_from}: {e}", file=sys.stderr)
+            return 2
+        print(table(saved["results"]))
+        return 0
     if args.repeats < 1 or args.workers < 2 or args.interval_s <= 0:
         print("error: need --repeats >= 1, --workers >= 2 and --interval-s > 0", file=sys.stderr)
         return 2
@@ -311,6 +328,7 @@ def main() -> int:
                 else:
                     row = run_ours(plans[way], repo, env, args.timeout_s)
                 results[way].append(row)
+                save(args, results)  # after every run: an interrupted benchmark keeps its data
                 print(f"repeat {i + 1}/{args.repeats} {way:5s}: wall {row['wall_s']:.2f} s, "
                       f"decision {row['decision_s']:.2f} s, peak RSS "
                       f"{row['peak_rss_mib']:.0f} MiB, winner {row['winner']} "
@@ -318,10 +336,6 @@ def main() -> int:
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                    "cpu_count": os.cpu_count(),
-                                    "load_avg": os.getloadavg(), "results": results}, indent=1))
     print()
     print(f"{args.workers} workers, a report every {args.interval_s} s, the winner passes at "
           f"epoch 13; median of {args.repeats}; {os.cpu_count()} CPUs, "

@@ -46,6 +46,8 @@ Ray Tune's function trainables do the same job in-process (see benchmarks/bench_
 from __future__ import annotations
 
 import argparse
+import inspect
+import logging
 import os
 import re
 import select
@@ -80,9 +82,6 @@ WORKING_DIR_EXCLUDES = [
 APPEND_SUFFIXES = (".jsonl", ".log", ".csv")
 DEAD_ACTOR_CODE = -9  # what poll() returns for a run whose actor or node died
 MAX_CHUNK_BYTES = 8 << 20  # per file and pull, so one pull never carries a whole huge log
-# How long a stop waits for an actor that has not reported a started worker yet before it
-# kills it (safe: the sentinel, started before the worker, stops whatever it had launched).
-UNSTARTED_STOP_WAIT_S = 2.0
 RESCAN_S = 0.25  # how often a pull looks for new append-only files in the node run directory
 
 
@@ -419,9 +418,10 @@ class RayRunHandle(RunHandle):
     ``pid`` is the launch wrapper's pid on its node once the actor started it, -1 before.
     """
 
-    def __init__(self, spec: LaunchSpec, actor: Any) -> None:
+    def __init__(self, spec: LaunchSpec, actor: Any, start_ref: Any) -> None:
         self.spec = spec
         self.actor = actor
+        self.start_ref = start_ref  # ObjectRef of RunActor.start()
         self.pid: int | None = -1
         self.create_time: float | None = time.time()
         self.node: str | None = None  # the node's IP, once started
@@ -563,11 +563,13 @@ class RayLauncher(Launcher):
         env["excludes"] = [*WORKING_DIR_EXCLUDES, *env.get("excludes", [])]
         package = str(Path(__file__).resolve().parent)  # this orchestrator package
         env["py_modules"] = [*env.get("py_modules", []), package]
-        gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
-        env = upload_py_modules_if_needed(env, include_gitignore=gitignore,
-                                          scratch_dir=self._scratch, logger=None)
-        env = upload_working_dir_if_needed(env, include_gitignore=gitignore,
-                                           scratch_dir=self._scratch, logger=None)
+        kwargs: dict[str, Any] = {"scratch_dir": self._scratch, "logger": _quiet_logger()}
+        if "include_gitignore" in inspect.signature(upload_working_dir_if_needed).parameters:
+            kwargs["include_gitignore"] = (
+                os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+            )  # as ray.init decides it (older Rays always honour .gitignore)
+        env = upload_py_modules_if_needed(env, **kwargs)
+        env = upload_working_dir_if_needed(env, **kwargs)
         env.pop("excludes", None)
         return env
 
@@ -616,7 +618,7 @@ class RayLauncher(Launcher):
         except (ValueError, TypeError, OSError, self.ray.exceptions.RayError,
                 self.ray.exceptions.RuntimeEnvSetupError) as e:
             raise LaunchError(f"{spec.key}: Ray refused the run: {e}") from None
-        handle = RayRunHandle(spec, actor)
+        handle = RayRunHandle(spec, actor, ref)
         with self._lock:
             self._handles.append(handle)
             self._pending[ref] = (handle, "start")
@@ -696,21 +698,28 @@ class RayLauncher(Launcher):
         mine = [h for h in handles if isinstance(h, RayRunHandle)]
         reports = [StopReport() for _ in mine]
         start = time.monotonic()
-        # An actor that has not reported its worker yet gets the stop too (it then never starts
-        # it); one still waiting for resources, a worker process or its runtime_env is killed
-        # after UNSTARTED_STOP_WAIT_S, so a busy cluster does not delay the race's end.
-        calls = [None if h.done.is_set() else h.actor.stop.remote(grace_s) for h in mine]
+        # An actor still creating itself or starting its worker is killed at once: it holds no
+        # result yet, and its sentinel (started before the worker) stops whatever it launched.
+        # The others stop their trees on their nodes, all at once.
+        calls: list[Any] = []
+        for h in mine:
+            if h.done.is_set():
+                calls.append(None)
+            elif not ray.wait([h.start_ref], timeout=0)[0]:
+                h._killed = True
+                self._kill(h)
+                calls.append(None)
+            else:
+                calls.append(h.actor.stop.remote(grace_s))
         for i, (h, ref) in enumerate(zip(mine, calls, strict=True)):
             if ref is None:
                 continue
-            timeout = grace_s + 30 if h.pid != -1 else UNSTARTED_STOP_WAIT_S
             try:
-                reports[i] = ray.get(ref, timeout=max(0.0, start + timeout - time.monotonic()))
+                reports[i] = ray.get(ref, timeout=max(0.0, start + grace_s + 30 - time.monotonic()))
             except ray.exceptions.GetTimeoutError:
                 h._killed = True
                 self._kill(h)
-                if h.pid != -1:
-                    h.error = "the node did not answer the stop; killed its actor"
+                h.error = "the node did not answer the stop; killed its actor"
             except ray.exceptions.RayError as e:  # dead already: its sentinel stopped the tree
                 h.error = f"stop on the node failed: {_first_line(e)}"
         for i, h in enumerate(mine):  # the pump applies the final pull, then kills the actor
@@ -740,6 +749,13 @@ class RayLauncher(Launcher):
         if self._owns_ray:
             self.ray.shutdown()
             self._owns_ray = False
+
+
+def _quiet_logger() -> logging.Logger:
+    """Ray's packaging logs every upload at INFO; keep warnings only."""
+    logger = logging.getLogger("orchestrator.ray_executor.upload")
+    logger.setLevel(logging.WARNING)
+    return logger
 
 
 def _actor_name(run_id: str) -> str:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ pytestmark = [
 ]
 
 FAKE_WORKER = Path(__file__).resolve().parent / "fake_worker.py"
+# A name no other test on this machine uses: the orphan check scans every process of the user.
+RACE = f"rayrace-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +80,7 @@ def write_plan(repo: Path, workers: list[dict[str, Any]], criteria: list[str],
         "max_retries": 2,
         "executor": "ray",
         "ray": {"num_cpus_per_worker": 0.5},
-        "experiments": [{"name": "race", "criteria": criteria, "max_epochs": 100,
+        "experiments": [{"name": RACE, "criteria": criteria, "max_epochs": 100,
                          "workers": workers}],
     }
     plan.update(settings)
@@ -156,15 +159,15 @@ def test_race_decides_stops_losers_and_returns_results(
 
     assert rc == 0
     state = PlanState.load(plan.results_dir / "state.json")
-    assert state.experiments["race"].winner == "fast"
-    assert state.experiments["race"].winner_epoch == 16
-    assert state.runs["race/slow"].state == RunState.stopped
-    assert state.runs["race/stubborn"].state == RunState.stopped
-    assert state.experiments["race"].decision_latency_s is not None
+    assert state.experiments[RACE].winner == "fast"
+    assert state.experiments[RACE].winner_epoch == 16
+    assert state.runs[f"{RACE}/slow"].state == RunState.stopped
+    assert state.runs[f"{RACE}/stubborn"].state == RunState.stopped
+    assert state.experiments[RACE].decision_latency_s is not None
     # No orphan on the node: the children, the setsid helper and the SIGTERM-ignorer are gone.
-    assert tagged_processes("race/") == []
+    assert tagged_processes(f"{RACE}/") == []
 
-    fast = plan.results_dir / "race" / "fast"
+    fast = plan.results_dir / RACE / "fast"
     epochs = [r["epoch"] for r in read_metrics(fast)]
     assert epochs[:16] == list(range(1, 17))  # streamed once each, in order
     assert (fast / "checkpoints" / "latest.ckpt").is_file()
@@ -174,11 +177,11 @@ def test_race_decides_stops_losers_and_returns_results(
     assert "epoch 16" in (fast / "stdout.log").read_text()
 
     handles = {h.spec.key: h for h in launcher.started}
-    assert set(handles) == {"race/fast", "race/slow", "race/stubborn"}
-    assert handles["race/fast"].pid is not None and handles["race/fast"].pid > 0
+    assert set(handles) == {f"{RACE}/fast", f"{RACE}/slow", f"{RACE}/stubborn"}
+    assert handles[f"{RACE}/fast"].pid is not None and handles[f"{RACE}/fast"].pid > 0
     for h in launcher.started:
         if h.pid == -1:  # the race ended before Ray started this actor (a busy machine)
-            assert h.spec.key != "race/fast"
+            assert h.spec.key != f"{RACE}/fast"
             continue
         assert h.node is not None
         # Every started run's logs came back, header first.
@@ -198,7 +201,7 @@ def test_killed_actor_is_retried_with_resume(local_ray: Any, tmp_path: Path) -> 
     ], ["acc >= 0.5"])
     plan = load_plan(plan_path)
     launcher = RecordingLauncher(plan, ship=True, checkpoint_sync_s=0.0)
-    metrics = plan.results_dir / "race" / "solo" / "metrics.jsonl"
+    metrics = plan.results_dir / RACE / "solo" / "metrics.jsonl"
     killed: dict[str, Any] = {}
 
     def kill_after_five_epochs() -> None:
@@ -219,20 +222,20 @@ def test_killed_actor_is_retried_with_resume(local_ray: Any, tmp_path: Path) -> 
 
     assert rc == 0 and "pids" in killed
     state = PlanState.load(plan.results_dir / "state.json")
-    run = state.runs["race/solo"]
+    run = state.runs[f"{RACE}/solo"]
     assert run.attempt == 2 and run.state == RunState.succeeded
-    assert state.experiments["race"].winner_epoch == 25
+    assert state.experiments[RACE].winner_epoch == 25
     # The killed actor's worker (and its child) did not outlive it: the sentinel stopped them.
     assert len(killed["pids"]) >= 2
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
                    for p in killed["pids"])
-    assert tagged_processes("race/") == []
+    assert tagged_processes(f"{RACE}/") == []
     # Attempt 2 resumed from the checkpoint the controller held (shipped back to the node).
-    stdout = (plan.results_dir / "race" / "solo" / "stdout.log").read_text()
+    stdout = (plan.results_dir / RACE / "solo" / "stdout.log").read_text()
     assert "==== attempt 2" in stdout and "resume=1" in stdout
     resumed_at = int(stdout.split("resumed at epoch ")[1].split()[0])
     assert resumed_at >= 5
-    epochs = [r["epoch"] for r in read_metrics(plan.results_dir / "race" / "solo")]
+    epochs = [r["epoch"] for r in read_metrics(plan.results_dir / RACE / "solo")]
     assert epochs[-1] >= 25
     assert sorted(set(epochs)) == list(range(1, epochs[-1] + 1))  # no gap across attempts
-    assert "died" in (plan.results_dir / "race" / "solo" / "stderr.log").read_text()
+    assert "died" in (plan.results_dir / RACE / "solo" / "stderr.log").read_text()
