@@ -42,7 +42,7 @@ from scipy import stats
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from models.detr_student import DETRStudent, StudentConfig, count_parameters
+from models.detr_student import MEMORY_MODULES, DETRStudent, StudentConfig, count_parameters
 from models.set_criterion import HungarianMatcher, SetCriterion, score_frame
 from orchestrator.reporting import Reporter
 from synthvid.segmentation import SegVideo, load_sav_video, masks_to_boxes
@@ -267,8 +267,13 @@ def train(args: argparse.Namespace) -> int:
     # ---- stage 1: the image model on single frames ----
     image_path, pre_path = rep.run_dir / "student_image.pt", rep.run_dir / "pretrain_state.pt"
     if image_path.exists():
-        student.load_state_dict(torch.load(image_path, map_location=device, weights_only=True))
-        print(f"stage 1: loaded {image_path}")
+        state = torch.load(image_path, map_location=device, weights_only=True)
+        state = {k: v for k, v in state.items() if k.split(".")[0] not in MEMORY_MODULES}
+        missing, unexpected = student.load_state_dict(state, strict=False)
+        if unexpected or any(k.split(".")[0] not in MEMORY_MODULES for k in missing):
+            raise UserError(f"{image_path} does not fit the {args.preset} student "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        print(f"stage 1: loaded the image model from {image_path}")
     else:
         params = [p for n, p in student.named_parameters() if not n.startswith(("perceiver_", "memory_"))]
         opt = torch.optim.AdamW(params, lr=args.pretrain_lr, weight_decay=1e-4)
@@ -298,7 +303,8 @@ def train(args: argparse.Namespace) -> int:
                              "scheduler": sched.state_dict(), "rng": rng_state()}, pre_path)
                 print(f"SIGTERM in stage 1: state saved at step {step + 1}; exiting")
                 return 0
-        save_atomic(student.state_dict(), image_path)
+        save_atomic({k: v for k, v in student.state_dict().items() if k.split(".")[0] not in MEMORY_MODULES},
+                    image_path)  # the image model only; the memory modules are stage 2's
         pre_path.unlink(missing_ok=True)
     student.freeze_image_model()
     student.eval()  # frozen parts: no dropout anywhere, GroupNorm has no running statistics

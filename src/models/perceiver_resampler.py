@@ -42,7 +42,7 @@ class PerceiverConfig:
 
     @classmethod
     def tiny(cls, dim: int = 64) -> PerceiverConfig:
-        return cls(dim=dim, max_frames=4, num_latents=16, depth=1, heads=4, dim_head=16, ff_mult=2)
+        return cls(dim=dim, max_frames=4, num_latents=64, depth=1, heads=4, dim_head=16, ff_mult=2)
 
 
 class FeedForward(nn.Sequential):
