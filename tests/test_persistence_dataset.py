@@ -161,3 +161,40 @@ def test_script_cache_noop_and_bad_input(tmp_path):
     assert again.returncode == 0 and "dataset ready" in again.stdout
     bad = subprocess.run(cmd[:-1] + ["5"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+
+
+def _best_threshold_balanced(score_tr, y_tr, score_te, y_te) -> float:
+    best, best_t, best_s = -1.0, 0.0, 1
+    for s in (1, -1):
+        for t in np.quantile(s * score_tr, np.linspace(0.01, 0.99, 99)):
+            p = s * score_tr > t
+            b = np.mean([np.mean(p[y_tr == 1]), np.mean(~p[y_tr == 0])])
+            if b > best:
+                best, best_t, best_s = b, t, s
+    p = best_s * score_te > best_t
+    return float(np.mean([np.mean(p[y_te == 1]), np.mean(~p[y_te == 0])]))
+
+
+def _track_cues(split):
+    tok = extract_tokens(split)
+    clip = np.repeat(np.arange(len(tok)), np.diff(tok.offsets))
+    _, inv, cnt = np.unique(clip * 16 + tok.frame, return_inverse=True, return_counts=True)
+    uniq, ti = np.unique(clip * 100 + tok.track, return_inverse=True)
+    n_tok = np.bincount(ti)
+    crowd = np.bincount(ti, weights=1.0 / cnt[inv]) / n_tok  # mean 1/(objects in my frame)
+    edge = np.bincount(ti, weights=np.abs(tok.centre - 0.5).max(1)) / n_tok
+    label = np.zeros(len(uniq), dtype=int)
+    label[ti] = tok.label
+    return crowd, edge, label
+
+
+def test_non_appearance_cues_are_measured(dataset):
+    """Not a leak of appearance, but cues a model without temporal association can use: a
+    persistent object is in every frame, so it is more often alone in a frame; persistent
+    trajectories stay nearer the centre. Documented in docs/early_persistence.md."""
+    c_tr, e_tr, y_tr = _track_cues(load_split(dataset, "train"))
+    c_te, e_te, y_te = _track_cues(load_split(dataset, "test"))
+    crowd = _best_threshold_balanced(c_tr, y_tr, c_te, y_te)
+    edge = _best_threshold_balanced(e_tr, y_tr, e_te, y_te)
+    print(f"balanced accuracy from frame crowding {crowd:.3f}, from distance to centre {edge:.3f}")
+    assert 0.6 < crowd < 0.95 and 0.55 < edge < 0.8

@@ -15,6 +15,8 @@ import pytest
 from synthvid.persistence import PersistenceConfig, generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
+# real subprocesses: ~5-10 s each on an idle 2-core machine, minutes when it is shared
+pytestmark = pytest.mark.timeout(1800)
 REQUIRED = ("epoch", "train_loss", "val_loss", "val_accuracy", "macro_f1", "attention_ratio",
             "attention_ratio_ci_low", "attention_ratio_ci_high", "consistency", "separation_p",
             "effect_size_dz", "samples_per_s")
@@ -59,7 +61,7 @@ def test_each_approach_writes_valid_metrics_checkpoints_and_evals(data_dir, tmp_
     assert 0.0 < last["separation_p"] <= 1.0
     assert (tmp_path / "checkpoints" / "latest.pt").exists()
     ev = json.loads((tmp_path / "evals" / "epoch_000002.json").read_text())
-    assert len(ev["samples"]) == 12
+    assert len(ev["samples"]) == last["n_val_clips"] >= 5
     s = ev["samples"][0]
     assert {"sample_id", "objects", "persistent_attention", "transient_attention", "ratio",
             "object_accuracy"} <= set(s)

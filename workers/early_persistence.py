@@ -42,7 +42,6 @@ from tqdm import tqdm
 
 from models.frame_tokenizer import SimpleCNNConfig, SimpleCNNTokenizer
 from models.persistence_token_model import PersistenceModelConfig, PersistenceTokenModel
-from models.resnet_features import FrozenResNetFeatures, ResNetTokenizer, tiny_resnet_config
 from orchestrator.reporting import Reporter
 from synthvid.persistence import ObjectTokens, extract_tokens, load_split
 from workers.persistence_metrics import (
@@ -221,6 +220,9 @@ def build_model(args, crops_train, crops_val, device):
     if args.approach != "pretrained_features":
         tok = SimpleCNNTokenizer(SimpleCNNConfig(width=args.cnn_width, dim=args.dim))
         return PersistenceTokenModel(tok, cfg).to(device), crops_train, crops_val
+    # imported here: transformers costs seconds of CPU to import, and only this approach needs it
+    from models.resnet_features import FrozenResNetFeatures, ResNetTokenizer, tiny_resnet_config
+
     if args.resnet == "tiny":
         feats = FrozenResNetFeatures.from_config(tiny_resnet_config(), input_size=args.resnet_input)
     else:

@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fraction of T frames a track predicted transient may use")
     p.add_argument("--heatmaps", type=int, default=8, help="val tracks drawn per evaluation (0: none)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default cores/4)")
+    p.add_argument("--stop-after-steps", type=int, default=None,
+                   help="act as if SIGTERM arrived after N optimizer steps (tests of resume)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
@@ -276,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             sched.step()
             step, batch_in_epoch, seen = step + 1, batch_in_epoch + 1, seen + len(idx)
             run_loss, run_count = run_loss + loss.item() * len(idx), run_count + len(idx)
+            if args.stop_after_steps is not None and step >= args.stop_after_steps:
+                rep.request_stop()
             if rep.should_stop:
                 break
         train_time, train_cpu = time.perf_counter() - t0, time.process_time() - cpu0
@@ -297,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         rep.log(epoch=epoch, **record)
         checkpoint()
         if rep.should_stop:
+            print(f"stop requested: checkpoint at epoch {epoch}", flush=True)
             return 0
     return 0
 
