@@ -155,6 +155,7 @@ class Controller:
         self.interrupted: str | None = None  # "interrupted" once Ctrl-C/SIGTERM arrived
         self.detach = False
         self._dirty = True
+        self._dashboard_failed = False
         self._replay: dict[str, list[dict[str, Any]]] = {}
         self._stopper = ThreadPoolExecutor(max_workers=4, thread_name_prefix="stop")
         # GPU slots whose last run's memory is not yet confirmed released (slot index -> wait).
@@ -244,7 +245,7 @@ class Controller:
         for key, records in self._replay.items():
             live = self.runs[key]
             decide = not live.record.state.terminal
-            batch += [(_written_at(r), i, live, r, decide) for i, r in enumerate(records)]
+            batch += [(t, i, live, r, decide) for i, (t, r) in enumerate(_ordered(records))]
         self._replay.clear()
         for _, _, live, record, decide in sorted(batch, key=lambda b: (b[0], b[1])):
             self._accept(live, record, decide=decide and live.stopping is None)
@@ -477,7 +478,7 @@ class Controller:
         batch = []
         for n, live in enumerate(lives):
             new = self._read_source(live)
-            batch += [(_written_at(r), n, i, live, r) for i, r in enumerate(new)]
+            batch += [(t, n, i, live, r) for i, (t, r) in enumerate(_ordered(new))]
         for _, _, _, live, record in sorted(batch, key=lambda b: b[:3]):
             self._accept(live, record, decide=live.stopping is None and live.handle is not None)
 
@@ -595,6 +596,12 @@ class Controller:
         rec = live.record
         if live.handle is not None:
             self._cleanup_leftovers(live)
+            # What the attempt's processes wrote until they were gone counts, and may decide
+            # (a trainer whose launch wrapper was killed goes on until the cleanup stops it).
+            for record in self._read_source(live):
+                self._accept(live, record, decide=live.stopping is None)
+            if live.stopping is not None:
+                return  # those records won the race or reached max_epochs: the stop settles it
         now = self.clock()
         self._release(live, now)
         rec.exit_code = code
@@ -1012,15 +1019,20 @@ class Controller:
             pass
 
     def _flush(self, force: bool = False) -> None:
-        if not (self._dirty or force):
-            self.dashboard.maybe_refresh(self, force=False)
-            return
-        self._dirty = False
+        if self._dirty or force:
+            self._dirty = False
+            try:
+                self.state.save(self.paths.state)
+            except OSError as e:
+                self.dashboard.report_write_error("state", e)
         try:
-            self.state.save(self.paths.state)
+            self.dashboard.maybe_refresh(self, force=force)
         except OSError as e:
-            self.dashboard.report_write_error("state", e)
-        self.dashboard.maybe_refresh(self, force=force)
+            self.dashboard.report_write_error("dashboard", e)
+        except Exception as e:  # a rendering bug must not end the race: report it, go on
+            if not self._dashboard_failed:
+                self._dashboard_failed = True
+                self.event(f"dashboard cannot be rendered: {e!r}")
 
 
 def _default_launcher(plan: Plan) -> Launcher:
@@ -1039,11 +1051,21 @@ def _base_env() -> dict[str, str]:
     return env
 
 
-def _written_at(record: dict[str, Any]) -> float:
-    """When a record was written (its ``time_s``), for ordering; 0 when missing or not a
-    number (a worker may write anything there)."""
-    value = record.get("time_s")
-    return float(value) if isinstance(value, (int, float)) else 0.0
+def _ordered(records: list[dict[str, Any]]) -> list[tuple[float, dict[str, Any]]]:
+    """(sort key, record) for one run's new records, in file order.
+
+    Records of different runs are decided in the order they were written (their ``time_s``);
+    records of one run must keep their file order whatever their ``time_s`` says (missing, not
+    a number, or going back after the file was replaced), so the key is the running maximum.
+    """
+    out = []
+    key = 0.0
+    for record in records:
+        value = record.get("time_s")
+        if isinstance(value, (int, float)) and value > key:
+            key = float(value)
+        out.append((key, record))
+    return out
 
 
 def _tail(path: Path, lines: int) -> str:

@@ -168,4 +168,4 @@ class LocalLauncher(Launcher):
             return None
         # The leader is gone, so stop_trees goes straight to phase 2: SIGTERM what is left
         # (group, descendants, tagged), up to ``grace_s`` (at most 1 s), then SIGKILL.
-        return stop_trees([handle.tree], grace_s=grace_s, term_wait_s=min(grace_s, 1.0))
+        return stop_trees([handle.tree], grace_s=grace_s, term_wait_s=min(grace_s, 1.0))[0]

@@ -55,6 +55,9 @@ def clean_record(raw: Any, stats: SourceStats | None = None) -> Record | None:
             out[key] = f if math.isfinite(f) else None
         else:
             dropped += 1
+    if out.get("time_s", 0) is None:  # null/NaN write time: no time, not a bad time
+        del out["time_s"]
+        dropped += 1
     if stats is not None:
         stats.bad_values += dropped
     for key in ("epoch", "step"):
@@ -101,41 +104,52 @@ class MetricSource:
 class FileTailer:
     """Incremental reader of a growing text file: new complete lines only.
 
-    Tracks (inode, offset); a partial last line stays buffered; a file that shrank is read from
-    the start (truncation), a new inode from the start (replacement). A "line" that grows past
-    ``MAX_LINE_BYTES`` without a newline is garbage: it is dropped and counted as a bad line.
+    Tracks (inode, offset) and the last bytes read; a partial last line stays buffered. A file
+    that shrank (truncation), has a new inode (replacement), or no longer holds the bytes read
+    last just before the offset (rewritten in place and grown past the offset between two
+    reads, or a new file that reused the inode number) is read again from the start. A "line"
+    that grows past ``MAX_LINE_BYTES`` without a newline is garbage: dropped, counted bad.
     """
 
     MAX_LINE_BYTES = 1 << 20
+    TAIL_BYTES = 64
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.offset = 0
         self.inode: int | None = None
         self.buffer = b""
+        self.tail = b""  # the last TAIL_BYTES bytes before ``offset``
         self.stats = SourceStats()
+
+    def _restart(self) -> None:
+        self.offset, self.buffer, self.tail = 0, b"", b""
 
     def read_lines(self) -> list[str]:
         try:
-            st = os.stat(self.path)
+            f = open(self.path, "rb")
         except FileNotFoundError:
             return []
-        if self.inode is not None and st.st_ino != self.inode:
-            self.stats.replacements += 1
-            self.offset, self.buffer = 0, b""
-        elif st.st_size < self.offset:
-            self.stats.truncations += 1
-            self.offset, self.buffer = 0, b""
-        self.inode = st.st_ino
-        if st.st_size == self.offset:
-            return []
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                chunk = f.read(st.st_size - self.offset)
-        except FileNotFoundError:
-            return []
+        with f:
+            st = os.fstat(f.fileno())  # the file actually opened, even if replaced meanwhile
+            if self.inode is not None and st.st_ino != self.inode:
+                self.stats.replacements += 1
+                self._restart()
+            elif st.st_size < self.offset:
+                self.stats.truncations += 1
+                self._restart()
+            self.inode = st.st_ino
+            if st.st_size == self.offset:
+                return []
+            if self.tail:
+                f.seek(self.offset - len(self.tail))
+                if f.read(len(self.tail)) != self.tail:
+                    self.stats.truncations += 1  # rewritten under us
+                    self._restart()
+            f.seek(self.offset)
+            chunk = f.read(st.st_size - self.offset)
         self.offset += len(chunk)
+        self.tail = (self.tail + chunk)[-self.TAIL_BYTES :]
         data = self.buffer + chunk
         *lines, self.buffer = data.split(b"\n")
         if len(self.buffer) > self.MAX_LINE_BYTES:
@@ -243,11 +257,7 @@ class CsvSource(MetricSource):
         self._signature = signature
         if not text.endswith("\n"):
             text = text[: text.rfind("\n") + 1]  # a partial last row waits
-        try:
-            rows = list(csv.DictReader(io.StringIO(text.replace("\0", ""))))
-        except csv.Error:  # e.g. a field longer than csv.field_size_limit()
-            self.stats.read_errors += 1
-            return []
+        rows = _csv_rows(text.replace("\0", ""))
         if len(rows) < self.rows_seen:  # rewritten shorter: start over
             self.stats.truncations += 1
             self.rows_seen = 0
@@ -255,6 +265,9 @@ class CsvSource(MetricSource):
         self.rows_seen = len(rows)
         out = []
         for row in new:
+            if row is None:  # a row the csv module cannot parse
+                self.stats.bad_lines += 1
+                continue
             cells = {k: v for k, v in row.items() if isinstance(k, str) and k and isinstance(v, str) and v != ""}
             record = clean_record(cells, self.stats)
             if record is None:
@@ -265,6 +278,20 @@ class CsvSource(MetricSource):
 
     def watch_paths(self) -> list[Path]:
         return [self.path.parent]
+
+
+def _csv_rows(text: str) -> list[dict[str, Any] | None]:
+    """Rows of a CSV text with a header; None for a row the csv module rejects (e.g. a field
+    over ``csv.field_size_limit()``), so one bad row never hides the rows after it."""
+    reader = csv.DictReader(io.StringIO(text))
+    rows: list[dict[str, Any] | None] = []
+    while True:
+        try:
+            rows.append(next(reader))
+        except StopIteration:
+            return rows
+        except csv.Error:
+            rows.append(None)
 
 
 class TensorBoardSource(MetricSource):
@@ -295,19 +322,23 @@ class TensorBoardSource(MetricSource):
             loader = self._loaders.get(path)
             if loader is None:
                 loader = self._loaders[path] = EventFileLoader(str(path))
-            for event in loader.Load():
-                for value in event.summary.value:
-                    if value.HasField("simple_value"):
-                        number = float(value.simple_value)
-                    elif value.HasField("tensor"):
-                        try:
-                            number = float(tensor_util.make_ndarray(value.tensor))
-                        except (TypeError, ValueError):
+            try:
+                for event in loader.Load():
+                    for value in event.summary.value:
+                        if value.HasField("simple_value"):
+                            number = float(value.simple_value)
+                        elif value.HasField("tensor"):
+                            try:
+                                number = float(tensor_util.make_ndarray(value.tensor))
+                            except (TypeError, ValueError):
+                                self.stats.bad_values += 1
+                                continue
+                        else:
                             continue
-                    else:
-                        continue
-                    rec = by_step.setdefault(int(event.step), {"step": int(event.step)})
-                    rec[value.tag] = number if math.isfinite(number) else None
+                        rec = by_step.setdefault(int(event.step), {"step": int(event.step)})
+                        rec[value.tag] = number if math.isfinite(number) else None
+            except Exception:  # a corrupt record (DataLossError, a bad protobuf): skip the rest
+                self.stats.read_errors += 1
         return [by_step[s] for s in sorted(by_step)]
 
     def watch_paths(self) -> list[Path]:
