@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from scipy import stats
@@ -146,8 +146,6 @@ def read_evaluation(path: Path) -> Evaluation:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise SuccessReportError(f"cannot read eval records {path}: {e}") from None
-    m = _EVAL_NAME.match(path.name)
-    epoch = int(data.get("epoch", m.group(1) if m else -1)) if isinstance(data, dict) else -1
     samples = data.get("samples") if isinstance(data, dict) else None
     if not isinstance(samples, list) or not samples:
         raise SuccessReportError(f"{path} has no 'samples' list of per-clip records")
@@ -158,7 +156,8 @@ def read_evaluation(path: Path) -> Evaluation:
             clips.append(ClipRecord(
                 sample_id=str(s["sample_id"]),
                 persistent=float(s["persistent_attention"]),
-                transient=None if s["transient_attention"] is None else float(s["transient_attention"]),
+                transient=None if s["transient_attention"] is None
+                else float(s["transient_attention"]),
                 num_tokens=int(sum(int(o["num_tokens"]) for o in objects)),
                 objects_correct=int(sum(bool(o["correct"]) for o in objects)),
                 objects_total=len(objects),
@@ -167,6 +166,9 @@ def read_evaluation(path: Path) -> Evaluation:
             raise SuccessReportError(
                 f"{path}: sample {i} lacks {e} (needs sample_id, persistent_attention, "
                 "transient_attention and objects[].num_tokens/correct)") from None
+    m = _EVAL_NAME.match(path.name)
+    raw_epoch = data.get("epoch")
+    epoch = int(raw_epoch) if raw_epoch is not None else int(m.group(1)) if m else -1
     return Evaluation(epoch, path, tuple(clips), dict(data.get("summary") or {}))
 
 
@@ -285,10 +287,11 @@ def load_outcome(
         SuccessReportError: unknown experiment/worker, undecided race, a run dir that is not
             the winner's, no metrics or no eval records.
     """
-    plan = load_plan(plan_path)
+    plan = load_plan(Path(plan_path))
     names = [e.name for e in plan.experiments]
     if experiment not in names:
-        raise SuccessReportError(f"plan {plan.source} has no experiment {experiment!r}; it has {names}")
+        raise SuccessReportError(
+            f"plan {plan.source} has no experiment {experiment!r}; it has {names}")
     exp = next(e for e in plan.experiments if e.name == experiment)
     if run_dir is not None:
         from_dir = _worker_from_run_dir(plan, exp, Path(run_dir))
@@ -321,7 +324,8 @@ def load_outcome(
                           pattern=w.metrics.pattern)
         hist = MetricHistory()
         hist.add(src.read_new())
-        workers.append(WorkerResult(w, runs[w.name], hist, exp.max_epochs_for(w), exp.criteria_for(w)))
+        workers.append(
+            WorkerResult(w, runs[w.name], hist, exp.max_epochs_for(w), exp.criteria_for(w)))
     by_name = {w.name: w for w in workers}
     succeeded = erec.status == ExperimentStatus.succeeded
     if succeeded:
@@ -342,7 +346,8 @@ def load_outcome(
         focus = by_name[worker]
         best = best_record(exp, focus.criteria, focus.history) if focus.history.records else None
         if best is None:
-            raise SuccessReportError(f"worker {worker!r} wrote no metrics ({paths.run(exp.name, worker).metrics})")
+            raise SuccessReportError(
+                f"worker {worker!r} wrote no metrics ({paths.run(exp.name, worker).metrics})")
         record = best[2]
     run = paths.run(exp.name, focus.name)
     evals = eval_files(run)
@@ -473,9 +478,11 @@ def compute_savings(outcome: RaceOutcome) -> list[ComputeRow]:
     for w in outcome.workers:
         rec = w.record
         state = rec.state.value if rec is not None else "never started"
-        busy, cpu, done = (rec.busy_s, rec.cpu_s, w.epochs_done) if rec is not None else (0.0, 0.0, 0)
-        ended_early = rec is not None and (rec.state in (RunState.stopped, RunState.cancelled)
-                                           or (rec.state == RunState.succeeded and outcome.succeeded))
+        busy, cpu = (rec.busy_s, rec.cpu_s) if rec is not None else (0.0, 0.0)
+        done = w.epochs_done if rec is not None else 0
+        won = rec is not None and rec.state == RunState.succeeded and outcome.succeeded
+        early_states = (RunState.stopped, RunState.cancelled)
+        ended_early = won or (rec is not None and rec.state in early_states)
         full_busy = full_cpu = None
         note = "ran its course" if rec is not None and rec.state.terminal else "still stopping"
         if ended_early and done > 0:
@@ -486,9 +493,10 @@ def compute_savings(outcome: RaceOutcome) -> list[ComputeRow]:
             full_busy = busy + median_busy * (w.max_epochs - done)
             full_cpu = cpu + median_cpu * (w.max_epochs - done)
             note = "never trained: median s/epoch of the others"
-        if rec is not None and rec.state == RunState.succeeded and outcome.succeeded:
+        if won:
             note = "winner, stopped at its win; " + note
-        rows.append(ComputeRow(w.name, state, done, w.max_epochs, busy, cpu, full_busy, full_cpu, note))
+        rows.append(
+            ComputeRow(w.name, state, done, w.max_epochs, busy, cpu, full_busy, full_cpu, note))
     return rows
 
 
@@ -503,19 +511,32 @@ class FigureSet:
     panels: dict[str, Figure]
 
 
+def caution(metrics: dict[str, Any]) -> str | None:
+    """A warning when val_accuracy does not beat the majority-class baseline (ML_NOTES)."""
+    acc, majority = metrics.get("val_accuracy"), metrics.get("majority_accuracy")
+    if isinstance(acc, (int, float)) and isinstance(majority, (int, float)) and acc <= majority:
+        return (f"caution: val accuracy {fmt(acc)} does not beat the majority-class baseline "
+                f"{fmt(majority)}")
+    return None
+
+
 def banner_text(outcome: RaceOutcome) -> str:
-    """One or two lines saying what was achieved (or which criteria the best worker missed)."""
+    """Two or three lines: what was achieved (or which criteria the best worker missed)."""
     m = outcome.focus_metrics
+    warn = caution(m)
+    tail = f"\n{warn}" if warn and outcome.succeeded else ""
     if outcome.succeeded:
         crit = len(outcome.focus.criteria)
         ci = ""
-        if m.get("attention_ratio_ci_low") is not None and m.get("attention_ratio_ci_high") is not None:
-            ci = f" [95% CI {fmt(m['attention_ratio_ci_low'])}-{fmt(m['attention_ratio_ci_high'])}]"
+        lo, hi = m.get("attention_ratio_ci_low"), m.get("attention_ratio_ci_high")
+        if lo is not None and hi is not None:
+            ci = f" [95% CI {fmt(lo)}-{fmt(hi)}]"
         return (f"SUCCESS: {outcome.focus.name} met all {crit} criteria at epoch {outcome.epoch} "
-                f"(of max {outcome.focus.max_epochs}); race stopped early\n"
-                f"attention ratio {fmt(m.get('attention_ratio'))}x{ci}, val accuracy "
+                f"(of max {outcome.focus.max_epochs})"
+                + ("; race stopped early\n" if outcome.epoch < outcome.focus.max_epochs else "\n")
+                + f"attention ratio {fmt(m.get('attention_ratio'))}x{ci}, val accuracy "
                 f"{fmt(m.get('val_accuracy'))}, consistency {fmt(m.get('consistency'))}, "
-                f"separation p {fmt(m.get('separation_p'))}")
+                f"separation p {fmt(m.get('separation_p'))}{tail}")
     return (f"FAILURE: no worker met the criteria (max {outcome.experiment.max_epochs} epochs). "
             f"Best: {outcome.focus.name} at epoch {outcome.epoch}\n"
             f"missed: {'; '.join(outcome.missed) or 'none (see report)'}")
@@ -527,15 +548,16 @@ def _draw_ratio(ax: Axes, o: RaceOutcome) -> None:
     ys_all: list[float] = [1.0]
     for i, w in enumerate(o.workers):
         xs, ys = w.history.series("attention_ratio")
-        if not xs:
+        if not xs:  # stopped before its first evaluation: named, not drawn
+            ax.plot([], [], color=f"C{i % 10}", label=f"{w.name} (no evaluation)")
             continue
         focus = w is o.focus
         colour = f"C{i % 10}"
         ax.plot(xs, ys, marker="o", ms=4 if focus else 3, lw=2.4 if focus else 1.3, color=colour,
-                label=f"{w.name}{' (winner)' if focus and o.succeeded else ' (best)' if focus else ''}",
+                label=w.name + ((" (winner)" if o.succeeded else " (best)") if focus else ""),
                 zorder=3 if focus else 2)
-        lo = dict(zip(*w.history.series("attention_ratio_ci_low")))
-        hi = dict(zip(*w.history.series("attention_ratio_ci_high")))
+        lo = dict(zip(*w.history.series("attention_ratio_ci_low"), strict=True))
+        hi = dict(zip(*w.history.series("attention_ratio_ci_high"), strict=True))
         band = [x for x in xs if x in lo and x in hi]
         if band:
             ax.fill_between(band, [lo[x] for x in band], [hi[x] for x in band], color=colour,
@@ -543,43 +565,62 @@ def _draw_ratio(ax: Axes, o: RaceOutcome) -> None:
             ys_all += [hi[x] for x in band] + [lo[x] for x in band]
         ys_all += ys
     ax.axhline(1.0, color="grey", ls=":", lw=1, label="uniform attention (r = 1)")
-    if crit is not None and crit.threshold is not None:
+    if crit is not None and crit.threshold is not None and crit.threshold.value > 0:
         thr = crit.threshold
         ys_all.append(thr.value)
         ax.axhline(thr.value, color="black", ls="--", lw=1.2, label=f"threshold: {crit.source}")
-    y_lo, y_hi = min(ys_all), max(ys_all)
-    pad = 0.12 * max(y_hi - y_lo, 0.2)
-    ax.set_ylim(y_lo - pad, y_hi + pad)
-    if crit is not None and crit.threshold is not None:
+    # log scale: ratios are multiplicative (a supervised ratio can reach 100s while others sit
+    # at 1.0); limits from the positive values only
+    from matplotlib.ticker import FuncFormatter
+
+    positive = [v for v in ys_all if v > 0]
+    y_lo, y_hi = min(positive) / 1.15, max(positive) * 1.15
+    ax.set_yscale("log")
+    ax.set_ylim(y_lo, y_hi)
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    if y_hi / y_lo < 30:  # less than ~1.5 decades: label the minor ticks too
+        ax.yaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+    if crit is not None and crit.threshold is not None and crit.threshold.value > 0:
         thr = crit.threshold
-        zone = (thr.value, y_hi + pad) if thr.higher_is_better else (y_lo - pad, thr.value)
+        zone = (thr.value, y_hi) if thr.higher_is_better else (y_lo, thr.value)
         ax.axhspan(*zone, color="green", alpha=0.08, lw=0)
-        ax.text(0.01, 0.97 if thr.higher_is_better else 0.03, "success zone", transform=ax.transAxes,
-                color="darkgreen", fontsize=8, va="top" if thr.higher_is_better else "bottom")
+        up = thr.higher_is_better
+        ax.text(0.01, 0.97 if up else 0.03, "success zone", transform=ax.transAxes,
+                color="darkgreen", fontsize=8, va="top" if up else "bottom")
     y = o.focus_metrics.get("attention_ratio")
     if isinstance(y, (int, float)):
         marker = "*" if o.succeeded else "X"
         what = "won" if o.succeeded else "best"
-        ax.axvline(o.epoch, color="darkgreen" if o.succeeded else "darkred", ls="-.", lw=1, alpha=0.6)
+        ax.axvline(o.epoch, color="darkgreen" if o.succeeded else "darkred", ls="-.", lw=1,
+                   alpha=0.6)
         ax.plot([o.epoch], [y], marker=marker, ms=16 if o.succeeded else 11, color="gold" if
                 o.succeeded else "darkred", mec="black", zorder=5, ls="none",
                 label=f"{o.focus.name} {what} at epoch {o.epoch} (r = {fmt(y)})")
     last_x = max((x for w in o.workers for x in w.history.series("attention_ratio")[0]), default=0)
     ax.set_xlim(0, max(last_x, *(w.max_epochs for w in o.workers)) + 1)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("attention ratio r (geo. mean over clips)")
+    ax.set_ylabel("attention ratio r (geo. mean over clips, log scale)")
     ax.set_title("1. Attention ratio vs epoch, every worker (band: 95% CI)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6.5, loc="lower right")
+    ax.legend(fontsize=6.5, loc="best")
 
 
 def _draw_before_after(ax: Axes, o: RaceOutcome) -> None:
-    """Panel 2: mean persistent vs transient attention (x uniform) at first and decisive eval."""
-    evals = [("first evaluation", o.first), ("winning" if o.succeeded else "best", o.decisive)]
+    """Panel 2: mean persistent vs transient attention (x uniform) at first and decisive eval.
+
+    When the decisive evaluation is the first one there is no "before": one group is drawn and
+    the panel says so (the dotted line, uniform attention, is the untrained-like reference).
+    """
+    which = "winning" if o.succeeded else "best"
+    evals = [(f"{which} evaluation", o.decisive)]
+    if o.first.epoch != o.decisive.epoch:
+        evals.insert(0, ("first evaluation", o.first))
     rng = np.random.default_rng(0)
     width = 0.36
     top = 1.0
-    for g, (label, ev) in enumerate(evals):
+    for g, (_, ev) in enumerate(evals):
         p, t = ev.normalised()
         for k, (vals, colour, kind) in enumerate(((p, PERSISTENT_COLOUR, "persistent"),
                                                   (t, TRANSIENT_COLOUR, "transient"))):
@@ -590,16 +631,21 @@ def _draw_before_after(ax: Axes, o: RaceOutcome) -> None:
             ax.scatter(x + rng.uniform(-0.1, 0.1, len(vals)), vals, s=6, color="black",
                        alpha=0.35, zorder=3, lw=0)
             top = max(top, hi, float(vals.max()) if len(vals) else 0.0)
+    for g, (_, ev) in enumerate(evals):
         sep = separation(ev)
         ax.text(g, top * 1.02, f"r = {fmt(sep.geo_mean_ratio)}x\nn = {sep.n} clips", ha="center",
                 va="bottom", fontsize=8)
+    right = len(evals) - 0.4
     ax.axhline(1.0, color="grey", ls=":", lw=1)
-    ax.text(1.5, 1.0, " uniform", va="center", fontsize=7, color="grey")
-    ax.set_xticks([0, 1], [f"first evaluation\n(epoch {o.first.epoch})",
-                           f"{evals[1][0]} evaluation\n(epoch {o.decisive.epoch})"])
-    ax.set_xlim(-0.6, 1.8)
+    ax.text(right - 0.3, 1.0, " uniform", va="bottom", fontsize=7, color="grey")
+    ax.set_xticks(range(len(evals)), [f"{label}\n(epoch {ev.epoch})" for label, ev in evals])
+    if len(evals) == 1:
+        ax.text(0.5, 0.75, f"no evaluation before epoch {o.decisive.epoch}:\nnothing to compare "
+                "with (the worker's first\nevaluation decided the race)", transform=ax.transAxes,
+                ha="center", va="center", fontsize=8, color="0.3")
+    ax.set_xlim(-0.6, right)
     ax.set_ylim(0, top * 1.25)
-    ax.set_ylabel("attention per token / uniform share\n(mean over clips, 95% CI)")
+    ax.set_ylabel("attention per token / uniform share\n(bar: mean over clips, 95% CI; dot: clip)")
     ax.set_title("2. Before/after: attention per object type", fontsize=10)
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(alpha=0.3, axis="y")
@@ -615,11 +661,13 @@ def _draw_separation(ax: Axes, o: RaceOutcome) -> None:
     if len(p) >= 2:
         parts = ax.violinplot([t, p], positions=[0, 1], widths=0.7, showmeans=False,
                               showmedians=True, showextrema=False)
-        for body, colour in zip(parts["bodies"], (TRANSIENT_COLOUR, PERSISTENT_COLOUR)):
+        bodies: list[Any] = list(cast(Any, parts["bodies"]))
+        for body, colour in zip(bodies, (TRANSIENT_COLOUR, PERSISTENT_COLOUR), strict=True):
             body.set_facecolor(colour)
             body.set_alpha(0.35)
-    segs = [((0.0, ti), (1.0, pi)) for pi, ti in zip(p, t)]
-    colours = ["#2a9d8f" if pi > ti else "#c0392b" for pi, ti in zip(p, t)]
+        parts["cmedians"].set_color("black")
+    segs = [((0.0, ti), (1.0, pi)) for pi, ti in zip(p, t, strict=True)]
+    colours = ["#2a9d8f" if pi > ti else "#c0392b" for pi, ti in zip(p, t, strict=True)]
     lines = LineCollection(segs, colors=colours, lw=0.8, alpha=0.6, gid="paired-clips")
     ax.add_collection(lines)
     ax.scatter(np.zeros(len(t)), t, s=10, color=TRANSIENT_COLOUR, zorder=3)
@@ -631,14 +679,15 @@ def _draw_separation(ax: Axes, o: RaceOutcome) -> None:
     hi = float(max(p.max(initial=1.0), t.max(initial=1.0)))
     span = max(hi - lo, 0.1)
     ax.set_ylim(max(0.0, lo - 0.1 * span), hi + 0.45 * span)  # room for the text box
-    ax.set_ylabel("attention per token / uniform share")
+    ax.set_ylabel("attention per token / uniform share (1 = uniform)")
     dz = "n/a" if sep.d_z is None else fmt(sep.d_z)
     if sep.d_z_ci is not None:
         dz += f" [95% CI {fmt(sep.d_z_ci[0])}, {fmt(sep.d_z_ci[1])}]"
     text = (f"paired Wilcoxon signed-rank, n = {sep.n} clips"
             + (f" ({sep.n_excluded} without transients excluded)" if sep.n_excluded else "")
             + f"\np = {fmt(sep.p_value)}   effect size d_z = {dz}"
-            + f"\nclips with persistent > transient: {sep.frac_above_1:.0%} (green lines; red: <=)"
+            + f"\nclips with persistent > transient: {sep.frac_above_1:.0%} (green lines)"
+            + "\nviolins: distribution over clips, black bar: median"
             if sep.n else
             "no clip has transient objects: no paired test")
     ax.text(0.5, 0.98, text, transform=ax.transAxes, ha="center", va="top", fontsize=7.5,
@@ -665,7 +714,8 @@ def _draw_samples(ax: Axes, o: RaceOutcome) -> None:
             colour, status = (PASS_COLOUR, "PASS") if r > RATIO_PASS else (FAIL_COLOUR, "FAIL")
         ax.add_patch(Rectangle((x + 0.04, y + 0.04), 0.92, 0.92, fc=colour, ec="0.5", lw=0.6,
                                gid=f"sample:{c.sample_id}"))
-        ax.text(x + 0.5, y + 0.76, c.sample_id, ha="center", va="center", fontsize=6.5, weight="bold")
+        ax.text(x + 0.5, y + 0.76, c.sample_id, ha="center", va="center", fontsize=6.5,
+                weight="bold")
         ax.text(x + 0.5, y + 0.52, f"acc {c.accuracy:.0%}  r {'-' if r is None else fmt(r)}x",
                 ha="center", va="center", fontsize=6.5)
         ax.text(x + 0.5, y + 0.26, status, ha="center", va="center", fontsize=7,
@@ -674,13 +724,15 @@ def _draw_samples(ax: Axes, o: RaceOutcome) -> None:
     n_pass = sum(1 for c in ev.paired if (c.ratio or 0) > RATIO_PASS)
     acc = sum(c.objects_correct for c in ev.clips) / max(1, sum(c.objects_total for c in ev.clips))
     sep = separation(ev)
-    footer = (f"all {len(ev.clips)} val clips: {n_pass}/{n_pair} pass r > {RATIO_PASS} "
-              f"({n_pass / n_pair:.0%})" if n_pair else f"all {len(ev.clips)} val clips: none has transients")
+    footer = f"all {len(ev.clips)} val clips: " + (
+        f"{n_pass}/{n_pair} pass r > {RATIO_PASS} ({n_pass / n_pair:.0%})" if n_pair
+        else "none has transients")
     footer += (f"; {len(ev.clips) - n_pair} excluded (no transient)\nobject accuracy {acc:.1%}, "
-               f"geo-mean r {fmt(sep.geo_mean_ratio)}x; tiles: first {len(shown)} clips by sample id")
+               f"geo-mean r {fmt(sep.geo_mean_ratio)}x; tiles: first {len(shown)} clips by id\n"
+               f"acc: share of the clip's objects classified correctly; PASS: r > {RATIO_PASS}")
     ax.text(cols / 2, -0.12, footer, ha="center", va="top", fontsize=7.5)
     ax.set_xlim(0, cols)
-    ax.set_ylim(-0.9, rows)
+    ax.set_ylim(-1.2, rows)
     ax.set_aspect("auto")
     ax.axis("off")
     ax.set_title(f"4. Sample-level grid at epoch {ev.epoch}: {len(shown)} of {len(ev.clips)} "
@@ -702,7 +754,7 @@ def build_figures(outcome: RaceOutcome) -> FigureSet:
     combined.suptitle(head, fontsize=11.5, weight="bold", color=edge,
                       bbox={"boxstyle": "round", "fc": colour, "ec": edge})
     axes = combined.subplots(2, 2).ravel()
-    for ax, draw in zip(axes, _DRAW.values()):
+    for ax, draw in zip(axes, _DRAW.values(), strict=True):
         draw(ax, outcome)
     panels = {}
     for key, draw in _DRAW.items():
@@ -766,7 +818,8 @@ def checkpoint_for(outcome: RaceOutcome) -> tuple[Path | None, str]:
         except (OSError, ValueError):
             continue
         if info.get("epoch") == outcome.epoch and (step is None or info.get("step") == step):
-            return path, f"weights of the evaluated model (epoch {outcome.epoch}, step {info.get('step')})"
+            return path, (f"weights of the evaluated model (epoch {outcome.epoch}, "
+                          f"step {info.get('step')})")
     latest = outcome.run.latest_checkpoint
     if latest.exists():
         try:
@@ -791,15 +844,17 @@ def render_report(outcome: RaceOutcome, files: dict[str, Path], *, now: float) -
     plan_name = _rel(o.plan.source, o.plan.repo) if o.plan.source else "?"
     lines: list[str] = []
     if o.succeeded:
-        lines.append(f"# SUCCESS: {exp.name}: {o.focus.name} met every criterion at epoch {o.epoch}")
+        lines.append(
+            f"# SUCCESS: {exp.name}: {o.focus.name} met every criterion at epoch {o.epoch}")
     else:
         lines.append(f"# FAILURE: {exp.name}: no worker met the criteria")
     lines += ["", f"Generated {_utc(now)} by scripts/generate_success_visualizations.py from the "
               f"plan `{plan_name}`, the state file and the workers' metrics and per-clip records.",
               "", f"![{o.kind.lower()} figure]({_rel(files['figure'], base)})", "",
-              "> " + banner_text(o).replace("\n", "  \n> "), ""]
+              "> " + banner_text(o).replace("\n", "\n>\n> "), ""]
     if o.unsettled:
-        lines += [f"Note: {', '.join(o.unsettled)} had not finished stopping when this was written; "
+        lines += [f"Note: {', '.join(o.unsettled)} had not finished stopping when this was written;"
+                  " "
                   "their compute numbers include the time up to then.", ""]
     lines += ["## Plan", "", f"- plan file: `{plan_name}`; experiment `{exp.name}`, "
               f"{len(exp.workers)} workers, max {exp.max_epochs} epochs, criteria checked at "
@@ -814,8 +869,8 @@ def render_report(outcome: RaceOutcome, files: dict[str, Path], *, now: float) -
     ckpt, ckpt_note = checkpoint_for(o)
     lines += ["", f"## {who}: `{o.focus.name}` at epoch {o.epoch} of {o.focus.max_epochs}", "",
               f"- branch `{o.focus.config.branch}`; run directory `{_rel(o.run.run_dir, base)}`",
-              f"- checkpoint: " + (f"[{_rel(ckpt, base)}]({_rel(ckpt, base)}) ({ckpt_note})" if ckpt
-                                   else ckpt_note),
+              "- checkpoint: " + (f"[{_rel(ckpt, base)}]({_rel(ckpt, base)}) ({ckpt_note})"
+                                  if ckpt else ckpt_note),
               f"- per-clip records: [{_rel(o.decisive.path, base)}]({_rel(o.decisive.path, base)})"
               f" (epoch {o.decisive.epoch}); metrics: [{_rel(o.run.metrics, base)}]"
               f"({_rel(o.run.metrics, base)})", ""]
@@ -823,7 +878,8 @@ def render_report(outcome: RaceOutcome, files: dict[str, Path], *, now: float) -
     cis = metric_cis(o.decisive)
     lines += ["## Every metric of that evaluation (held-out val split)", "",
               "| metric | value | 95% CI | CI method |", "|---|---|---|---|"]
-    skip = {"epoch", "step", "time_s", "attempt", "attention_ratio_ci_low", "attention_ratio_ci_high"}
+    skip = {"epoch", "step", "time_s", "attempt", "attention_ratio_ci_low",
+            "attention_ratio_ci_high"}
     for key in sorted(k for k in m if k not in skip):
         ci, how = None, ""
         if key == "attention_ratio" and m.get("attention_ratio_ci_low") is not None:
@@ -864,11 +920,14 @@ def render_report(outcome: RaceOutcome, files: dict[str, Path], *, now: float) -
               f"- slot-seconds used (wall time holding a slot; GPU-seconds on GPU slots): "
               f"{_secs(used)} s; estimated to run every worker to max_epochs: {_secs(full)} s",
               f"- **estimated compute saved by stopping early: {_secs(saved)} slot-seconds"
-              + (f" ({saved / full:.0%})" if full > 0 else "") + f", {_secs(saved_cpu)} CPU-seconds**",
-              "", "| worker | state | epochs | slot-s used | slot-s to max_epochs (est.) | saved (est.) "
-              "| CPU-s used | CPU-s saved (est.) | basis |", "|---|---|---|---|---|---|---|---|---|"]
+              + (f" ({saved / full:.0%})" if full > 0 else "")
+              + f", {_secs(saved_cpu)} CPU-seconds**",
+              "", "| worker | state | epochs | slot-s used | slot-s to max_epochs (est.) "
+              "| saved (est.) | CPU-s used | CPU-s saved (est.) | basis |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.worker} | {r.state} | {r.epochs_done}/{r.max_epochs} | {_secs(r.busy_s)} | "
+        lines.append(f"| {r.worker} | {r.state} | {r.epochs_done}/{r.max_epochs} | "
+                     f"{_secs(r.busy_s)} | "
                      f"{_secs(r.full_busy_s)} | {_secs(r.saved_busy_s)} | {_secs(r.cpu_s)} | "
                      f"{_secs(r.saved_cpu_s)} | {r.note} |")
     lines += ["", "These savings are an ESTIMATE: each stopped run's measured seconds per epoch so "

@@ -22,18 +22,28 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--plan", required=True, help="the plan file (experiments.yaml)")
     p.add_argument("--experiment", required=True, help="the experiment (race) to draw")
-    p.add_argument("--run-dir", default=None,
-                   help="the winner's run directory (for a failed race: the worker to draw); "
-                   "default: the winner, or the best worker")
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        help="the winner's run directory (for a failed race: the worker to draw); "
+        "default: the winner, or the best worker",
+    )
     p.add_argument("--worker", default=None, help="the same worker by name (instead of --run-dir)")
-    p.add_argument("--out", default=None,
-                   help="output folder (default <results_dir>/<experiment>/success_viz)")
-    p.add_argument("--wait-s", type=float, default=0.0,
-                   help="wait up to this many seconds for the race to be decided and the losers "
-                   "stopped (the hook starts while they are still stopping); default 0")
+    p.add_argument(
+        "--out", default=None, help="output folder (default <results_dir>/<experiment>/success_viz)"
+    )
+    p.add_argument(
+        "--wait-s",
+        type=float,
+        default=0.0,
+        help="wait up to this many seconds for the race to be decided and the losers "
+        "stopped (the hook starts while they are still stopping); default 0",
+    )
     args = p.parse_args(argv)
     if args.wait_s < 0:
         p.error("--wait-s must be >= 0")
@@ -42,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.success_report import load_outcome, write_outputs
 
     try:
-        outcome = load_outcome(args.plan, args.experiment, run_dir=args.run_dir, worker=args.worker,
-                               wait_s=args.wait_s)
+        outcome = load_outcome(
+            args.plan, args.experiment, run_dir=args.run_dir, worker=args.worker, wait_s=args.wait_s
+        )
         files = write_outputs(outcome, Path(args.out) if args.out else None)
     except OrchestratorError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -56,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"error: cannot write the figures: {e}", file=sys.stderr)
         return 2
-    print(f"{outcome.kind}: {outcome.experiment.name}, {outcome.focus.name} at epoch {outcome.epoch}")
+    print(
+        f"{outcome.kind}: {outcome.experiment.name}, {outcome.focus.name} at epoch {outcome.epoch}"
+    )
     for key in ("figure", "report"):
         print(f"{key}: {files[key]}")
     return 0
