@@ -401,12 +401,14 @@ def _node_ip() -> str:
 
 
 def _ray_gpu_ids() -> str:
+    """The GPUs Ray gave this actor, as CUDA_VISIBLE_DEVICES ("" outside Ray: no GPUs)."""
     try:
         import ray
-
-        return ",".join(str(g) for g in ray.get_gpu_ids())
-    except Exception:
+    except ImportError:
         return ""
+    if not ray.is_initialized():  # get_gpu_ids() would start a whole Ray instance
+        return ""
+    return ",".join(str(g) for g in ray.get_gpu_ids())
 
 
 # -- the controller side --------------------------------------------------------------------

@@ -22,17 +22,20 @@ import psutil
 import pytest
 import yaml
 
-ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
-
-from orchestrator.config import load_plan  # noqa: E402
-from orchestrator.controller import Controller  # noqa: E402
-from orchestrator.launchers import LaunchSpec  # noqa: E402
-from orchestrator.processes import RUN_ID_ENV  # noqa: E402
-from orchestrator.ray_executor import RayLauncher, RayRunHandle, is_append_only  # noqa: E402
-from orchestrator.state import PlanState, RunState  # noqa: E402
+from orchestrator.config import load_plan
+from orchestrator.controller import Controller
+from orchestrator.launchers import LaunchSpec
+from orchestrator.processes import RUN_ID_ENV
+from orchestrator.ray_executor import (
+    NodeSpec,
+    RayLauncher,
+    RayRunHandle,
+    RunActor,
+    is_append_only,
+)
+from orchestrator.state import PlanState, RunState
 
 pytestmark = [
-    pytest.mark.slow,
     # Ray's own modules warn on import/shutdown (deprecations, unclosed sockets): not ours.
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
@@ -46,6 +49,8 @@ RACE = f"rayrace-{uuid.uuid4().hex[:8]}"
 
 @pytest.fixture(scope="module")
 def local_ray() -> Any:
+    """One local Ray instance (2 CPUs, no GPU) for the module; skips without Ray."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
@@ -140,7 +145,65 @@ def test_append_only_classification() -> None:
     assert not is_append_only("attempts/0001.exit.json")
 
 
+def sentinels(run_id: str) -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if "sentinel" in (p.info["cmdline"] or []) and run_id in (p.info["cmdline"] or [])]
+
+
+def test_node_side_seeds_rewrites_streams_and_cleans_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RunActor without Ray, in shipped mode: the node run directory is seeded with the
+    controller's checkpoint, controller paths are rewritten, only new bytes stream back, the
+    published files come back at the end and the node copy and the sentinel are gone."""
+    node_copy = tmp_path / "node copy"  # what Ray would unpack the worktree into
+    node_copy.mkdir()
+    shutil.copy(FAKE_WORKER, node_copy / "fake_worker.py")
+    monkeypatch.chdir(node_copy)
+    controller_wt = tmp_path / "controller worktree"  # never created: must not be used
+    controller_run = tmp_path / "controller run"
+    seeded = "".join(json.dumps({"epoch": e, "acc": 0.1 * e}) + "\n" for e in (1, 2, 3))
+    run_id = f"{RACE}/node/2/abc"
+    spec = NodeSpec(
+        argv=["/controller/python", "fake_worker.py", "--epochs", "5", "--interval", "0.02",
+              "--metric", "acc=0+0.1*epoch", "--run-dir", str(controller_run)],
+        env={"ORCH_RUN_DIR": str(controller_run), "ORCH_RESUME": "1", "ORCH_ATTEMPT": "2",
+             "PYTHONPATH": f"{controller_wt}/src:{controller_wt}"},
+        cwd=str(controller_wt), run_dir=str(controller_run), run_id=run_id, attempt=2,
+        header="==== attempt 2", shipped=True, controller_python="/controller/python",
+        checkpoint_sync_s=0.0,
+        files={"metrics.jsonl": seeded.encode(),
+               "checkpoints/latest.ckpt": json.dumps({"epoch": 3}).encode()},
+    )
+    actor = RunActor(spec)
+    info = actor.start()
+    assert info["cwd"] == str(node_copy) and Path(info["run_dir"]) != controller_run
+    appends: dict[str, bytes] = {}
+    snapshots: dict[str, bytes] = {}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        pull = actor.pull(wait_s=0.5)
+        for rel, data in pull.appends.items():
+            appends[rel] = appends.get(rel, b"") + data
+        snapshots.update(pull.snapshots)
+        if pull.returncode is not None:
+            break
+    assert pull.returncode == 0
+    assert [json.loads(x)["epoch"] for x in appends["metrics.jsonl"].splitlines()] == [4, 5]
+    assert b"resumed at epoch 4" in appends["stdout.log"]
+    assert appends["stdout.log"].startswith(b"==== attempt 2")
+    assert json.loads(snapshots["checkpoints/latest.ckpt"]) == {"epoch": 5}
+    assert json.loads(snapshots["attempts/0002.exit.json"])["returncode"] == 0
+    assert not Path(info["run_dir"]).exists()  # the node copy is removed after the last pull
+    assert not controller_run.exists() and not controller_wt.exists()
+    deadline = time.monotonic() + 10
+    while sentinels(run_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sentinels(run_id) == []
+
+
 @pytest.mark.parametrize("ship", [True, False], ids=["shipped", "in-place"])
+@pytest.mark.slow
 def test_race_decides_stops_losers_and_returns_results(
     local_ray: Any, tmp_path: Path, ship: bool
 ) -> None:
@@ -193,6 +256,7 @@ def test_race_decides_stops_losers_and_returns_results(
             assert h.node_cwd == str(h.spec.cwd)
 
 
+@pytest.mark.slow
 def test_killed_actor_is_retried_with_resume(local_ray: Any, tmp_path: Path) -> None:
     repo = make_repo(tmp_path)
     plan_path = write_plan(repo, [
@@ -209,8 +273,8 @@ def test_killed_actor_is_retried_with_resume(local_ray: Any, tmp_path: Path) -> 
         while time.monotonic() < deadline:
             if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
                 handle = launcher.started[0]
-                killed["pids"] = ray.get(handle.actor.node_pids.remote())
-                ray.kill(handle.actor, no_restart=True)
+                killed["pids"] = local_ray.get(handle.actor.node_pids.remote())
+                local_ray.kill(handle.actor, no_restart=True)
                 killed["at"] = time.monotonic()
                 return
             time.sleep(0.05)
@@ -238,4 +302,4 @@ def test_killed_actor_is_retried_with_resume(local_ray: Any, tmp_path: Path) -> 
     epochs = [r["epoch"] for r in read_metrics(plan.results_dir / RACE / "solo")]
     assert epochs[-1] >= 25
     assert sorted(set(epochs)) == list(range(1, epochs[-1] + 1))  # no gap across attempts
-    assert "died" in (plan.results_dir / RACE / "solo" / "stderr.log").read_text()
+    assert "Ray actor of" in (plan.results_dir / RACE / "solo" / "stderr.log").read_text()
