@@ -516,10 +516,10 @@ def _synthetic_run(run_dir: Path, seed: int, epochs: list[int], lift: list[float
     rep.save_checkpoint(lambda p: p.write_bytes(b"weights"), epoch=epochs[-1], step=epochs[-1] * 10)
 
 
-def render_golden(tmp_path: Path) -> str:
-    """The report of a seeded synthetic race: 3 workers, winner at epoch 10, fixed clock."""
+def synthetic_race(tmp_path: Path, epochs: list[int], lift: list[float]) -> Path:
+    """A seeded synthetic race: 3 workers; 'attention' wins at its last evaluation. Plan path."""
     results = tmp_path / "results"
-    _synthetic_run(results / "race" / "attention", 1, [5, 10], [1.1, 2.2])
+    _synthetic_run(results / "race" / "attention", 1, epochs, lift)
     _synthetic_run(results / "race" / "multitask", 2, [5], [1.05])
     criteria = ["attention_ratio >= 1.5", "consistency >= 0.5", "separation_p < 0.01"]
     (tmp_path / "plan.yaml").write_text(
@@ -548,7 +548,7 @@ def render_golden(tmp_path: Path) -> str:
     hist.add(JsonlSource(results / "race" / "attention" / "metrics.jsonl").read_new())
     state = PlanState(plan="plan.yaml", started_at=T0)
     state.experiments["race"] = ExperimentRecord(
-        "race", ExperimentStatus.succeeded, "attention", 10, hist.records[-1], T0, T0 + 3725.0
+        "race", ExperimentStatus.succeeded, "attention", epochs[-1], hist.records[-1], T0, T0 + 3725.0
     )
     for rec in (
         RunRecord(
@@ -579,7 +579,19 @@ def render_golden(tmp_path: Path) -> str:
     ):
         state.runs[rec.key] = rec
     state.save(results / "state.json")
-    o = load_outcome(tmp_path / "plan.yaml", "race")
+    return tmp_path / "plan.yaml"
+
+
+def _files(o) -> dict[str, Path]:
+    return {
+        "figure": o.viz_dir / "SUCCESS_VISUALIZATION.png",
+        **{k: o.viz_dir / v for k, v in PANEL_FILES.items()},
+    }
+
+
+def render_golden(tmp_path: Path) -> str:
+    """The report of the synthetic race won at epoch 10, with a fixed clock."""
+    o = load_outcome(synthetic_race(tmp_path, [5, 10], [1.1, 2.2]), "race")
     files = {
         "figure": o.viz_dir / "SUCCESS_VISUALIZATION.png",
         **{k: o.viz_dir / v for k, v in PANEL_FILES.items()},
@@ -589,6 +601,42 @@ def render_golden(tmp_path: Path) -> str:
 
 def test_golden_report(tmp_path):
     assert render_golden(tmp_path) == GOLDEN
+
+
+def test_race_decided_by_the_first_evaluation_has_no_before(tmp_path):
+    from matplotlib.container import BarContainer
+
+    o = load_outcome(synthetic_race(tmp_path, [5], [2.2]), "race")
+    assert o.first.epoch == o.decisive.epoch == 5
+    ratio, before_after = build_figures(o).combined.axes[:2]
+    bars = [c for c in before_after.containers if isinstance(c, BarContainer)]
+    assert len(bars) == 2  # persistent + transient of the one evaluation, no fake "before"
+    assert "no evaluation before epoch 5" in _texts(before_after)
+    assert "contrastive (no evaluation)" in [ln.get_label() for ln in ratio.get_lines()]
+
+
+def test_waits_for_the_losers_to_be_stopped(tmp_path):
+    """The hook starts while the losers are still stopping: --wait-s waits for the state."""
+    plan = synthetic_race(tmp_path, [5, 10], [1.1, 2.2])
+    path = tmp_path / "results" / "state.json"
+    settled = PlanState.load(path)
+    unsettled = PlanState.load(path)
+    unsettled.experiments["race"].status = ExperimentStatus.running
+    unsettled.runs["race/multitask"].state = RunState.running
+    unsettled.save(path)
+    naps: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the controller settles the race while we wait
+        naps.append(seconds)
+        settled.save(path)
+
+    o = load_outcome(plan, "race", wait_s=60, sleep=sleep)
+    assert len(naps) == 1 and o.succeeded and not o.unsettled
+    unsettled.experiments["race"].status = ExperimentStatus.succeeded
+    unsettled.save(path)  # decided, one loser still stopping after the wait: noted, not fatal
+    o = load_outcome(plan, "race", wait_s=0)
+    assert o.unsettled == ["multitask"]
+    assert "multitask had not finished stopping" in render_report(o, _files(o), now=T0)
 
 
 GOLDEN = """\
