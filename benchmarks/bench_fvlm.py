@@ -74,12 +74,12 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if device.type == "cuda" else "-"
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({args.threads} threads)"
-    print(f"| preset | device | params | batch | T | N | fine passes | samples/s | step s | peak GiB |")
-    print(f"|---|---|---|---|---|---|---|---|---|---|")
+    print("| preset | device | params | batch | T | N | fine passes | samples/s | step s | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.preset} | {name} | {n_params / 1e6:.2f} M | {B} | {T} | {cfg.num_tokens} | "
-          f"{cfg.fine_iterations} | {B * args.steps / dt:.1f} | {dt / args.steps:.3f} | {peak:.2f} |")
+          f"{cfg.fine_iterations} | {B * args.steps / dt:.1f} | {dt / args.steps:.3f} | {peak} |")
 
 
 if __name__ == "__main__":
