@@ -41,6 +41,7 @@ import math
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -369,11 +370,16 @@ def load_outcome(
 
 def _bootstrap_ci(data: Sequence[np.ndarray], statistic: Callable[..., Any],
                   paired: bool = False) -> tuple[float, float] | None:
-    """Percentile bootstrap 95% CI over clips, or None (fewer than 3 clips, or no spread)."""
-    if len(data[0]) < 3 or all(np.ptp(d) == 0 for d in data):
+    """Percentile bootstrap 95% CI over clips, or None (fewer than 5 clips, no spread, or a
+    statistic that is not finite on some resamples, e.g. d_z of a resample without spread)."""
+    if len(data[0]) < 5 or all(np.ptp(d) == 0 for d in data):
         return None
-    res = stats.bootstrap(tuple(data), statistic, n_resamples=N_RESAMPLES, method="percentile",
-                          paired=paired, vectorized=True, rng=np.random.default_rng(0))
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # non-finite resamples: checked below
+        res = stats.bootstrap(tuple(data), statistic, n_resamples=N_RESAMPLES, method="percentile",
+                              paired=paired, vectorized=True, rng=np.random.default_rng(0))
+    if not np.all(np.isfinite(res.bootstrap_distribution)):
+        return None
     lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
     return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) else None
 
@@ -633,8 +639,8 @@ def _draw_before_after(ax: Axes, o: RaceOutcome) -> None:
             top = max(top, hi, float(vals.max()) if len(vals) else 0.0)
     for g, (_, ev) in enumerate(evals):
         sep = separation(ev)
-        ax.text(g, top * 1.02, f"r = {fmt(sep.geo_mean_ratio)}x\nn = {sep.n} clips", ha="center",
-                va="bottom", fontsize=8)
+        ax.text(g, top * 1.02, f"geo-mean of clip ratios r = {fmt(sep.geo_mean_ratio)}x\n"
+                f"n = {sep.n} clips", ha="center", va="bottom", fontsize=8)
     right = len(evals) - 0.4
     ax.axhline(1.0, color="grey", ls=":", lw=1)
     ax.text(right - 0.3, 1.0, " uniform", va="bottom", fontsize=7, color="grey")
