@@ -95,6 +95,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--train-samples", type=int, default=800, help="train clips loaded")
     p.add_argument("--preset", default="tiny", choices=sorted(ep.PRESETS), help="worker preset")
+    p.add_argument("--overhead-approach", default="pretrained_features", choices=APPROACHES,
+                   help="approach of the overhead test (default: the cheapest step, the worst case)")
     p.add_argument("--sharing", action="store_true", help="also run all four at once (GPU box)")
     p.add_argument("--single", choices=APPROACHES, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -122,7 +124,7 @@ def main() -> int:
             print(f"{a:<22}{alone[a]['clips_per_s']:>14.1f}{res['clips_per_s']:>12.1f}")
     # reporting/checkpoint overhead, in-process, same model, same steps, three repeats each way
     torch.set_num_threads(args.threads)
-    a, model, data, opt, device = setup("contrastive", args.data_dir, args.train_samples, args.preset)
+    a, model, data, opt, device = setup(args.overhead_approach, args.data_dir, args.train_samples, args.preset)
     train_steps(a, model, data, opt, device, args.warmup)
     steps = 2 * args.epoch_steps
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,7 +135,8 @@ def main() -> int:
             rows["with"].append(train_steps(a, model, data, opt, device, steps, rep, args.epoch_steps))
     wall = {k: min(r[0] for r in v) for k, v in rows.items()}
     cpu = {k: min(r[1] for r in v) for k, v in rows.items()}
-    print(f"\nreporting + checkpoint once per {args.epoch_steps} steps ({steps} steps, best of 3):")
+    print(f"\nreporting + checkpoint once per {args.epoch_steps} steps, {args.overhead_approach} "
+          f"({steps} steps, best of 3):")
     print(f"  wall  {wall['without']:.2f} s -> {wall['with']:.2f} s  overhead {100 * (wall['with'] / wall['without'] - 1):+.1f}%")
     print(f"  CPU   {cpu['without']:.2f} s -> {cpu['with']:.2f} s  overhead {100 * (cpu['with'] / cpu['without'] - 1):+.1f}%")
     return 0
