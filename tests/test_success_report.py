@@ -325,16 +325,10 @@ def test_failure_path_names_missed_criteria(failure_plan):
     for miss in o.missed:
         assert miss in title
     assert any("need >= 1.5" in m for m in o.missed)  # tiny runs never reach ratio 1.5
-    (o.viz_dir / "SUCCESS_REPORT.md").parent.mkdir(parents=True, exist_ok=True)
-    (o.viz_dir / "SUCCESS_REPORT.md").write_text("stale verdict of an earlier run")
-    files = write_outputs(o, now=T0 + 200)
-    assert files["figure"].name == "FAILURE_VISUALIZATION.png"
-    assert not (o.viz_dir / "SUCCESS_REPORT.md").exists()  # the dashboard never links both
-    report = files["report"].read_text()
+    report = render_report(o, _files(o), now=T0 + 200)  # files: see the hook test below
     assert report.startswith("# FAILURE: race: no worker met the criteria")
+    assert f"## Best worker: `{o.focus.name}` at epoch {o.epoch} of {o.focus.max_epochs}" in report
     assert "| `attention_ratio >= 1.5` |" in report and "| NO |" in report
-    for link in _links(report):
-        assert (o.viz_dir / link).is_file(), link
     assert all(r.saved_busy_s == 0 for r in compute_savings(o))  # both ran their course
 
 
@@ -351,7 +345,9 @@ def _script_main():
 def test_script_as_the_hook_of_a_failed_race(failure_plan, tmp_path):
     """The controller hands a failed race's hook the best worker's run dir: still FAILURE."""
     run_dir = failure_plan.parent / "results" / "race" / "multitask"
-    out = tmp_path / "out"
+    out = failure_plan.parent / "results" / "race" / "success_viz"  # the default --out
+    out.mkdir(parents=True)
+    (out / "SUCCESS_REPORT.md").write_text("stale verdict of an earlier run")
     proc = subprocess.run(
         [
             sys.executable,
@@ -362,8 +358,6 @@ def test_script_as_the_hook_of_a_failed_race(failure_plan, tmp_path):
             "race",
             "--run-dir",
             str(run_dir),
-            "--out",
-            str(out),
         ],
         cwd=REPO,
         capture_output=True,
@@ -373,6 +367,13 @@ def test_script_as_the_hook_of_a_failed_race(failure_plan, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("FAILURE: race, multitask at epoch")
     assert (out / "FAILURE_VISUALIZATION.png").is_file() and (out / "FAILURE_REPORT.md").is_file()
+    assert not (out / "SUCCESS_REPORT.md").exists()  # the dashboard never links both verdicts
+    report = (out / "FAILURE_REPORT.md").read_text()
+    assert "## Best worker: `multitask`" in report
+    for name in PANEL_FILES.values():
+        assert f"]({name})" in report and (out / name).is_file()
+    for link in _links(report):
+        assert (out / link).is_file(), link
     proc = subprocess.run(
         [
             sys.executable,
