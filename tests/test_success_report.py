@@ -374,6 +374,21 @@ def test_script_as_the_hook_of_a_failed_race(failure_plan, tmp_path):
         assert f"]({name})" in report and (out / name).is_file()
     for link in _links(report):
         assert (out / link).is_file(), link
+    # the dashboard (orchestrator/dashboard.py) links these exact file names as soon as they exist
+    from orchestrator.config import load_plan
+    from orchestrator.dashboard import Dashboard
+    from orchestrator.paths import ResultsPaths
+
+    plan = load_plan(failure_plan)
+    dashboard = Dashboard(plan, ResultsPaths(plan.results_dir))
+    try:
+        linked = dashboard._links()["race"]
+    finally:
+        dashboard.close()
+    assert [label for label, _ in linked] == ["Failure figure", "Failure report"]
+    for _, rel in linked:
+        assert (plan.dashboard.parent / rel).resolve() in {
+            (out / "FAILURE_VISUALIZATION.png").resolve(), (out / "FAILURE_REPORT.md").resolve()}
     proc = subprocess.run(
         [
             sys.executable,
