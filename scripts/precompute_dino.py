@@ -11,7 +11,7 @@ with PyAV; T frames are taken evenly spaced (--num-frames; all frames when the v
 
 Output: one <id>.pt per video (written atomically; finished files are skipped on a rerun, so the
 job is resumable) holding
-    dino_features  [T, N, D]    last_hidden_state of Dinov2Model (CLS + patches), N = 1 + (S // 14)^2
+    dino_features  [T, N, D]    Dinov2Model last_hidden_state (CLS + patches), N = 1 + (S // 14)^2
                                 (325 at S = 256; D = 384 for dinov2-small), stored in --dtype
     latents        [T, 4, S/8, S/8]  AutoencoderKL latent_dist.mean * scaling_factor (0.18215)
     caption, id, split
@@ -53,8 +53,14 @@ def build_tiny_dino(image_size: int, seed: int = 0):
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(seed)
-    cfg = Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=128, patch_size=14, image_size=image_size)
+    cfg = Dinov2Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        patch_size=14,
+        image_size=image_size,
+    )
     return Dinov2Model(cfg)
 
 
@@ -63,16 +69,23 @@ def build_tiny_vae(image_size: int, seed: int = 0):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4,
-                         block_out_channels=(8, 8, 16, 16), layers_per_block=1,
-                         norm_num_groups=4, sample_size=image_size,
-                         scaling_factor=SD_SCALING_FACTOR)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=image_size,
+        scaling_factor=SD_SCALING_FACTOR,
+    )
 
 
-def load_encoders(tiny: bool, image_size: int, out: Path, dino_name: str, vae_name: str,
-                  local_files_only: bool):
+def load_encoders(
+    tiny: bool, image_size: int, out: Path, dino_name: str, vae_name: str, local_files_only: bool
+):
     """Load (dino, vae, names) with ``from_pretrained``.
 
     With ``tiny`` the random models are built once (seed 0), saved under out/tiny_encoders/ and
@@ -110,11 +123,12 @@ def read_frames(path: Path, num_frames: int) -> np.ndarray:
 
 @torch.no_grad()
 def encode_frames(frames: torch.Tensor, dino, vae, image_size: int, device: torch.device):
-    """Encode uint8 frames [B, H, W, 3] -> (dino_features [B, N, D], latents [B, 4, S/8, S/8]) fp32."""
+    """uint8 frames [B, H, W, 3] -> (dino_features [B, N, D], latents [B, 4, S/8, S/8]), fp32."""
     x = frames.to(device).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W) in [0, 1]
     if x.shape[-1] != image_size or x.shape[-2] != image_size:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
-                          align_corners=False).clamp(0, 1)
+        x = F.interpolate(
+            x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
+        ).clamp(0, 1)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     use_amp = device.type == "cuda"
@@ -125,7 +139,9 @@ def encode_frames(frames: torch.Tensor, dino, vae, image_size: int, device: torc
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--videos", required=True, help="folder with captions.jsonl and the videos")
     p.add_argument("--out", required=True, help="output folder for <id>.pt files")
     p.add_argument("--tiny", action="store_true", help="tiny random-weight encoders (CPU, tests)")
@@ -137,17 +153,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae", default=VAE_NAME, help="AutoencoderKL model name or path")
     p.add_argument("--local-files-only", action="store_true", help="never reach the model hub")
     p.add_argument("--limit", type=int, default=None, help="encode at most this many videos")
-    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 4),
-                   help="torch CPU threads")
+    p.add_argument(
+        "--threads", type=int, default=max(1, (os.cpu_count() or 1) // 4), help="torch CPU threads"
+    )
     args = p.parse_args(argv)
     image_size = args.image_size or (112 if args.tiny else 256)
     if image_size < 14 or image_size % 8:
-        print(f"error: --image-size must be a multiple of 8 and >= 14, got {image_size}", file=sys.stderr)
+        print(
+            f"error: --image-size must be a multiple of 8 and >= 14, got {image_size}",
+            file=sys.stderr,
+        )
         return 2
     captions_path = Path(args.videos) / "captions.jsonl"
     if not captions_path.exists():
-        print(f"error: {captions_path} not found (make it with scripts/make_captioned_videos.py)",
-              file=sys.stderr)
+        print(
+            f"error: {captions_path} not found (make it with scripts/make_captioned_videos.py)",
+            file=sys.stderr,
+        )
         return 2
     torch.set_num_threads(args.threads)
     entries = [json.loads(line) for line in captions_path.read_text().splitlines() if line.strip()]
@@ -157,17 +179,20 @@ def main(argv: list[str] | None = None) -> int:
     pending = [e for e in entries if not (out / f"{e['id']}.pt").exists()]
     print(f"{len(entries) - len(pending)} of {len(entries)} videos already encoded in {out}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dino, vae, names = load_encoders(args.tiny, image_size, out, args.dino, args.vae,
-                                     args.local_files_only)
+    dino, vae, names = load_encoders(
+        args.tiny, image_size, out, args.dino, args.vae, args.local_files_only
+    )
     dino, vae = dino.to(device), vae.to(device)
     videos_per_batch = max(1, args.batch_frames // args.num_frames)
     skipped: list[str] = []
     shapes = None
     for start in tqdm(range(0, len(pending), videos_per_batch), desc="encode", unit="batch"):
         group, clips = [], []
-        for e in pending[start:start + videos_per_batch]:
+        for e in pending[start : start + videos_per_batch]:
             try:
-                clips.append(torch.from_numpy(read_frames(Path(args.videos) / e["video"], args.num_frames)))
+                clips.append(
+                    torch.from_numpy(read_frames(Path(args.videos) / e["video"], args.num_frames))
+                )
                 group.append(e)
             except (ValueError, av.error.FFmpegError) as err:
                 skipped.append(f"{e['id']}: {err}")
@@ -176,15 +201,25 @@ def main(argv: list[str] | None = None) -> int:
         feats, latents = encode_frames(torch.cat(clips), dino, vae, image_size, device)
         T = args.num_frames
         for i, e in enumerate(group):
-            record = {"dino_features": feats[i * T:(i + 1) * T].to(DTYPES[args.dtype]).cpu(),  # [T, N, D]
-                      "latents": latents[i * T:(i + 1) * T].to(DTYPES[args.dtype]).cpu(),  # [T, 4, h, w]
-                      "caption": e["caption"], "id": e["id"], "split": e.get("split", "train")}
+            record = {
+                "dino_features": feats[i * T : (i + 1) * T]
+                .to(DTYPES[args.dtype])
+                .cpu(),  # [T, N, D]
+                "latents": latents[i * T : (i + 1) * T]
+                .to(DTYPES[args.dtype])
+                .cpu(),  # [T, 4, h, w]
+                "caption": e["caption"],
+                "id": e["id"],
+                "split": e.get("split", "train"),
+            }
             shapes = (tuple(record["dino_features"].shape), tuple(record["latents"].shape))
             tmp = out / f".{e['id']}.pt.tmp"
             torch.save(record, tmp)
             os.replace(tmp, out / f"{e['id']}.pt")
     if shapes is None:  # nothing new: read the shapes back from an existing file
-        done = next((out / f"{e['id']}.pt" for e in entries if (out / f"{e['id']}.pt").exists()), None)
+        done = next(
+            (out / f"{e['id']}.pt" for e in entries if (out / f"{e['id']}.pt").exists()), None
+        )
         if done is not None:
             rec = torch.load(done, weights_only=True)
             shapes = (tuple(rec["dino_features"].shape), tuple(rec["latents"].shape))
@@ -192,10 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     for e in entries:
         if (out / f"{e['id']}.pt").exists():
             split.setdefault(e.get("split", "train"), []).append(e["id"])
-    meta = {"dino": names[0], "vae": names[1], "tiny": args.tiny, "image_size": image_size,
-            "num_frames": args.num_frames, "dtype": args.dtype,
-            "dino_features_shape": shapes[0] if shapes else None,
-            "latents_shape": shapes[1] if shapes else None, "split": split}
+    meta = {
+        "dino": names[0],
+        "vae": names[1],
+        "tiny": args.tiny,
+        "image_size": image_size,
+        "num_frames": args.num_frames,
+        "dtype": args.dtype,
+        "dino_features_shape": shapes[0] if shapes else None,
+        "latents_shape": shapes[1] if shapes else None,
+        "split": split,
+    }
     tmp = out / ".meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1) + "\n")
     os.replace(tmp, out / "meta.json")

@@ -37,11 +37,15 @@ def test_caption_matches_what_the_pixels_do(index):
     assert clip.caption == " and ".join(o.describe() for o in clip.objects)
     half = 4
     for obj in clip.objects:
-        mask = np.all(clip.frames == np.array(COLORS[obj.color], dtype=np.uint8), axis=-1)  # [T, H, W]
+        mask = np.all(
+            clip.frames == np.array(COLORS[obj.color], dtype=np.uint8), axis=-1
+        )  # [T, H, W]
         ys, xs = np.nonzero(mask[0])
         assert len(xs) > 20, "object must be visible"
-        cent = np.array([[np.nonzero(m)[1].mean(), np.nonzero(m)[0].mean()] for m in mask])  # [T, 2] (x, y)
-        for d, (t0, t1) in zip(obj.directions, ((0, half), (half, 7))):
+        cent = np.array(
+            [[np.nonzero(m)[1].mean(), np.nonzero(m)[0].mean()] for m in mask]
+        )  # [T, 2] (x, y)
+        for d, (t0, t1) in zip(obj.directions, ((0, half), (half, 7)), strict=True):
             motion = cent[t1] - cent[t0]
             expect = np.array(DIRECTIONS[d])
             # the other object may occlude a little: require the right sign and dominance
@@ -73,8 +77,21 @@ def test_videos_then_precompute_tiny_resumable(tmp_path):
     assert writer.main(args) == 0  # idempotent
     assert writer.main(args[:-1] + ["64"]) == 2  # other arguments into the same folder: refused
 
-    run = ["--videos", str(videos), "--out", str(feats), "--tiny", "--image-size", "56",
-           "--num-frames", "6", "--batch-frames", "24", "--threads", "1"]
+    run = [
+        "--videos",
+        str(videos),
+        "--out",
+        str(feats),
+        "--tiny",
+        "--image-size",
+        "56",
+        "--num-frames",
+        "6",
+        "--batch-frames",
+        "24",
+        "--threads",
+        "1",
+    ]
     assert pre.main(run) == 0
     rec = torch.load(feats / "clip_000000.pt", weights_only=True)
     N = pre.num_dino_tokens(56)
@@ -112,7 +129,9 @@ def test_encoders_load_offline_with_from_pretrained(tmp_path):
 
 def test_precompute_bad_input_is_one_error_line(tmp_path, capsys):
     pre = load_script("precompute_dino")
-    assert pre.main(["--videos", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--tiny"]) == 2
+    assert (
+        pre.main(["--videos", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--tiny"]) == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error:") and "captions.jsonl" in err
     assert not os.path.exists(tmp_path / "o")

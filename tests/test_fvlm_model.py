@@ -5,13 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.foveated_vlm import (IGNORE_INDEX, EfficientFoveatedModel, FoveatedConfig, build_labels,
-                                 load_lm, tiny_lm)
+from models.foveated_vlm import (
+    IGNORE_INDEX,
+    EfficientFoveatedModel,
+    FoveatedConfig,
+    build_labels,
+    load_lm,
+    tiny_lm,
+)
 from models.fvlm_tokenizer import encode_captions, load_tokenizer, train_caption_tokenizer
 
-CAPTIONS = ["a red circle moves left then up",
-            "a blue square moves down then right and an orange cross moves up then left",
-            "a green triangle moves right then down"]
+CAPTIONS = [
+    "a red circle moves left then up",
+    "a blue square moves down then right and an orange cross moves up then left",
+    "a green triangle moves right then down",
+]
 B, T, N, D, C, HW = 3, 5, 17, 16, 4, 7
 
 
@@ -23,8 +31,9 @@ def tokenizer():
 @pytest.fixture()
 def model(tokenizer):
     torch.manual_seed(0)
-    cfg = FoveatedConfig.tiny(num_tokens=N, feature_dim=D, latent_size=HW, attn_dim=32,
-                              num_heads=4, fine_iterations=2)
+    cfg = FoveatedConfig.tiny(
+        num_tokens=N, feature_dim=D, latent_size=HW, attn_dim=32, num_heads=4, fine_iterations=2
+    )
     m = EfficientFoveatedModel(cfg, tiny_lm(len(tokenizer)))
     # the FiLM head starts as copy-last-frame (zero last conv); randomise it so leaks would show
     torch.nn.init.normal_(m.film_head.dec[-1].weight, std=0.1)
@@ -64,7 +73,7 @@ def test_no_leak_latent_prediction_of_frame_t_ignores_frame_t(model, tokenizer, 
     feats2[:, t] += 5 * torch.randn_like(feats2[:, t])  # perturb frame t's features
     latents2[:, t] += 5 * torch.randn_like(latents2[:, t])  # ... and its latents (the target)
     out = model(feats2, latents2, ids, mask)
-    for p_ref, p in zip(ref.passes, out.passes):
+    for p_ref, p in zip(ref.passes, out.passes, strict=True):
         # pred_latents[:, j] predicts frame j + 1: frames 1..t must not move, frame t + 1 must
         torch.testing.assert_close(p.pred_latents[:, :t], p_ref.pred_latents[:, :t])
         if t + 1 < T:
@@ -82,8 +91,8 @@ def test_labels_mask_visual_and_padding_and_keep_eos(tokenizer):
     assert labels.shape == (B, 1 + T + ids.shape[1])
     assert (labels[:, : 1 + T] == IGNORE_INDEX).all()  # mode token + visual tokens
     for i, n in enumerate(lengths.tolist()):
-        assert labels[i, 1 + T: 1 + T + n].tolist() == ids[i, :n].tolist()
-        assert (labels[i, 1 + T + n:] == IGNORE_INDEX).all()  # padding
+        assert labels[i, 1 + T : 1 + T + n].tolist() == ids[i, :n].tolist()
+        assert (labels[i, 1 + T + n :] == IGNORE_INDEX).all()  # padding
     # truncation keeps the EOS
     short_ids, short_mask = encode_captions(tokenizer, CAPTIONS, max_tokens=4)
     assert short_ids.shape[1] == 4 and (short_ids[:, 3] == eos).all()
@@ -96,8 +105,10 @@ def test_caption_ce_matches_hf_causal_lm_loss(model, tokenizer):
     z = out.passes[0].z
     for i in range(B):
         n = int(mask[i].sum())
-        embeds = torch.cat([model.mode_embed.weight[:1], z[i], model.lm.get_input_embeddings()(ids[i, :n])])
-        labels = build_labels(ids[i:i + 1, :n], mask[i:i + 1, :n], T)
+        embeds = torch.cat(
+            [model.mode_embed.weight[:1], z[i], model.lm.get_input_embeddings()(ids[i, :n])]
+        )
+        labels = build_labels(ids[i : i + 1, :n], mask[i : i + 1, :n], T)
         hf = model.lm(inputs_embeds=embeds[None], labels=labels).loss
         torch.testing.assert_close(out.passes[0].ce[i], hf, rtol=1e-5, atol=1e-5)
 
@@ -107,8 +118,8 @@ def test_padding_does_not_change_a_sample(model, tokenizer):
     full = model(feats, latents, ids, mask)
     i = 0  # the shortest caption, padded in the batch
     n = int(mask[i].sum())
-    alone = model(feats[i:i + 1], latents[i:i + 1], ids[i:i + 1, :n], mask[i:i + 1, :n])
-    for p_full, p_alone in zip(full.passes, alone.passes):
+    alone = model(feats[i : i + 1], latents[i : i + 1], ids[i : i + 1, :n], mask[i : i + 1, :n])
+    for p_full, p_alone in zip(full.passes, alone.passes, strict=True):
         torch.testing.assert_close(p_full.ce[i], p_alone.ce[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(p_full.rec[i], p_alone.rec[0], rtol=1e-5, atol=1e-5)
 
@@ -117,8 +128,13 @@ def test_loss_backpropagates_into_query_path(model, tokenizer):
     feats, latents, ids, mask = batch(tokenizer)
     model.train()
     model(feats, latents, ids, mask).loss.backward()
-    for name in ("static_query", "query_head.1.weight", "cross_attn.to_k.weight",
-                 "cross_attn.to_v.weight", "film_head.dec.3.weight"):
+    for name in (
+        "static_query",
+        "query_head.1.weight",
+        "cross_attn.to_k.weight",
+        "cross_attn.to_v.weight",
+        "film_head.dec.3.weight",
+    ):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
 

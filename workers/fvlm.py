@@ -31,6 +31,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,14 +40,21 @@ from scipy import stats
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from models.foveated_vlm import (COARSE, FINE, SMOLLM2_NAME, EfficientFoveatedModel, FoveatedConfig,
-                                 load_lm, tiny_lm)
+from models.foveated_vlm import (
+    COARSE,
+    FINE,
+    SMOLLM2_NAME,
+    EfficientFoveatedModel,
+    FoveatedConfig,
+    load_lm,
+    tiny_lm,
+)
 from models.fvlm_tokenizer import encode_captions, load_tokenizer, train_caption_tokenizer
 from orchestrator.reporting import Reporter
 
 
 class FeatureSet(Dataset):
-    """Precomputed clips of one split: items {feats [T,N,D], latents [T,C,h,w] float32, caption, id}.
+    """Precomputed clips of one split: {feats [T,N,D], latents [T,C,h,w] float32, caption, id}.
 
     Reads ``<data_dir>/meta.json`` (split manifest) and ``<id>.pt`` files from precompute_dino.py;
     keeps ``num_frames`` evenly spaced frames; ``preload`` loads every file once into memory.
@@ -55,10 +63,16 @@ class FeatureSet(Dataset):
     def __init__(self, data_dir: Path, split: str, num_frames: int | None, preload: bool) -> None:
         meta = json.loads((data_dir / "meta.json").read_text())
         if split not in meta["split"]:
-            raise ValueError(f"split {split!r} not in {data_dir}/meta.json (has {sorted(meta['split'])})")
+            raise ValueError(
+                f"split {split!r} not in {data_dir}/meta.json (has {sorted(meta['split'])})"
+            )
         self.data_dir, self.ids = data_dir, sorted(meta["split"][split])
         self.num_frames = num_frames
-        self.cache = [self._load(i) for i in tqdm(self.ids, desc=f"load {split}", leave=False)] if preload else None
+        self.cache = (
+            [self._load(i) for i in tqdm(self.ids, desc=f"load {split}", leave=False)]
+            if preload
+            else None
+        )
 
     def _load(self, sample_id: str) -> dict:
         rec = torch.load(self.data_dir / f"{sample_id}.pt", weights_only=True)
@@ -67,8 +81,12 @@ class FeatureSet(Dataset):
         if n > T:
             raise ValueError(f"{sample_id} has {T} frames, --num-frames asks {n}")
         idx = torch.linspace(0, T - 1, n).round().long()
-        return {"feats": rec["dino_features"][idx], "latents": rec["latents"][idx],
-                "caption": rec["caption"], "id": sample_id}
+        return {
+            "feats": rec["dino_features"][idx],
+            "latents": rec["latents"][idx],
+            "caption": rec["caption"],
+            "id": sample_id,
+        }
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -78,9 +96,12 @@ class FeatureSet(Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    return {"feats": torch.stack([x["feats"] for x in items]).float(),  # (B, T, N, D)
-            "latents": torch.stack([x["latents"] for x in items]).float(),  # (B, T, C, h, w)
-            "captions": [x["caption"] for x in items], "ids": [x["id"] for x in items]}
+    return {
+        "feats": torch.stack([x["feats"] for x in items]).float(),  # (B, T, N, D)
+        "latents": torch.stack([x["latents"] for x in items]).float(),  # (B, T, C, h, w)
+        "captions": [x["caption"] for x in items],
+        "ids": [x["id"] for x in items],
+    }
 
 
 def paired_delta(a: np.ndarray, b: np.ndarray, seed: int) -> dict:
@@ -89,54 +110,93 @@ def paired_delta(a: np.ndarray, b: np.ndarray, seed: int) -> dict:
     out = {"mean": float(d.mean()), "frac_pos": float((d > 0).mean())}
     if len(d) < 3 or np.allclose(d, d[0]):
         return {**out, "ci_low": float(d.mean()), "ci_high": float(d.mean()), "p": 1.0, "dz": 0.0}
-    ci = stats.bootstrap((d,), np.mean, confidence_level=0.95, n_resamples=2000, method="BCa",
-                         rng=np.random.default_rng(seed)).confidence_interval
+    ci = stats.bootstrap(
+        (d,),
+        np.mean,
+        confidence_level=0.95,
+        n_resamples=2000,
+        method="BCa",
+        rng=np.random.default_rng(seed),
+    ).confidence_interval
     p = stats.wilcoxon(d).pvalue if np.any(d != 0) else 1.0
-    return {**out, "ci_low": float(ci.low), "ci_high": float(ci.high), "p": float(p),
-            "dz": float(d.mean() / d.std(ddof=1))}
+    return {
+        **out,
+        "ci_low": float(ci.low),
+        "ci_high": float(ci.high),
+        "p": float(p),
+        "dz": float(d.mean() / d.std(ddof=1)),
+    }
+
+
+def attn_entropy(attn: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of attention rows [B, T, H, N], averaged over frames and heads -> [B]."""
+    a = attn.float()
+    return -(a * a.clamp_min(1e-12).log()).sum(-1).mean((1, 2))
 
 
 @torch.no_grad()
-def evaluate(model: EfficientFoveatedModel, data: FeatureSet, tokenizer, args, device) -> tuple[dict, list]:
+def evaluate(
+    model: EfficientFoveatedModel, data: FeatureSet, tokenizer, args, device
+) -> tuple[dict, list]:
     """Held-out evaluation with controls; returns (summary metrics, per-sample records)."""
     model.eval()
     n = len(data)
     derange = (np.arange(n) + 1 + np.random.default_rng(args.seed).integers(0, max(1, n - 1))) % n
     gen = torch.Generator(device="cpu").manual_seed(args.seed)  # random-query control
-    amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    amp = torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+    )
     rows: list[dict] = []
     for start in range(0, n, args.eval_batch_size):
         idx = list(range(start, min(n, start + args.eval_batch_size)))
         batch = collate([data[i] for i in idx])
         other = collate([data[int(derange[i])] for i in idx])
         feats, latents = batch["feats"].to(device), batch["latents"].to(device)
-        ids, mask = (t.to(device) for t in encode_captions(tokenizer, batch["captions"], args.max_caption_tokens))
+        ids, mask = (
+            t.to(device)
+            for t in encode_captions(tokenizer, batch["captions"], args.max_caption_tokens)
+        )
         B, T = feats.shape[:2]
         with amp:
-            run = lambda f: model(f, latents, ids, mask, fine_iterations=args.fine_iterations).passes  # noqa: E731
-            passes = run(feats)
+            k = args.fine_iterations
+            passes = model(feats, latents, ids, mask, fine_iterations=k).passes
             coarse, fine = passes[0], passes[-1]
             blind = model.read(torch.zeros_like(coarse.z), COARSE, latents, ids, mask)
-            shuffled = run(other["feats"].to(device))[-1]
+            other_feats = other["feats"].to(device)  # another clip's video, own caption
+            shuffled = model(other_feats, latents, ids, mask, fine_iterations=k).passes[-1]
             q = torch.randn(B, T, model.cfg.attn_dim, generator=gen).to(device)
             z_r, a_r = model.look(feats, q)
             randq = model.read(z_r, FINE, latents, ids, mask, a_r)
-        copy = (latents[:, :-1] - latents[:, 1:]).pow(2).flatten(1).mean(1)  # copy-last-frame baseline
-        ent = lambda a: -(a.float() * a.float().clamp_min(1e-12).log()).sum(-1).mean((1, 2))  # noqa: E731
-        cos = torch.nn.functional.cosine_similarity(coarse.z.float(), fine.z.float(), dim=-1).mean(1)
-        for j, i in enumerate(idx):
-            rows.append({"id": batch["ids"][j], "caption": batch["captions"][j],
-                         "n_tokens": int(mask[j].sum()),
-                         "tokens": tokenizer.convert_ids_to_tokens(ids[j, : int(mask[j].sum())].tolist()),
-                         "tok_ce_coarse": coarse.tok_ce[j, : int(mask[j].sum())].tolist(),
-                         "tok_ce_fine": fine.tok_ce[j, : int(mask[j].sum())].tolist(),
-                         "ce_coarse": coarse.ce[j].item(), "ce_fine": fine.ce[j].item(),
-                         "ce_fine_all": [p.ce[j].item() for p in passes[1:]],
-                         "ce_blind": blind.ce[j].item(), "ce_shuffled": shuffled.ce[j].item(),
-                         "shuffled_with": other["ids"][j], "ce_randq": randq.ce[j].item(),
-                         "rec_coarse": coarse.rec[j].item(), "rec_fine": fine.rec[j].item(),
-                         "rec_copy": copy[j].item(), "attn_entropy_coarse": ent(coarse.attn)[j].item(),
-                         "attn_entropy_fine": ent(fine.attn)[j].item(), "cos_z": cos[j].item()})
+        copy = (latents[:, :-1] - latents[:, 1:]).pow(2).flatten(1).mean(1)  # copy-last-frame
+        zc, zf = coarse.z.float(), fine.z.float()
+        cos = torch.nn.functional.cosine_similarity(zc, zf, dim=-1).mean(1)  # (B,)
+        ent_c, ent_f = attn_entropy(coarse.attn), attn_entropy(fine.attn)  # (B,)
+        for j in range(len(idx)):
+            rows.append(
+                {
+                    "id": batch["ids"][j],
+                    "caption": batch["captions"][j],
+                    "n_tokens": int(mask[j].sum()),
+                    "tokens": tokenizer.convert_ids_to_tokens(
+                        ids[j, : int(mask[j].sum())].tolist()
+                    ),
+                    "tok_ce_coarse": coarse.tok_ce[j, : int(mask[j].sum())].tolist(),
+                    "tok_ce_fine": fine.tok_ce[j, : int(mask[j].sum())].tolist(),
+                    "ce_coarse": coarse.ce[j].item(),
+                    "ce_fine": fine.ce[j].item(),
+                    "ce_fine_all": [p.ce[j].item() for p in passes[1:]],
+                    "ce_blind": blind.ce[j].item(),
+                    "ce_shuffled": shuffled.ce[j].item(),
+                    "shuffled_with": other["ids"][j],
+                    "ce_randq": randq.ce[j].item(),
+                    "rec_coarse": coarse.rec[j].item(),
+                    "rec_fine": fine.rec[j].item(),
+                    "rec_copy": copy[j].item(),
+                    "attn_entropy_coarse": ent_c[j].item(),
+                    "attn_entropy_fine": ent_f[j].item(),
+                    "cos_z": cos[j].item(),
+                }
+            )
     model.train()
     col = lambda k: np.array([r[k] for r in rows])  # noqa: E731
     ce_c, ce_f = col("ce_coarse"), col("ce_fine")
@@ -145,18 +205,32 @@ def evaluate(model: EfficientFoveatedModel, data: FeatureSet, tokenizer, args, d
     shuffle_gap = paired_delta(col("ce_shuffled"), ce_f, args.seed)
     log_n = math.log(model.cfg.num_tokens)
     summary = {
-        "ce_coarse": ce_c.mean(), "ce_fine": ce_f.mean(), "cap_ratio": ce_c.mean() / ce_f.mean(),
-        "delta_ce": fine_gain["mean"], "delta_ce_ci_low": fine_gain["ci_low"],
-        "delta_ce_ci_high": fine_gain["ci_high"], "delta_ce_p": fine_gain["p"],
-        "delta_ce_dz": fine_gain["dz"], "frac_fine_better": fine_gain["frac_pos"],
-        "ce_blind": col("ce_blind").mean(), "ce_shuffled": col("ce_shuffled").mean(),
-        "ce_randq": col("ce_randq").mean(), "shuffled_gap": shuffle_gap["mean"],
-        "shuffled_gap_ci_low": shuffle_gap["ci_low"], "randq_gap": randq_gap["mean"],
-        "randq_gap_ci_low": randq_gap["ci_low"], "randq_gap_p": randq_gap["p"],
-        "rec_coarse": col("rec_coarse").mean(), "rec_fine": col("rec_fine").mean(),
-        "rec_copy": col("rec_copy").mean(), "attn_entropy_coarse": col("attn_entropy_coarse").mean(),
-        "attn_entropy_fine": col("attn_entropy_fine").mean(), "log_n": log_n,
-        "cos_z": col("cos_z").mean(), "n_eval": len(rows)}
+        "ce_coarse": ce_c.mean(),
+        "ce_fine": ce_f.mean(),
+        "cap_ratio": ce_c.mean() / ce_f.mean(),
+        "delta_ce": fine_gain["mean"],
+        "delta_ce_ci_low": fine_gain["ci_low"],
+        "delta_ce_ci_high": fine_gain["ci_high"],
+        "delta_ce_p": fine_gain["p"],
+        "delta_ce_dz": fine_gain["dz"],
+        "frac_fine_better": fine_gain["frac_pos"],
+        "ce_blind": col("ce_blind").mean(),
+        "ce_shuffled": col("ce_shuffled").mean(),
+        "ce_randq": col("ce_randq").mean(),
+        "shuffled_gap": shuffle_gap["mean"],
+        "shuffled_gap_ci_low": shuffle_gap["ci_low"],
+        "randq_gap": randq_gap["mean"],
+        "randq_gap_ci_low": randq_gap["ci_low"],
+        "randq_gap_p": randq_gap["p"],
+        "rec_coarse": col("rec_coarse").mean(),
+        "rec_fine": col("rec_fine").mean(),
+        "rec_copy": col("rec_copy").mean(),
+        "attn_entropy_coarse": col("attn_entropy_coarse").mean(),
+        "attn_entropy_fine": col("attn_entropy_fine").mean(),
+        "log_n": log_n,
+        "cos_z": col("cos_z").mean(),
+        "n_eval": len(rows),
+    }
     return {k: float(v) if not isinstance(v, int) else v for k, v in summary.items()}, rows
 
 
@@ -164,12 +238,14 @@ def per_token_table(rows: list[dict]) -> dict[str, dict]:
     """Mean per-token CE of the coarse and fine passes for each token string over eval samples."""
     acc: dict[str, list[list[float]]] = {}
     for r in rows:
-        for tok, c, f in zip(r["tokens"], r["tok_ce_coarse"], r["tok_ce_fine"]):
+        for tok, c, f in zip(r["tokens"], r["tok_ce_coarse"], r["tok_ce_fine"], strict=True):
             acc.setdefault(tok, [[], []])
             acc[tok][0].append(c)
             acc[tok][1].append(f)
-    return {tok: {"n": len(c), "ce_coarse": float(np.mean(c)), "ce_fine": float(np.mean(f))}
-            for tok, (c, f) in sorted(acc.items())}
+    return {
+        tok: {"n": len(c), "ce_coarse": float(np.mean(c)), "ce_fine": float(np.mean(f))}
+        for tok, (c, f) in sorted(acc.items())
+    }
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -181,11 +257,19 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True, help="folder of <id>.pt files + meta.json (precompute_dino.py)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data-dir", required=True, help="folder of <id>.pt files + meta.json (precompute_dino.py)"
+    )
     p.add_argument("--run-dir", default=None, help="run directory (ORCH_RUN_DIR wins)")
-    p.add_argument("--preset", choices=("tiny", "full"), default="tiny",
-                   help="tiny: random tiny Llama + BPE tokenizer (CPU); full: --lm from the hub")
+    p.add_argument(
+        "--preset",
+        choices=("tiny", "full"),
+        default="tiny",
+        help="tiny: random tiny Llama + BPE tokenizer (CPU); full: --lm from the hub",
+    )
     p.add_argument("--lm", default=SMOLLM2_NAME, help="LM name/path for --preset full")
     p.add_argument("--local-files-only", action="store_true", help="never reach the model hub")
     p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint")
@@ -197,22 +281,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--warmup-steps", type=int, default=50, help="linear warmup steps")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm")
-    p.add_argument("--fine-iterations", type=int, default=None, help="fine passes (default: preset)")
-    p.add_argument("--pos-embed-std", type=float, default=None,
-                   help="init std of the model's patch position embedding (default: preset)")
-    p.add_argument("--num-frames", type=int, default=None, help="frames used per clip (default: all)")
-    p.add_argument("--max-caption-tokens", type=int, default=64, help="caption truncation, EOS incl.")
+    p.add_argument(
+        "--fine-iterations", type=int, default=None, help="fine passes (default: preset)"
+    )
+    p.add_argument(
+        "--pos-embed-std",
+        type=float,
+        default=None,
+        help="init std of the model's patch position embedding (default: preset)",
+    )
+    p.add_argument(
+        "--num-frames", type=int, default=None, help="frames used per clip (default: all)"
+    )
+    p.add_argument(
+        "--max-caption-tokens", type=int, default=64, help="caption truncation, EOS incl."
+    )
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
     p.add_argument("--eval-batch-size", type=int, default=64, help="evaluation batch size")
-    p.add_argument("--eval-only", action="store_true", help="evaluate the latest checkpoint and exit")
+    p.add_argument(
+        "--eval-only", action="store_true", help="evaluate the latest checkpoint and exit"
+    )
     p.add_argument("--split", default="val", help="split scored by --eval-only")
-    p.add_argument("--checkpoint", default=None, help="checkpoint for --eval-only (default: latest)")
-    p.add_argument("--final-test", action="store_true", help="score the test split after the last epoch")
+    p.add_argument(
+        "--checkpoint", default=None, help="checkpoint for --eval-only (default: latest)"
+    )
+    p.add_argument(
+        "--final-test", action="store_true", help="score the test split after the last epoch"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of init, data order, controls")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
-    p.add_argument("--preload", choices=("auto", "yes", "no"), default="auto",
-                   help="load all files into memory (auto: <= 5000 clips)")
-    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 4), help="torch CPU threads")
+    p.add_argument(
+        "--preload",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="load all files into memory (auto: <= 5000 clips)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=max(1, (os.cpu_count() or 1) // 4), help="torch CPU threads"
+    )
     return p.parse_args(argv)
 
 
@@ -220,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data_dir = Path(args.data_dir)
     if not (data_dir / "meta.json").exists():
-        print(f"error: {data_dir}/meta.json not found; run scripts/precompute_dino.py first", file=sys.stderr)
+        print(
+            f"error: {data_dir}/meta.json not found; run scripts/precompute_dino.py first",
+            file=sys.stderr,
+        )
         return 2
     for name in ("max_epochs", "batch_size", "grad_accum", "eval_every", "eval_batch_size"):
         if getattr(args, name) < 1:
@@ -235,10 +344,14 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meta = json.loads((data_dir / "meta.json").read_text())
-    preload = args.preload == "yes" or (args.preload == "auto" and sum(map(len, meta["split"].values())) <= 5000)
+    preload = args.preload == "yes" or (
+        args.preload == "auto" and sum(map(len, meta["split"].values())) <= 5000
+    )
     try:
         train_set = FeatureSet(data_dir, "train", args.num_frames, preload)
-        val_set = FeatureSet(data_dir, "val" if not args.eval_only else args.split, args.num_frames, preload)
+        val_set = FeatureSet(
+            data_dir, "val" if not args.eval_only else args.split, args.num_frames, preload
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -249,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         if (tok_dir / "tokenizer.json").exists():
             tokenizer = load_tokenizer(str(tok_dir), local_files_only=True)
         else:
-            tokenizer = train_caption_tokenizer(train_set[i]["caption"] for i in range(len(train_set)))
+            tokenizer = train_caption_tokenizer(
+                train_set[i]["caption"] for i in range(len(train_set))
+            )
             tokenizer.save_pretrained(tok_dir)
         lm = tiny_lm(len(tokenizer), seed=args.seed)
         cfg_fn = FoveatedConfig.tiny
@@ -269,14 +384,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model = EfficientFoveatedModel(cfg, lm).to(device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                            weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        betas=(0.9, 0.95),
+    )
     steps_per_epoch = len(train_set) // (args.batch_size * args.grad_accum)
     if steps_per_epoch < 1:
         print(f"error: {len(train_set)} train clips < --batch-size x --grad-accum", file=sys.stderr)
         return 2
     total_steps = steps_per_epoch * args.max_epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, args.warmup_steps, total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_lambda(s, args.warmup_steps, total_steps)
+    )
 
     epoch, step_in_epoch, step = 0, 0, 0  # epoch = completed epochs
     eval_pending = False  # an epoch ended on SIGTERM before its evaluation
@@ -299,27 +420,58 @@ def main(argv: list[str] | None = None) -> int:
     elif args.eval_only:
         print(f"error: no checkpoint in {rep.checkpoint_dir}", file=sys.stderr)
         return 2
-    print(f"{n_params:,} trainable parameters; {len(train_set)} train / {len(val_set)} "
-          f"{'val' if not args.eval_only else args.split} clips; {steps_per_epoch} steps/epoch; device {device}")
+    print(
+        f"{n_params:,} trainable parameters; {len(train_set)} train / {len(val_set)} "
+        f"{'val' if not args.eval_only else args.split} clips; {steps_per_epoch} steps/epoch; "
+        f"device {device}"
+    )
 
     def save(eval_pending: bool = False) -> None:
-        state = {"eval_pending": eval_pending, "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                         "torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                 "epoch": epoch, "step_in_epoch": step_in_epoch, "step": step, "config": vars(cfg),
-                 "args": vars(args)}
+        state = {
+            "eval_pending": eval_pending,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "step": step,
+            "config": vars(cfg),
+            "args": vars(args),
+        }
         rep.save_checkpoint(lambda path: torch.save(state, path), step=step)
 
-    def run_eval(split_name: str, dataset: FeatureSet, train_stats: dict) -> dict:
+    def run_eval(
+        split_name: str,
+        dataset: FeatureSet,
+        train_stats: dict,
+        before_log: Callable[[], None] = lambda: None,
+    ) -> dict:
+        """Evaluate, write evals/, call ``before_log`` (the checkpoint), then log the record."""
         summary, rows = evaluate(model, dataset, tokenizer, args, device)
-        rep.write_eval(f"{split_name}_epoch_{epoch:06d}", {"split": split_name, "epoch": epoch, "step": step,
-                                                          "summary": summary,
-                                                          "per_token": per_token_table(rows), "samples": rows})
+        rep.write_eval(
+            f"{split_name}_epoch_{epoch:06d}",
+            {
+                "split": split_name,
+                "epoch": epoch,
+                "step": step,
+                "summary": summary,
+                "per_token": per_token_table(rows),
+                "samples": rows,
+            },
+        )
         if split_name != "val":  # test scores never feed the criteria
             summary = {f"{split_name}_{k}": v for k, v in summary.items()}
         elif epoch == 0:  # untrained: diagnostics only, no success metrics
-            summary = {k: v for k, v in summary.items() if k not in ("cap_ratio", "delta_ce_ci_low")}
+            summary = {
+                k: v for k, v in summary.items() if k not in ("cap_ratio", "delta_ce_ci_low")
+            }
+        before_log()  # the checkpoint exists before the controller can act on the record
         rec = rep.log(epoch=epoch, step=step, **summary, **train_stats)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}))
         return rec
@@ -332,20 +484,36 @@ def main(argv: list[str] | None = None) -> int:
     if eval_pending:
         run_eval("val", val_set, {})
 
-    amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    amp = torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+    )
     t_start = time.time()
     model.train()
     while epoch < args.max_epochs:
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
+        order = torch.randperm(
+            len(train_set), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch)
+        )
         micro = args.batch_size
-        batches = [order[i * micro:(i + 1) * micro].tolist() for i in range(steps_per_epoch * args.grad_accum)]
-        loader = DataLoader(train_set, batch_sampler=batches[step_in_epoch * args.grad_accum:],
-                            collate_fn=collate, num_workers=args.num_workers)
+        batches = [
+            order[i * micro : (i + 1) * micro].tolist()
+            for i in range(steps_per_epoch * args.grad_accum)
+        ]
+        loader = DataLoader(
+            train_set,
+            batch_sampler=batches[step_in_epoch * args.grad_accum :],
+            collate_fn=collate,
+            num_workers=args.num_workers,
+        )
         sums = {"loss": 0.0, "ce_coarse": 0.0, "ce_fine": 0.0, "rec_coarse": 0.0, "rec_fine": 0.0}
         n_micro, t_epoch = 0, time.time()
-        bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}", leave=False)
+        bar = tqdm(
+            total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}", leave=False
+        )
         for i, batch in enumerate(loader):
-            ids, mask = (t.to(device) for t in encode_captions(tokenizer, batch["captions"], args.max_caption_tokens))
+            ids, mask = (
+                t.to(device)
+                for t in encode_captions(tokenizer, batch["captions"], args.max_caption_tokens)
+            )
             with amp:
                 out = model(batch["feats"].to(device), batch["latents"].to(device), ids, mask)
             (out.loss / args.grad_accum).backward()
@@ -363,25 +531,33 @@ def main(argv: list[str] | None = None) -> int:
             step, step_in_epoch = step + 1, step_in_epoch + 1
             bar.update(1)
             bar.set_postfix(loss=f"{out.loss.item():.3f}")
-            out_of_time = args.max_hours is not None and time.time() - t_start > args.max_hours * 3600
+            out_of_time = (
+                args.max_hours is not None and time.time() - t_start > args.max_hours * 3600
+            )
             if (rep.should_stop or out_of_time) and step_in_epoch < steps_per_epoch:
                 save()
-                print(f"{'SIGTERM' if rep.should_stop else '--max-hours'}: checkpoint at step {step}, exiting")
+                print(
+                    f"{'SIGTERM' if rep.should_stop else '--max-hours'}: "
+                    f"checkpoint at step {step}, exiting"
+                )
                 return 0
         bar.close()
         epoch, step_in_epoch = epoch + 1, 0
         elapsed = time.time() - t_epoch
         train_stats = {f"train_{k}": v / max(1, n_micro) for k, v in sums.items()}
-        train_stats.update(lr=sched.get_last_lr()[0],
-                           samples_per_s=n_micro * args.batch_size / max(elapsed, 1e-9))
+        train_stats.update(
+            lr=sched.get_last_lr()[0], samples_per_s=n_micro * args.batch_size / max(elapsed, 1e-9)
+        )
         eval_pending = epoch % args.eval_every == 0 or epoch == args.max_epochs
         if eval_pending and not rep.should_stop:  # on SIGTERM: checkpoint first, eval on resume
-            run_eval("val", val_set, train_stats)
-            eval_pending = False
-        save(eval_pending)
+            run_eval("val", val_set, train_stats, before_log=save)
+        else:
+            save(eval_pending)
         out_of_time = args.max_hours is not None and time.time() - t_start > args.max_hours * 3600
         if rep.should_stop or out_of_time:
-            print(f"stopping after epoch {epoch} ({'SIGTERM' if rep.should_stop else '--max-hours'})")
+            print(
+                f"stopping after epoch {epoch} ({'SIGTERM' if rep.should_stop else '--max-hours'})"
+            )
             return 0
     if args.final_test:
         run_eval("test", FeatureSet(data_dir, "test", args.num_frames, preload), {})

@@ -48,7 +48,9 @@ class FoveatedConfig:
     latent_size: int = 32  # h = w = 256 / 8
     film_channels: int = 64  # F
     fine_iterations: int = 2  # coarse -> fine_1 -> fine_2
-    pos_embed_std: float = 0.02  # init std of the patch position embedding (features are LayerNormed)
+    pos_embed_std: float = (
+        0.02  # init std of the patch position embedding (features are LayerNormed)
+    )
     lambda_recon: float = 0.1
 
     @classmethod
@@ -59,8 +61,15 @@ class FoveatedConfig:
     @classmethod
     def tiny(cls, **overrides) -> FoveatedConfig:
         """Tests / CPU demo: tiny encoders at 112 px (N = 65, D = 64, latents 4 x 14 x 14)."""
-        base = dict(feature_dim=64, num_tokens=65, attn_dim=64, num_heads=4, latent_size=14,
-                    film_channels=16, fine_iterations=1)
+        base = dict(
+            feature_dim=64,
+            num_tokens=65,
+            attn_dim=64,
+            num_heads=4,
+            latent_size=14,
+            film_channels=16,
+            fine_iterations=1,
+        )
         return cls(**{**base, **overrides})
 
 
@@ -69,9 +78,16 @@ def tiny_lm(vocab_size: int, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -82,8 +98,9 @@ def load_lm(name_or_path: str = SMOLLM2_NAME, local_files_only: bool = False):
     """
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=local_files_only,
-                                                dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(
+        name_or_path, local_files_only=local_files_only, dtype=torch.float32
+    )
 
 
 class FoveatedCrossAttention(nn.Module):
@@ -98,14 +115,18 @@ class FoveatedCrossAttention(nn.Module):
         assert cfg.attn_dim % cfg.num_heads == 0, "attn_dim must be divisible by num_heads"
         self.num_heads = cfg.num_heads
         self.feat_norm = nn.LayerNorm(cfg.feature_dim)
-        self.pos_embed = nn.Parameter(torch.randn(cfg.num_tokens, cfg.feature_dim) * cfg.pos_embed_std)
+        self.pos_embed = nn.Parameter(
+            torch.randn(cfg.num_tokens, cfg.feature_dim) * cfg.pos_embed_std
+        )
         self.query_norm = nn.LayerNorm(cfg.attn_dim)
         self.to_q = nn.Linear(cfg.attn_dim, cfg.attn_dim, bias=False)
         self.to_k = nn.Linear(cfg.feature_dim, cfg.attn_dim, bias=False)
         self.to_v = nn.Linear(cfg.feature_dim, cfg.attn_dim, bias=False)
         self.to_out = nn.Linear(cfg.attn_dim, cfg.attn_dim)
 
-    def forward(self, query: torch.Tensor, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, query: torch.Tensor, feats: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attend.
 
         Args:
@@ -137,11 +158,13 @@ class FiLMLatentHead(nn.Module):
     def __init__(self, latent_channels: int, film_channels: int, state_dim: int) -> None:
         super().__init__()
         C, Fc = latent_channels, film_channels
-        self.enc = nn.Sequential(nn.Conv2d(C, Fc, 3, padding=1), nn.GELU(),
-                                 nn.Conv2d(Fc, Fc, 3, padding=1))
+        self.enc = nn.Sequential(
+            nn.Conv2d(C, Fc, 3, padding=1), nn.GELU(), nn.Conv2d(Fc, Fc, 3, padding=1)
+        )
         self.film = nn.Sequential(nn.LayerNorm(state_dim), nn.Linear(state_dim, 2 * Fc))
-        self.dec = nn.Sequential(nn.GELU(), nn.Conv2d(Fc, Fc, 3, padding=1), nn.GELU(),
-                                 nn.Conv2d(Fc, C, 3, padding=1))
+        self.dec = nn.Sequential(
+            nn.GELU(), nn.Conv2d(Fc, Fc, 3, padding=1), nn.GELU(), nn.Conv2d(Fc, C, 3, padding=1)
+        )
         nn.init.zeros_(self.dec[-1].weight)
         nn.init.zeros_(self.dec[-1].bias)
 
@@ -175,7 +198,9 @@ class FoveatedOutput:
     passes: list[PassOutput]
 
 
-def build_labels(caption_ids: torch.Tensor, caption_mask: torch.Tensor, num_frames: int) -> torch.Tensor:
+def build_labels(
+    caption_ids: torch.Tensor, caption_mask: torch.Tensor, num_frames: int
+) -> torch.Tensor:
     """LM labels for the sequence [mode, z_1..z_T, caption]: -100 on mode/visual/padding.
 
     Args:
@@ -187,7 +212,9 @@ def build_labels(caption_ids: torch.Tensor, caption_mask: torch.Tensor, num_fram
         [B, 1 + T + L] long; position i holds the token that logits at i - 1 must predict.
     """
     B = caption_ids.shape[0]
-    prefix = torch.full((B, 1 + num_frames), IGNORE_INDEX, dtype=torch.long, device=caption_ids.device)
+    prefix = torch.full(
+        (B, 1 + num_frames), IGNORE_INDEX, dtype=torch.long, device=caption_ids.device
+    )
     text = caption_ids.masked_fill(caption_mask == 0, IGNORE_INDEX)
     return torch.cat([prefix, text], dim=1)
 
@@ -233,8 +260,15 @@ class EfficientFoveatedModel(nn.Module):
         out, attn = self.cross_attn(queries, feats)
         return self.to_lm(out), attn
 
-    def read(self, z: torch.Tensor, mode: int, latents: torch.Tensor, caption_ids: torch.Tensor,
-             caption_mask: torch.Tensor, attn: torch.Tensor | None = None) -> PassOutput:
+    def read(
+        self,
+        z: torch.Tensor,
+        mode: int,
+        latents: torch.Tensor,
+        caption_ids: torch.Tensor,
+        caption_mask: torch.Tensor,
+        attn: torch.Tensor | None = None,
+    ) -> PassOutput:
         """Run the LM over [mode, z_1..z_T, caption]; per-sample caption CE and latent MSE.
 
         Args:
@@ -242,21 +276,23 @@ class EfficientFoveatedModel(nn.Module):
             latents: [B, T, C, h, w] float targets; caption_ids/caption_mask: [B, L].
         """
         B, T, E = z.shape
-        L = caption_ids.shape[1]
         mode_tok = self.mode_embed.weight[mode].view(1, 1, E).expand(B, 1, E).to(z.dtype)
         text = self.lm.get_input_embeddings()(caption_ids).to(z.dtype)  # (B, L, E)
         embeds = torch.cat([mode_tok, z, text], dim=1)  # (B, S, E)
         attention_mask = torch.cat([caption_mask.new_ones(B, 1 + T), caption_mask], dim=1)  # (B, S)
-        hidden = self.lm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        hidden = self.lm.model(
+            inputs_embeds=embeds, attention_mask=attention_mask
+        ).last_hidden_state
 
         labels = build_labels(caption_ids, caption_mask, T)  # (B, S)
         targets = labels[:, 1:]  # (B, S-1): logits at i predict labels at i+1
         # only positions >= T (z_T onward) predict text; compute logits there alone
-        assert (targets[:, : T] == IGNORE_INDEX).all(), "visual positions must be unlabelled"
+        assert (targets[:, :T] == IGNORE_INDEX).all(), "visual positions must be unlabelled"
         logits = self.lm.lm_head(hidden[:, T:-1]).float()  # (B, L, V)
         tgt = targets[:, T:]  # (B, L) == caption ids (or -100 on padding)
-        tok_ce = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=IGNORE_INDEX,
-                                 reduction="none")  # (B, L)
+        tok_ce = F.cross_entropy(
+            logits.transpose(1, 2), tgt, ignore_index=IGNORE_INDEX, reduction="none"
+        )  # (B, L)
         n_tok = (tgt != IGNORE_INDEX).sum(dim=1).clamp(min=1)
         ce = tok_ce.sum(dim=1) / n_tok  # (B,)
 
@@ -265,12 +301,20 @@ class EfficientFoveatedModel(nn.Module):
         state = hidden[:, 1:T]  # (B, T-1, E)
         pred = self.film_head(latents[:, :-1].to(state.dtype), state).float()  # (B, T-1, C, h, w)
         rec = (pred - latents[:, 1:].float()).pow(2).flatten(1).mean(dim=1)  # (B,)
-        return PassOutput(z=z, attn=attn, hidden=hidden, ce=ce, tok_ce=tok_ce, rec=rec, pred_latents=pred)
+        return PassOutput(
+            z=z, attn=attn, hidden=hidden, ce=ce, tok_ce=tok_ce, rec=rec, pred_latents=pred
+        )
 
     # -- training forward ---------------------------------------------------------------------
 
-    def forward(self, feats: torch.Tensor, latents: torch.Tensor, caption_ids: torch.Tensor,
-                caption_mask: torch.Tensor, fine_iterations: int | None = None) -> FoveatedOutput:
+    def forward(
+        self,
+        feats: torch.Tensor,
+        latents: torch.Tensor,
+        caption_ids: torch.Tensor,
+        caption_mask: torch.Tensor,
+        fine_iterations: int | None = None,
+    ) -> FoveatedOutput:
         """Coarse pass then ``fine_iterations`` fine passes.
 
         Args:

@@ -29,11 +29,16 @@ def train_caption_tokenizer(captions: Iterable[str], vocab_size: int = 256):
     tok = Tokenizer(models.BPE(unk_token=UNK, continuing_subword_prefix="##"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS, UNK],
-                                  continuing_subword_prefix="##", show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS, UNK],
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
     tok.train_from_iterator(captions, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
-                                   pad_token=PAD, unk_token=UNK)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK
+    )
 
 
 def load_tokenizer(name_or_path: str, local_files_only: bool = False):
@@ -43,7 +48,9 @@ def load_tokenizer(name_or_path: str, local_files_only: bool = False):
     return AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
 
 
-def encode_captions(tokenizer, captions: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_captions(
+    tokenizer, captions: list[str], max_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenize captions as ``tokens + [EOS]`` (no BOS: the visual prefix precedes them).
 
     Captions longer than ``max_tokens`` are truncated to max_tokens - 1 tokens plus EOS.
@@ -61,8 +68,11 @@ def encode_captions(tokenizer, captions: list[str], max_tokens: int) -> tuple[to
     if max_tokens < 2:
         raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = [tokenizer(c, add_special_tokens=False)["input_ids"][: max_tokens - 1] + [tokenizer.eos_token_id]
-            for c in captions]
+    rows = [
+        tokenizer(c, add_special_tokens=False)["input_ids"][: max_tokens - 1]
+        + [tokenizer.eos_token_id]
+        for c in captions
+    ]
     L = max(len(r) for r in rows)
     ids = torch.full((len(rows), L), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), L), dtype=torch.long)

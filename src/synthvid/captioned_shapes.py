@@ -27,7 +27,12 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 140, 30),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
-DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+DIRECTIONS: dict[str, tuple[int, int]] = {
+    "left": (-1, 0),
+    "right": (1, 0),
+    "up": (0, -1),
+    "down": (0, 1),
+}
 BACKGROUND = 96  # grey level of the background, noise added on top
 SPLITS = ("train", "val", "test")
 
@@ -44,7 +49,8 @@ class ShapeTrack:
 
     def describe(self) -> str:
         article = "an" if self.color[0] in "aeiou" else "a"
-        return f"{article} {self.color} {self.shape} moves {self.directions[0]} then {self.directions[1]}"
+        first, then = self.directions
+        return f"{article} {self.color} {self.shape} moves {first} then {then}"
 
 
 @dataclass(frozen=True)
@@ -81,8 +87,15 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndar
     raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
 
 
-def _track(rng: np.random.Generator, num_frames: int, image_size: int, speed_px: float,
-           radius_px: float, color: str, shape: str) -> ShapeTrack:
+def _track(
+    rng: np.random.Generator,
+    num_frames: int,
+    image_size: int,
+    speed_px: float,
+    radius_px: float,
+    color: str,
+    shape: str,
+) -> ShapeTrack:
     d1, d2 = rng.choice(list(DIRECTIONS), size=2, replace=False)
     half = num_frames // 2
     steps = np.array([DIRECTIONS[d1]] * half + [DIRECTIONS[d2]] * (num_frames - 1 - half))
@@ -92,14 +105,23 @@ def _track(rng: np.random.Generator, num_frames: int, image_size: int, speed_px:
     lo = margin - offsets.min(axis=0)
     hi = image_size - 1 - margin - offsets.max(axis=0)
     if np.any(hi <= lo):
-        raise ValueError(f"image_size {image_size} too small for speed {speed_px} px/frame "
-                         f"over {num_frames} frames")
+        raise ValueError(
+            f"image_size {image_size} too small for speed {speed_px} px/frame "
+            f"over {num_frames} frames"
+        )
     start = rng.uniform(lo, hi)
     return ShapeTrack(color, shape, (str(d1), str(d2)), radius_px, start + offsets)
 
 
-def generate_clip(seed: int, index: int, *, num_frames: int = 8, image_size: int = 112,
-                  max_objects: int = 2, noise_std: float = 6.0) -> CaptionedClip:
+def generate_clip(
+    seed: int,
+    index: int,
+    *,
+    num_frames: int = 8,
+    image_size: int = 112,
+    max_objects: int = 2,
+    noise_std: float = 6.0,
+) -> CaptionedClip:
     """Generate clip ``index`` of the set drawn with ``seed`` (deterministic).
 
     Args:
@@ -115,7 +137,9 @@ def generate_clip(seed: int, index: int, *, num_frames: int = 8, image_size: int
         ValueError: on sizes that cannot hold the motion, or max_objects not in {1, 2}.
     """
     if num_frames < 4 or image_size < 48:
-        raise ValueError(f"need num_frames >= 4 and image_size >= 48, got {num_frames}, {image_size}")
+        raise ValueError(
+            f"need num_frames >= 4 and image_size >= 48, got {num_frames}, {image_size}"
+        )
     if max_objects not in (1, 2):
         raise ValueError(f"max_objects must be 1 or 2, got {max_objects}")
     rng = _rng(seed, index)
@@ -125,8 +149,10 @@ def generate_clip(seed: int, index: int, *, num_frames: int = 8, image_size: int
     speed = image_size / 4 / max(1, num_frames // 2)
     colors = rng.choice(list(COLORS), size=num_objects, replace=False)
     shapes = rng.choice(SHAPES, size=num_objects, replace=True)
-    tracks = tuple(_track(rng, num_frames, image_size, speed, radius, str(c), str(s))
-                   for c, s in zip(colors, shapes))
+    tracks = tuple(
+        _track(rng, num_frames, image_size, speed, radius, str(c), str(s))
+        for c, s in zip(colors, shapes, strict=True)
+    )
     yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float64)
     noise = rng.normal(0.0, noise_std, size=(num_frames, image_size, image_size, 1))
     frames = np.clip(BACKGROUND + noise, 0, 255).repeat(3, axis=-1)
@@ -144,8 +170,12 @@ def object_count(seed: int, index: int, max_objects: int = 2) -> int:
     return int(_rng(seed, index).integers(1, max_objects + 1))
 
 
-def make_split(num_samples: int, seed: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-               max_objects: int = 2) -> dict[str, list[str]]:
+def make_split(
+    num_samples: int,
+    seed: int,
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    max_objects: int = 2,
+) -> dict[str, list[str]]:
     """Seeded split of the ids of a set, stratified by object count.
 
     Returns:
@@ -167,8 +197,11 @@ def make_split(num_samples: int, seed: int, fractions: tuple[float, float, float
         n_val = int(round(fractions[1] * len(idx)))
         n_test = int(round(fractions[2] * len(idx)))
         n_train = len(idx) - n_val - n_test
-        for name, part in zip(SPLITS, (idx[:n_train], idx[n_train:n_train + n_val],
-                                       idx[n_train + n_val:])):
+        for name, part in zip(
+            SPLITS,
+            (idx[:n_train], idx[n_train : n_train + n_val], idx[n_train + n_val :]),
+            strict=True,
+        ):
             out[name].extend(sample_id(int(i)) for i in part)
     for name in SPLITS:
         if not out[name] and fractions[SPLITS.index(name)] > 0:
