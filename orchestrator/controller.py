@@ -827,6 +827,10 @@ class Controller:
                 f"slot {slot.label()} resume={int(rec.resume)}: {' '.join(argv)}",
             )
             worktrees.lock_worktree(self.plan.repo, wt, f"orchestrator run {rec.run_id}")
+            # The attempt number and run id reach the state file before anything is launched: a
+            # controller killed right after the launch leaves a "preparing" run whose attempt
+            # the next controller finds by its tag (``_stop_strays``) and counts.
+            self._save_state()
             live.handle = self.launcher.start(spec)
         except (WorktreeError, LaunchError) as e:
             live.slot = None
@@ -1018,13 +1022,16 @@ class Controller:
         except OSError:
             pass
 
+    def _save_state(self) -> None:
+        try:
+            self.state.save(self.paths.state)
+        except OSError as e:
+            self.dashboard.report_write_error("state", e)
+
     def _flush(self, force: bool = False) -> None:
         if self._dirty or force:
             self._dirty = False
-            try:
-                self.state.save(self.paths.state)
-            except OSError as e:
-                self.dashboard.report_write_error("state", e)
+            self._save_state()
         try:
             self.dashboard.maybe_refresh(self, force=force)
         except OSError as e:

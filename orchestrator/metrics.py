@@ -268,7 +268,9 @@ class CsvSource(MetricSource):
             if row is None:  # a row the csv module cannot parse
                 self.stats.bad_lines += 1
                 continue
-            cells = {k: v for k, v in row.items() if isinstance(k, str) and k and isinstance(v, str) and v != ""}
+            cells = {
+                k: v for k, v in row.items() if isinstance(k, str) and k and isinstance(v, str) and v
+            }
             record = clean_record(cells, self.stats)
             if record is None:
                 self.stats.bad_lines += 1

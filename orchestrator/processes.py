@@ -419,7 +419,9 @@ def find_strays(run_dirs: Mapping[str, set[str]]) -> dict[str, list[psutil.Proce
     return out
 
 
-def stop_processes(procs: list[psutil.Process], *, grace_s: float, kill_wait_s: float = 10.0) -> list[int]:
+def stop_processes(
+    procs: list[psutil.Process], *, grace_s: float, kill_wait_s: float = 10.0
+) -> list[int]:
     """SIGTERM ``procs``, wait up to ``grace_s``, SIGKILL the rest, wait until they are gone.
 
     Works for processes that are not our children (psutil polls them). Returns the pids still
@@ -433,7 +435,9 @@ def stop_processes(procs: list[psutil.Process], *, grace_s: float, kill_wait_s: 
     return [p.pid for p in _wait_gone(alive, kill_wait_s)]
 
 
-def _wait_gone(procs: list[psutil.Process], timeout_s: float, poll_s: float = 0.02) -> list[psutil.Process]:
+def _wait_gone(
+    procs: list[psutil.Process], timeout_s: float, poll_s: float = 0.02
+) -> list[psutil.Process]:
     """Wait until every process is gone or a zombie (someone else reaps it); the rest."""
     deadline = time.monotonic() + timeout_s
     alive = [p for p in procs if _alive(p)]

@@ -27,7 +27,7 @@ from conftest import fake, marked_processes, run_cli, wait_for, write_plan
 
 from orchestrator.config import load_plan
 from orchestrator.controller import Controller
-from orchestrator.gpus import wait_gpu_memory_released
+from orchestrator.gpus import Slot, wait_gpu_memory_released
 from orchestrator.launchers import LaunchSpec, LocalLauncher
 from orchestrator.metrics import CsvSource, JsonlSource, MetricHistory
 from orchestrator.paths import ResultsPaths
@@ -40,7 +40,8 @@ from orchestrator.state import (
     RunRecord,
     RunState,
 )
-from orchestrator.gpus import Slot
+
+pytestmark = pytest.mark.slow  # whole races, on purpose; still part of the default suite
 
 FAST = 0.05
 
@@ -102,12 +103,27 @@ class FakeNVML(types.ModuleType):
         return out
 
 
-def _gpu_race(repo: Path, nvml: FakeNVML, monkeypatch: pytest.MonkeyPatch, timeout_s: float) -> tuple[Controller, PlanState]:
+def _gpu_race(
+    repo: Path, nvml: FakeNVML, monkeypatch: pytest.MonkeyPatch, timeout_s: float
+) -> tuple[Controller, PlanState]:
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
-    plan = write_plan(repo, [
-        {"name": "first", "branch": "r/first", "command": fake("--epochs", 3, "--interval", FAST, "--metric", "acc=0")},
-        {"name": "next", "branch": "r/next", "command": fake("--epochs", 2, "--interval", FAST, "--metric", "acc=0")},
-    ], gpus=[0], max_parallel=1)
+    plan = write_plan(
+        repo,
+        [
+            {
+                "name": "first",
+                "branch": "r/first",
+                "command": fake("--epochs", 3, "--interval", FAST, "--metric", "acc=0"),
+            },
+            {
+                "name": "next",
+                "branch": "r/next",
+                "command": fake("--epochs", 2, "--interval", FAST, "--metric", "acc=0"),
+            },
+        ],
+        gpus=[0],
+        max_parallel=1,
+    )
     controller = Controller(load_plan(plan))
     controller.gpu_release_timeout_s = timeout_s
     done: list[int] = []
@@ -168,7 +184,8 @@ REGEX_SCRIPT = textwrap.dedent(
     import sys, time
     for step in range(1, 200):
         print(f"loading batch {step}...", flush=True)
-        print(f"step {step} train loss: {2 - 0.1 * step:.3f} test loss: {1 - 0.05 * step:.3f}", flush=True)
+        train, test = 2 - 0.1 * step, 1 - 0.05 * step
+        print(f"step {step} train loss: {train:.3f} test loss: {test:.3f}", flush=True)
         time.sleep(0.05)
     """
 )
@@ -222,7 +239,9 @@ TB_SCRIPT = textwrap.dedent(
 )
 
 
-def test_unmodified_scripts_race_on_regex_csv_and_tensorboard_metrics(repo: Path, leak_check: str) -> None:
+def test_unmodified_scripts_race_on_regex_csv_and_tensorboard_metrics(
+    repo: Path, leak_check: str
+) -> None:
     pytest.importorskip("tensorboard")
     scripts = {}
     for name, text in (("regex", REGEX_SCRIPT), ("csv", CSV_SCRIPT), ("tb", TB_SCRIPT)):
@@ -231,21 +250,38 @@ def test_unmodified_scripts_race_on_regex_csv_and_tensorboard_metrics(repo: Path
 
     def experiment(name: str, command: list[str], metrics: dict[str, str]) -> dict[str, Any]:
         return {
-            "name": name, "criteria": ["test_loss <= 0.5"], "max_epochs": 1000,
-            "workers": [{"name": "w", "branch": f"{name}/w", "command": command, "metrics": metrics}],
+            "name": name,
+            "criteria": ["test_loss <= 0.5"],
+            "max_epochs": 1000,
+            "workers": [
+                {"name": "w", "branch": f"{name}/w", "command": command, "metrics": metrics}
+            ],
         }
 
     plan = {
-        "gpus": "none", "poll_interval_s": 0.1, "dashboard_interval_s": 0.5, "grace_s": 5,
+        "gpus": "none",
+        "poll_interval_s": 0.1,
+        "dashboard_interval_s": 0.5,
+        "grace_s": 5,
         "experiments": [
-            experiment("regex", ["python", str(scripts["regex"])], {
-                "source": "regex",
-                "pattern": r"step (?P<step>\d+) train loss: (?P<train_loss>\S+) test loss: (?P<test_loss>\S+)",
-            }),
-            experiment("csv", ["python", str(scripts["csv"]), "{run_dir}"],
-                       {"source": "csv", "path": "lightning_logs/version_0/metrics.csv"}),
-            experiment("tb", ["python", str(scripts["tb"]), "{run_dir}/tb"],
-                       {"source": "tensorboard", "path": "tb"}),
+            experiment(
+                "regex",
+                ["python", str(scripts["regex"])],
+                {
+                    "source": "regex",
+                    "pattern": r"step (?P<step>\d+) train loss: (?P<train_loss>\S+) test loss: (?P<test_loss>\S+)",  # noqa: E501
+                },
+            ),
+            experiment(
+                "csv",
+                ["python", str(scripts["csv"]), "{run_dir}"],
+                {"source": "csv", "path": "lightning_logs/version_0/metrics.csv"},
+            ),
+            experiment(
+                "tb",
+                ["python", str(scripts["tb"]), "{run_dir}/tb"],
+                {"source": "tensorboard", "path": "tb"},
+            ),
         ],
     }
     path = repo / "plan.yaml"
@@ -280,22 +316,51 @@ def test_unmodified_scripts_race_on_regex_csv_and_tensorboard_metrics(repo: Path
 
 
 def _long_plan(repo: Path) -> Path:
-    return write_plan(repo, [
-        {"name": "a", "branch": "r/a", "command": fake("--epochs", 400, "--interval", 0.05, "--metric", "acc=0.01*epoch", "--children", 1)},
-        {"name": "b", "branch": "r/b", "command": fake("--epochs", 400, "--interval", 0.05, "--metric", "acc=0.001*epoch")},
-    ], experiment={"max_epochs": 400})
+    return write_plan(
+        repo,
+        [
+            {
+                "name": "a",
+                "branch": "r/a",
+                "command": fake(
+                    "--epochs",
+                    400,
+                    "--interval",
+                    0.05,
+                    "--metric",
+                    "acc=0.01*epoch",
+                    "--children",
+                    1,
+                ),
+            },
+            {
+                "name": "b",
+                "branch": "r/b",
+                "command": fake("--epochs", 400, "--interval", 0.05, "--metric", "acc=0.001*epoch"),
+            },
+        ],
+        experiment={"max_epochs": 400},
+    )
 
 
 def _start(plan: Path, repo: Path, *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "run", str(plan), "--plain", *extra],
-        cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
 
 
 def _both_running(repo: Path, epochs: int = 2) -> PlanState:
-    return wait_for(lambda: (s := try_state(repo / "results")) and all(
-        (s.run("race", w).epoch or 0) >= epochs for w in ("a", "b")) and s, timeout=60)
+    return wait_for(
+        lambda: (
+            (s := try_state(repo / "results"))
+            and all((s.run("race", w).epoch or 0) >= epochs for w in ("a", "b"))
+            and s
+        ),
+        timeout=60,
+    )
 
 
 def test_sigterm_to_the_controller_stops_every_worker_cleanly(repo: Path, leak_check: str) -> None:
@@ -307,7 +372,9 @@ def test_sigterm_to_the_controller_stops_every_worker_cleanly(repo: Path, leak_c
     state = state_of(repo / "results")
     for w in ("a", "b"):
         rec = state.run("race", w)
-        assert rec.state == RunState.stopped and rec.stop_reason == "interrupted" and rec.pid is None
+        assert (
+            rec.state == RunState.stopped and rec.stop_reason == "interrupted" and rec.pid is None
+        )
         # SIGTERM reached the worker, which exited 0 at a safe point (no SIGKILL needed)
         assert rec.exit_code == 0
     assert marked_processes(leak_check) == []
@@ -336,11 +403,22 @@ def test_leave_running_then_run_again_reattaches(repo: Path, leak_check: str) ->
 
 
 def test_sighup_does_not_kill_the_controller(repo: Path, leak_check: str) -> None:
-    plan = write_plan(repo, [
-        {"name": "a", "branch": "r/a", "command": fake("--epochs", 400, "--interval", 0.05, "--metric", "acc=0.02*epoch")},
-    ], experiment={"max_epochs": 400})
+    plan = write_plan(
+        repo,
+        [
+            {
+                "name": "a",
+                "branch": "r/a",
+                "command": fake("--epochs", 400, "--interval", 0.05, "--metric", "acc=0.02*epoch"),
+            },
+        ],
+        experiment={"max_epochs": 400},
+    )
     proc = _start(plan, repo)
-    wait_for(lambda: (s := try_state(repo / "results")) and (s.run("race", "a").epoch or 0) >= 2, timeout=60)
+    wait_for(
+        lambda: (s := try_state(repo / "results")) and (s.run("race", "a").epoch or 0) >= 2,
+        timeout=60,
+    )
     proc.send_signal(signal.SIGHUP)  # what a dropped SSH session sends
     proc.communicate(timeout=120)
     assert proc.returncode == 0
@@ -349,16 +427,36 @@ def test_sighup_does_not_kill_the_controller(repo: Path, leak_check: str) -> Non
     assert marked_processes(leak_check) == []
 
 
-def test_background_run_survives_its_shell_and_terminal_going_away(repo: Path, leak_check: str) -> None:
-    plan = write_plan(repo, [
-        {"name": "a", "branch": "r/a", "command": fake("--epochs", 400, "--interval", 0.05, "--metric", "acc=0.02*epoch")},
-    ], experiment={"max_epochs": 400})
+def test_background_run_survives_its_shell_and_terminal_going_away(
+    repo: Path, leak_check: str
+) -> None:
+    plan = write_plan(
+        repo,
+        [
+            {
+                "name": "a",
+                "branch": "r/a",
+                "command": fake("--epochs", 400, "--interval", 0.05, "--metric", "acc=0.02*epoch"),
+            },
+        ],
+        experiment={"max_epochs": 400},
+    )
     # a login shell of its own session (like an SSH session) starts the controller and waits
     shell = subprocess.Popen(
-        ["bash", "-c", f"{sys.executable} -m orchestrator run {json.dumps(str(plan))} --background; sleep 60"],
-        cwd=repo, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            "bash",
+            "-c",
+            f"{sys.executable} -m orchestrator run {json.dumps(str(plan))} --background; sleep 60",
+        ],
+        cwd=repo,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
-    state = wait_for(lambda: (s := try_state(repo / "results")) and (s.run("race", "a").epoch or 0) >= 2 and s, timeout=60)
+    state = wait_for(
+        lambda: (s := try_state(repo / "results")) and (s.run("race", "a").epoch or 0) >= 2 and s,
+        timeout=60,
+    )
     controller_pid = state.controller["pid"]
     assert os.getsid(controller_pid) != os.getsid(shell.pid)  # its own session
     os.killpg(shell.pid, signal.SIGHUP)  # the connection drops: the session gets SIGHUP...
@@ -370,38 +468,89 @@ def test_background_run_survives_its_shell_and_terminal_going_away(repo: Path, l
     assert done.experiments["race"].winner == "a" and done.experiments["race"].winner_epoch == 45
     log = (repo / "results" / "controller.log").read_text()
     assert "a WINS at epoch 45" in log
-    wait_for(lambda: not psutil.pid_exists(controller_pid) or psutil.Process(controller_pid).status() == psutil.STATUS_ZOMBIE, timeout=30)
+    wait_for(
+        lambda: (
+            not psutil.pid_exists(controller_pid)
+            or psutil.Process(controller_pid).status() == psutil.STATUS_ZOMBIE
+        ),
+        timeout=30,
+    )
     assert marked_processes(leak_check) == []
 
 
 # -- re-attach edge cases (deterministic versions of what the chaos suite hits by chance) -------
 
 
-def _launch_fake(repo: Path, results: Path, worker: str, run_id: str, *args: str | float | int) -> Any:
+def _launch_fake(
+    repo: Path, results: Path, worker: str, run_id: str, *args: str | float | int
+) -> Any:
     """Start a fake worker the way a controller does (launch wrapper, session, env tags)."""
     paths = ResultsPaths(results).run("race", worker)
-    env = dict(os.environ, ORCH_RUN_DIR=str(paths.run_dir), ORCH_EXPERIMENT="race",
-               ORCH_WORKER=worker, ORCH_ATTEMPT="1", ORCH_RESUME="0")
-    spec = LaunchSpec(key=f"race/{worker}", argv=[sys.executable, *fake(*args)[1:]], cwd=repo,
-                      env=env, paths=paths, run_id=run_id, attempt=1, slot=Slot(0, None))
+    env = dict(
+        os.environ,
+        ORCH_RUN_DIR=str(paths.run_dir),
+        ORCH_EXPERIMENT="race",
+        ORCH_WORKER=worker,
+        ORCH_ATTEMPT="1",
+        ORCH_RESUME="0",
+    )
+    spec = LaunchSpec(
+        key=f"race/{worker}",
+        argv=[sys.executable, *fake(*args)[1:]],
+        cwd=repo,
+        env=env,
+        paths=paths,
+        run_id=run_id,
+        attempt=1,
+        slot=Slot(0, None),
+    )
     return LocalLauncher().start(spec)
 
 
-def test_rerun_after_controller_died_while_stopping_a_decided_race(repo: Path, leak_check: str) -> None:
+def test_rerun_after_controller_died_while_stopping_a_decided_race(
+    repo: Path, leak_check: str
+) -> None:
     """The old controller saved 'a won' and was killed while stopping loser b: `run` must stop
     b (lost to a), not leave it running nor resume the race."""
-    plan = write_plan(repo, [
-        {"name": "a", "branch": "r/a", "command": fake("--epochs", 5)},
-        {"name": "b", "branch": "r/b", "command": fake("--epochs", 5)},
-    ])
+    plan = write_plan(
+        repo,
+        [
+            {"name": "a", "branch": "r/a", "command": fake("--epochs", 5)},
+            {"name": "b", "branch": "r/b", "command": fake("--epochs", 5)},
+        ],
+    )
     results = repo / "results"
-    handle = _launch_fake(repo, results, "b", "race/b/1/deadbeef", "--epochs", 1000, "--interval", 0.05, "--metric", "acc=0", "--children", 1)
+    handle = _launch_fake(
+        repo,
+        results,
+        "b",
+        "race/b/1/deadbeef",
+        "--epochs",
+        1000,
+        "--interval",
+        0.05,
+        "--metric",
+        "acc=0",
+        "--children",
+        1,
+    )
     wait_for(lambda: ResultsPaths(results).run("race", "b").metrics.exists(), timeout=30)
     state = PlanState(plan=str(plan))
-    state.experiments["race"] = ExperimentRecord("race", status=ExperimentStatus.succeeded, winner="a", winner_epoch=3)
+    state.experiments["race"] = ExperimentRecord(
+        "race", status=ExperimentStatus.succeeded, winner="a", winner_epoch=3
+    )
     a = RunRecord("race", "a", "r/a", state=RunState.succeeded, attempt=1)
-    b = RunRecord("race", "b", "r/b", state=RunState.running, attempt=1, run_id="race/b/1/deadbeef",
-                  pid=handle.pid, create_time=handle.create_time, slot="cpu1")
+    b = RunRecord(
+        "race",
+        "b",
+        "r/b",
+        state=RunState.running,
+        attempt=1,
+        run_id="race/b/1/deadbeef",
+        pid=handle.pid,
+        create_time=handle.create_time,
+        slot="cpu1",
+    )
     state.runs = {"race/a": a, "race/b": b}
     state.save(ResultsPaths(results).state)
     controller = Controller(load_plan(plan))
@@ -414,19 +563,42 @@ def test_rerun_after_controller_died_while_stopping_a_decided_race(repo: Path, l
     assert marked_processes(leak_check) == []
 
 
-def test_attempt_launched_just_before_the_controller_died_is_not_run_twice(repo: Path, leak_check: str) -> None:
+def test_attempt_launched_just_before_the_controller_died_is_not_run_twice(
+    repo: Path, leak_check: str
+) -> None:
     """The old controller launched b's attempt but died before saving its pid (state still
     'preparing'): `run` finds the untracked attempt by its environment tag and stops it before
     starting b again, so two copies never run at once."""
-    plan = write_plan(repo, [
-        {"name": "b", "branch": "r/b", "command": fake("--epochs", 4, "--interval", FAST, "--metric", "acc=0")},
-    ])
+    plan = write_plan(
+        repo,
+        [
+            {
+                "name": "b",
+                "branch": "r/b",
+                "command": fake("--epochs", 4, "--interval", FAST, "--metric", "acc=0"),
+            },
+        ],
+    )
     results = repo / "results"
-    stray = _launch_fake(repo, results, "b", "race/b/1/cafebabe", "--epochs", 1000, "--interval", 0.05, "--metric", "acc=0", "--setsid-child")
+    stray = _launch_fake(
+        repo,
+        results,
+        "b",
+        "race/b/1/cafebabe",
+        "--epochs",
+        1000,
+        "--interval",
+        0.05,
+        "--metric",
+        "acc=0",
+        "--setsid-child",
+    )
     wait_for(lambda: ResultsPaths(results).run("race", "b").metrics.exists(), timeout=30)
     state = PlanState(plan=str(plan))
     state.experiments["race"] = ExperimentRecord("race")
-    state.runs = {"race/b": RunRecord("race", "b", "r/b", state=RunState.preparing, attempt=0, slot="cpu0")}
+    state.runs = {
+        "race/b": RunRecord("race", "b", "r/b", state=RunState.preparing, attempt=0, slot="cpu0")
+    }
     state.save(ResultsPaths(results).state)
     found = find_strays({str(ResultsPaths(results).run("race", "b").run_dir): set()})
     assert len(next(iter(found.values()))) >= 3  # wrapper, trainer, setsid helper
@@ -480,7 +652,9 @@ def test_jsonl_notices_a_file_rewritten_in_place_past_the_read_offset(tmp_path: 
     history = MetricHistory()
     history.add(src.read_new())
     with open(path, "w") as f:  # same inode, rewritten with longer lines
-        f.write("".join(json.dumps({"epoch": e, "acc": e / 10, "loss": 1.0}) + "\n" for e in (1, 2, 3)))
+        f.write(
+            "".join(json.dumps({"epoch": e, "acc": e / 10, "loss": 1.0}) + "\n" for e in (1, 2, 3))
+        )
     history.add(src.read_new())
     assert [r["epoch"] for r in history.records] == [1, 2, 3]
     assert all(r["loss"] == 1.0 for r in history.records)
