@@ -126,16 +126,41 @@ def run_driver(argv: list[str], *, cwd: Path, env: dict[str, str], timeout_s: fl
     return wall, peak / 2**20, text
 
 
+def leftovers(repo: Path, wait_s: float = 10.0) -> int:
+    """Processes still tagged with a run of this benchmark ``wait_s`` after the controller
+    exited (orphans: should be 0); they are killed so the next run starts clean."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = []
+        for proc in psutil.process_iter(["cwd"]):
+            try:
+                if str(repo) in (proc.info["cwd"] or "") and \
+                        proc.environ().get("ORCH_RUN_ID", "").startswith("race/"):
+                    found.append(proc)
+            except (psutil.Error, OSError):
+                continue
+        if not found or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for proc in found:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    return len(found)
+
+
 def run_ours(plan: Path, repo: Path, env: dict[str, str], timeout_s: float) -> dict[str, Any]:
     wall, rss, _ = run_driver(
         [sys.executable, "-m", "orchestrator", "run", str(plan), "--plain", "--fresh"],
         cwd=repo, env=env, timeout_s=timeout_s,
     )
+    orphans = leftovers(repo)
     state = json.loads((repo / f"results-{plan.stem.removeprefix('plan-')}" / "state.json")
                        .read_text())
     race = state["experiments"]["race"]
     return {"wall_s": wall, "decision_s": race["decision_latency_s"], "peak_rss_mib": rss,
-            "winner": race["winner"], "winner_epoch": race["winner_epoch"]}
+            "winner": race["winner"], "winner_epoch": race["winner_epoch"], "orphans": orphans}
 
 
 def run_tune(address: str, storage: Path, args: argparse.Namespace, env: dict[str, str]
@@ -235,8 +260,8 @@ def summarize(rows: list[dict[str, Any]], key: str) -> tuple[float, float, float
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
     lines = [
         "| way | wall s (median [IQR]) | x Tune | decision s | x Tune | peak RSS MiB | x Tune "
-        "| correct winner |",
-        "|---|---|---|---|---|---|---|---|",
+        "| correct winner | orphans |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     tune_stats = {k: summarize(results["tune"], k)[0]
                   for k in ("wall_s", "decision_s", "peak_rss_mib")}
@@ -252,6 +277,7 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
             cells.append(f"{med / tune_stats[key]:.2f}")
         ok = sum(r.get("winner") == "w0" and r.get("winner_epoch") == 13 for r in rows)
         cells.append(f"{ok}/{len(rows)}")
+        cells.append("n/a" if way == "tune" else str(sum(r.get("orphans", 0) for r in rows)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -332,7 +358,8 @@ def main() -> int:
                 print(f"repeat {i + 1}/{args.repeats} {way:5s}: wall {row['wall_s']:.2f} s, "
                       f"decision {row['decision_s']:.2f} s, peak RSS "
                       f"{row['peak_rss_mib']:.0f} MiB, winner {row['winner']} "
-                      f"at epoch {row['winner_epoch']}", flush=True)
+                      f"at epoch {row['winner_epoch']}, orphans {row.get('orphans', '-')}",
+                      flush=True)
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)

@@ -68,7 +68,13 @@ from .errors import LaunchError
 from .launchers import Launcher, LaunchSpec, RunHandle, read_exit_status
 from .paths import RunPaths
 from .processes import RUN_ID_ENV, ProcessKey, ProcessTree, StopReport, launch, stop_trees
-from .reporting import CHECKPOINT_DIR, LATEST, METRICS_FILE, atomic_write_bytes
+from .reporting import (
+    CHECKPOINT_DIR,
+    LATEST,
+    METRICS_FILE,
+    atomic_write_bytes,
+    atomic_write_json,
+)
 
 if TYPE_CHECKING:
     from .config import Plan
@@ -238,15 +244,17 @@ class RunActor:
         """
         argv = [sys.executable, "-m", "orchestrator.ray_executor", "sentinel",
                 "--watch-pid", str(os.getpid()), "--run-id", self.spec.run_id]
+        argv += ["--exit-status", str(self.paths.exit_status(self.spec.attempt))]
         if self.spec.shipped:
             argv += ["--remove", str(self.run_dir)]
         env = {k: v for k, v in os.environ.items() if k != RUN_ID_ENV}
         pkg_root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH", "")) if p)
-        proc = subprocess.Popen(
-            argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
-        )
+        with open(self.paths.stderr, "ab") as log:  # its errors land in the run's stderr.log
+            proc = subprocess.Popen(
+                argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                stderr=log, start_new_session=True, close_fds=True,
+            )
         proc.wait()  # the first fork exits at once; the sentinel lives on, detached
         assert proc.stdin is not None
         return proc.stdin
@@ -655,7 +663,7 @@ class RayLauncher(Launcher):
             if handle._killed:  # we killed it (stop before start, close): not a crash
                 handle._finish(DEAD_ACTOR_CODE)
             else:
-                handle._finish(DEAD_ACTOR_CODE, f"Ray actor of {handle.spec.key} died: "
+                handle._finish(DEAD_ACTOR_CODE, f"Ray actor of {handle.spec.key} ended: "
                                f"{_first_line(e)}")
             self._release(handle)
             return
@@ -796,6 +804,8 @@ def _sentinel_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m orchestrator.ray_executor sentinel")
     p.add_argument("--watch-pid", type=int, required=True, help="the actor's pid")
     p.add_argument("--run-id", required=True, help="ORCH_RUN_ID of the worker's processes")
+    p.add_argument("--exit-status", type=Path, default=None,
+                   help="the attempt's exit status file, marked -9 when the actor died")
     p.add_argument("--remove", default=None, help="node run directory to delete afterwards")
     p.add_argument("--grace-s", type=float, default=5.0)
     p.add_argument("--interval-s", type=float, default=0.1)
@@ -808,6 +818,7 @@ def _sentinel_main(argv: list[str]) -> int:
         os._exit(0)
     leader: ProcessKey | None = None
     buffer = b""
+    actor_died = True
     while actor is not None and actor.process() is not None:
         ready, _, _ = select.select([0], [], [], args.interval_s)
         if ready:
@@ -826,11 +837,18 @@ def _sentinel_main(argv: list[str]) -> int:
             # The wrapper ended: normally after the worker (nothing is left; the actor will
             # say done), but Ray may have killed it as the actor's child, leaving the worker.
             if ProcessTree(leader, args.run_id).members(scan_env=False):
+                actor_died = False
                 break
     if leader is not None:
         stop_trees([ProcessTree(leader, args.run_id)], grace_s=args.grace_s)
     else:
         _stop_tagged(args.run_id, args.grace_s)
+    if actor_died and args.exit_status is not None:
+        # The wrapper wrote 0 if the worker obeyed SIGTERM; but this attempt was cut short,
+        # so a controller that reads this file after a restart must resume it, not end it.
+        atomic_write_json(args.exit_status, {
+            "returncode": DEAD_ACTOR_CODE, "signal": -DEAD_ACTOR_CODE,
+            "end_time_s": round(time.time(), 3), "error": "its Ray actor died"})
     if args.remove and (actor is None or actor.process() is None):
         shutil.rmtree(args.remove, ignore_errors=True)
     return 0
@@ -843,7 +861,8 @@ def _stop_tagged(run_id: str, grace_s: float) -> None:
         found = []
         for proc in psutil.process_iter(["uids"]):
             try:
-                if proc.pid != os.getpid() and proc.info["uids"].real == os.getuid() \
+                uids = proc.info["uids"]  # None when psutil may not read it
+                if proc.pid != os.getpid() and uids is not None and uids.real == os.getuid() \
                         and proc.environ().get(RUN_ID_ENV) == run_id:
                     found.append(proc)
             except (psutil.Error, OSError):
