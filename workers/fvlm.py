@@ -369,8 +369,12 @@ def main(argv: list[str] | None = None) -> int:
         lm = tiny_lm(len(tokenizer), seed=args.seed)
         cfg_fn = FoveatedConfig.tiny
     else:
-        tokenizer = load_tokenizer(args.lm, local_files_only=args.local_files_only)
-        lm = load_lm(args.lm, local_files_only=args.local_files_only)
+        try:
+            tokenizer = load_tokenizer(args.lm, local_files_only=args.local_files_only)
+            lm = load_lm(args.lm, local_files_only=args.local_files_only)
+        except OSError as e:  # not on the hub / not in the cache / no network
+            print(f"error: cannot load LM {args.lm!r}: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
         cfg_fn = FoveatedConfig.full
     N, D = meta["dino_features_shape"][1:]
     C, h = meta["latents_shape"][1:3]
@@ -560,7 +564,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
     if args.final_test:
-        run_eval("test", FeatureSet(data_dir, "test", args.num_frames, preload), {})
+        try:
+            test_set = FeatureSet(data_dir, "test", args.num_frames, preload)
+        except ValueError as e:
+            print(f"error: --final-test: {e}", file=sys.stderr)
+            return 2
+        run_eval("test", test_set, {})
     return 0
 
 
