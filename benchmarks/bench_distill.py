@@ -37,7 +37,9 @@ def timed(fn, repeats: int, device: torch.device) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--preset", choices=["tiny", "full"], default="tiny")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--context-frames", type=int, default=4)
@@ -54,8 +56,8 @@ def main() -> None:
     x = torch.rand(B, 3, S, S, device=device)
     ctx = torch.randn(B, T, 256, 18, 18, device=device).half()
     m = torch.zeros(2, S, S, dtype=torch.bool, device=device)
-    m[0, S // 8:S // 3, S // 8:S // 2] = True
-    m[1, S // 2:, S // 2:] = True
+    m[0, S // 8 : S // 3, S // 8 : S // 2] = True
+    m[1, S // 2 :, S // 2 :] = True
     boxes = torch.tensor([[0.23, 0.21, 0.37, 0.21], [0.75, 0.75, 0.5, 0.5]], device=device)
     targets = [{"masks": m, "boxes": boxes}] * B
     autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")  # noqa: E731
@@ -67,10 +69,17 @@ def main() -> None:
         student.zero_grad(set_to_none=True)
 
     n_all = count_parameters(student)
-    rows = [("parameters: student total", f"{n_all:,}"),
-            ("parameters: PerceiverResampler", f"{count_parameters(student.perceiver_resampler):,}"),
-            ("parameters: MemoryCrossAttention", f"{count_parameters(student.memory_cross_attn):,}")]
-    rows.append((f"image step (fwd+loss+bwd), B={B}", f"{timed(image_step, args.repeats, device) * 1e3:.1f} ms"))
+    rows = [
+        ("parameters: student total", f"{n_all:,}"),
+        ("parameters: PerceiverResampler", f"{count_parameters(student.perceiver_resampler):,}"),
+        ("parameters: MemoryCrossAttention", f"{count_parameters(student.memory_cross_attn):,}"),
+    ]
+    rows.append(
+        (
+            f"image step (fwd+loss+bwd), B={B}",
+            f"{timed(image_step, args.repeats, device) * 1e3:.1f} ms",
+        )
+    )
     student.freeze_image_model()
     with torch.no_grad():
         student.memory_cross_attn.gate.fill_(0.1)
@@ -81,8 +90,12 @@ def main() -> None:
         loss.backward()
         student.zero_grad(set_to_none=True)
 
-    rows.append((f"video step (memory modules train), B={B}, T={T}",
-                 f"{timed(video_step, args.repeats, device) * 1e3:.1f} ms"))
+    rows.append(
+        (
+            f"video step (memory modules train), B={B}, T={T}",
+            f"{timed(video_step, args.repeats, device) * 1e3:.1f} ms",
+        )
+    )
     for t in sorted({1, 2, T, cfg.perceiver.max_frames}):
         c = torch.randn(B, t, 256, 18, 18, device=device).half()
         with torch.no_grad(), autocast():
@@ -95,9 +108,16 @@ def main() -> None:
             tokens, maps = student.encode(x)
             student.decode(tokens, maps)
             for c in (ctx, ctx.roll(1, 0)):
-                student.decode(student.memory_cross_attn(tokens, student.perceiver_resampler(c)), maps)
+                student.decode(
+                    student.memory_cross_attn(tokens, student.perceiver_resampler(c)), maps
+                )
 
-    rows.append((f"eval forward on/off/shuffled, B={B}", f"{timed(eval_forward, args.repeats, device) * 1e3:.1f} ms"))
+    rows.append(
+        (
+            f"eval forward on/off/shuffled, B={B}",
+            f"{timed(eval_forward, args.repeats, device) * 1e3:.1f} ms",
+        )
+    )
     width = max(len(r[0]) for r in rows)
     print(f"device {device}, preset {args.preset}, threads {args.threads}")
     for name, value in rows:

@@ -50,8 +50,13 @@ class TinyRandomExtractor(nn.Module):
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.net = nn.Sequential(nn.Conv2d(3, 64, 3, 2, 1), nn.ReLU(), nn.Conv2d(64, 128, 3, 2, 1),
-                                 nn.ReLU(), nn.Conv2d(128, FEATURE_CHANNELS, 3, 1, 1))
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 64, 3, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(64, 128, 3, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(128, FEATURE_CHANNELS, 3, 1, 1),
+        )
         for m in self.net:
             if isinstance(m, nn.Conv2d):  # seeded Kaiming init: the same weights everywhere
                 fan_in = m.in_channels * 9
@@ -63,7 +68,9 @@ class TinyRandomExtractor(nn.Module):
     @torch.no_grad()
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         x = frames.permute(0, 3, 1, 2).float() / 255 - 0.5  # (B, 3, H, W)
-        x = F.interpolate(x, size=(4 * FEATURE_GRID, 4 * FEATURE_GRID), mode="bilinear", align_corners=False)
+        x = F.interpolate(
+            x, size=(4 * FEATURE_GRID, 4 * FEATURE_GRID), mode="bilinear", align_corners=False
+        )
         return self.net(x)  # (B, 256, 18, 18)
 
 
@@ -78,8 +85,15 @@ class HFVisionExtractor(nn.Module):
         image_size: frames are resized to this square size and ImageNet-normalised.
     """
 
-    def __init__(self, model_id: str, class_name: str, fpn_level: int, image_size: int,
-                 local_files_only: bool = False, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        class_name: str,
+        fpn_level: int,
+        image_size: int,
+        local_files_only: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         import transformers
 
@@ -96,7 +110,9 @@ class HFVisionExtractor(nn.Module):
     @torch.no_grad()
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         x = frames.permute(0, 3, 1, 2).float() / 255
-        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        x = F.interpolate(
+            x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+        )
         x = ((x - self.mean) / self.std).to(self.model.dtype)
         feats = self.model(pixel_values=x).fpn_hidden_states[self.fpn_level]  # (B, 256, h, w)
         return F.adaptive_avg_pool2d(feats.float(), FEATURE_GRID)
@@ -120,7 +136,9 @@ def check_cache_file(path: Path, num_frames: int | None = None) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data-dir", type=Path, required=True, help="SA-V layout folder")
     p.add_argument("--out", type=Path, required=True, help="cache folder")
     p.add_argument("--extractor", choices=["tiny", "hf"], default="tiny", help="feature extractor")
@@ -130,11 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fpn-level", type=int, default=-1, help="fpn_hidden_states index (hf)")
     p.add_argument("--image-size", type=int, default=1024, help="teacher input size, px (hf)")
     p.add_argument("--local-files-only", action="store_true", help="no hub access (hf)")
-    p.add_argument("--frame-stride", type=int, default=None,
-                   help="frame files per annotated frame (SA-V: 4); default: inferred")
+    p.add_argument(
+        "--frame-stride",
+        type=int,
+        default=None,
+        help="frame files per annotated frame (SA-V: 4); default: inferred",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="frames per forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 4), help="torch CPU threads")
+    p.add_argument(
+        "--threads", type=int, default=max(1, (os.cpu_count() or 1) // 4), help="torch CPU threads"
+    )
     p.add_argument("--verify", action="store_true", help="only check the cache")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -147,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.verify:
-        bad = [(v, problem) for v in videos
-               if (problem := check_cache_file(args.out / f"{v}.pt")) is not None]
+        bad = [
+            (v, problem)
+            for v in videos
+            if (problem := check_cache_file(args.out / f"{v}.pt")) is not None
+        ]
         for v, problem in bad:
             print(f"bad: {v}: {problem}")
         print(f"{len(videos) - len(bad)}/{len(videos)} cache files good")
@@ -157,15 +184,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.extractor == "tiny":
         extractor: nn.Module = TinyRandomExtractor(args.seed)
     else:
-        extractor = HFVisionExtractor(args.hf_model, args.hf_class, args.fpn_level, args.image_size,
-                                      args.local_files_only)
+        extractor = HFVisionExtractor(
+            args.hf_model, args.hf_class, args.fpn_level, args.image_size, args.local_files_only
+        )
     extractor.to(args.device)
     info_path = args.out / "cache_info.json"
-    info = {"extractor": extractor.name, "shape": ["T", FEATURE_CHANNELS, FEATURE_GRID, FEATURE_GRID],
-            "dtype": "float16"}
+    info = {
+        "extractor": extractor.name,
+        "shape": ["T", FEATURE_CHANNELS, FEATURE_GRID, FEATURE_GRID],
+        "dtype": "float16",
+    }
     if info_path.exists() and json.loads(info_path.read_text())["extractor"] != extractor.name:
-        print(f"error: {args.out} holds features of {json.loads(info_path.read_text())['extractor']}, "
-              f"not {extractor.name}; use another --out", file=sys.stderr)
+        print(
+            f"error: {args.out} holds features of "
+            f"{json.loads(info_path.read_text())['extractor']}, "
+            f"not {extractor.name}; use another --out",
+            file=sys.stderr,
+        )
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     info_path.write_text(json.dumps(info, indent=1))
@@ -173,13 +208,20 @@ def main(argv: list[str] | None = None) -> int:
     done = skipped = 0
     for vid in tqdm(videos, desc="caching", mininterval=2):
         path = args.out / f"{vid}.pt"
-        if path.exists() and check_cache_file(path, num_annotated_frames(args.data_dir, vid)) is None:
+        if (
+            path.exists()
+            and check_cache_file(path, num_annotated_frames(args.data_dir, vid)) is None
+        ):
             skipped += 1
             continue
         video = load_sav_video(args.data_dir, vid, args.frame_stride)
         frames = torch.from_numpy(video.frames)  # (T, H, W, 3) uint8
-        feats = torch.cat([extractor(frames[i:i + args.batch_size].to(args.device)).cpu()
-                           for i in range(0, len(frames), args.batch_size)]).half()  # (T, 256, 18, 18)
+        feats = torch.cat(
+            [
+                extractor(frames[i : i + args.batch_size].to(args.device)).cpu()
+                for i in range(0, len(frames), args.batch_size)
+            ]
+        ).half()  # (T, 256, 18, 18)
         tmp = path.with_suffix(".tmp")
         torch.save({"features": feats, "extractor": extractor.name}, tmp)
         tmp.replace(path)

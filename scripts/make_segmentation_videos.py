@@ -8,7 +8,8 @@ Idempotent: when ``<out>/manifest.json`` exists with the same parameters, nothin
 (seed, i), so the same parameters always give the same videos. ``--cache-features`` then runs
 scripts/cache_context_features.py (default tiny extractor, resumable) on the result, so one
 command prepares everything. ``--split-existing`` writes only the seeded split manifest for a
-folder that already holds SA-V-layout videos (e.g. the real SA-V release); with ``--cache-features --cache-args "..."`` it also caches
+folder that already holds SA-V-layout videos (e.g. the real SA-V release); with
+``--cache-features --cache-args "..."`` it also caches
 teacher features (the full plan's setup step).
 """
 
@@ -35,50 +36,91 @@ from synthvid.segmentation import (
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder (SA-V layout)")
     p.add_argument("--num-videos", type=int, default=120, help="number of videos")
     p.add_argument("--num-frames", type=int, default=16, help="annotated frames per video")
     p.add_argument("--size", type=int, default=64, help="frame height = width, pixels")
     p.add_argument("--max-objects", type=int, default=4, help="max objects per video (min 1)")
-    p.add_argument("--degraded-prob", type=float, default=0.35,
-                   help="probability that a frame is degraded (low contrast + noise)")
+    p.add_argument(
+        "--degraded-prob",
+        type=float,
+        default=0.35,
+        help="probability that a frame is degraded (low contrast + noise)",
+    )
     p.add_argument("--val-frac", type=float, default=0.2, help="fraction of videos for val")
     p.add_argument("--test-frac", type=float, default=0.2, help="fraction of videos for test")
     p.add_argument("--seed", type=int, default=0, help="generation and split seed")
-    p.add_argument("--cache-features", action="store_true",
-                   help="then cache tiny-extractor features in <out>/features")
-    p.add_argument("--cache-args", default="",
-                   help="extra flags for cache_context_features.py, one string (e.g. '--extractor hf ...')")
-    p.add_argument("--split-existing", action="store_true",
-                   help="only write manifest.json for the SA-V videos already in --out")
+    p.add_argument(
+        "--cache-features",
+        action="store_true",
+        help="then cache tiny-extractor features in <out>/features",
+    )
+    p.add_argument(
+        "--cache-args",
+        default="",
+        help="extra flags for cache_context_features.py, one string (e.g. '--extractor hf ...')",
+    )
+    p.add_argument(
+        "--split-existing",
+        action="store_true",
+        help="only write manifest.json for the SA-V videos already in --out",
+    )
     args = p.parse_args(argv)
     if args.split_existing:
         ids = list_sav_videos(args.out)
         if len(ids) < 3:
-            print(f"error: --split-existing found {len(ids)} *_manual.json videos in {args.out}; need 3+",
-                  file=sys.stderr)
+            print(
+                f"error: --split-existing found {len(ids)} *_manual.json videos in {args.out}; "
+                "need 3+",
+                file=sys.stderr,
+            )
             return 2
-        params = {"existing": True, "seed": args.seed, "val_frac": args.val_frac, "test_frac": args.test_frac}
-        manifest = {"params": params, "split": split_manifest(ids, args.seed, args.val_frac, args.test_frac)}
+        params = {
+            "existing": True,
+            "seed": args.seed,
+            "val_frac": args.val_frac,
+            "test_frac": args.test_frac,
+        }
+        manifest = {
+            "params": params,
+            "split": split_manifest(ids, args.seed, args.val_frac, args.test_frac),
+        }
         (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1))
         print(f"wrote the split of {len(ids)} videos to {args.out / 'manifest.json'}")
         return cache(args)
     if args.num_videos < 3 or args.num_frames < 2 or args.size < 16 or args.max_objects < 1:
-        print("error: need --num-videos >= 3, --num-frames >= 2, --size >= 16, --max-objects >= 1",
-              file=sys.stderr)
+        print(
+            "error: need --num-videos >= 3, --num-frames >= 2, --size >= 16, --max-objects >= 1",
+            file=sys.stderr,
+        )
         return 2
-    if not (0 < args.val_frac < 1 and 0 <= args.test_frac < 1 and args.val_frac + args.test_frac < 1):
-        print("error: --val-frac and --test-frac must be in (0, 1) and sum below 1", file=sys.stderr)
+    if not (
+        0 < args.val_frac < 1 and 0 <= args.test_frac < 1 and args.val_frac + args.test_frac < 1
+    ):
+        print(
+            "error: --val-frac and --test-frac must be in (0, 1) and sum below 1", file=sys.stderr
+        )
         return 2
     if not 0 <= args.degraded_prob <= 1:
         print("error: --degraded-prob must be in [0, 1]", file=sys.stderr)
         return 2
 
-    spec = VideoSpec(num_frames=args.num_frames, size=args.size, max_objects=args.max_objects,
-                     degraded_prob=args.degraded_prob)
-    params = {"num_videos": args.num_videos, "seed": args.seed, "val_frac": args.val_frac,
-              "test_frac": args.test_frac, "spec": dataclasses.asdict(spec)}
+    spec = VideoSpec(
+        num_frames=args.num_frames,
+        size=args.size,
+        max_objects=args.max_objects,
+        degraded_prob=args.degraded_prob,
+    )
+    params = {
+        "num_videos": args.num_videos,
+        "seed": args.seed,
+        "val_frac": args.val_frac,
+        "test_frac": args.test_frac,
+        "spec": dataclasses.asdict(spec),
+    }
     manifest_path = args.out / "manifest.json"
     if manifest_path.exists() and json.loads(manifest_path.read_text()).get("params") == params:
         print(f"{manifest_path} is up to date; nothing to generate")
@@ -87,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     ids = [f"syn_{i:06d}" for i in range(args.num_videos)]
     for i, vid in enumerate(tqdm(ids, desc="videos")):
         write_sav_video(args.out, generate_video(np.random.default_rng([args.seed, i]), spec, vid))
-    manifest = {"params": params, "split": split_manifest(ids, args.seed, args.val_frac, args.test_frac)}
+    manifest = {
+        "params": params,
+        "split": split_manifest(ids, args.seed, args.val_frac, args.test_frac),
+    }
     tmp = manifest_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     tmp.replace(manifest_path)
@@ -100,8 +145,15 @@ def cache(args: argparse.Namespace) -> int:
     if not args.cache_features:
         return 0
     script = Path(__file__).resolve().parent / "cache_context_features.py"
-    cmd = [sys.executable, str(script), "--data-dir", str(args.out), "--out", str(args.out / "features"),
-           *shlex.split(args.cache_args)]
+    cmd = [
+        sys.executable,
+        str(script),
+        "--data-dir",
+        str(args.out),
+        "--out",
+        str(args.out / "features"),
+        *shlex.split(args.cache_args),
+    ]
     return subprocess.run(cmd).returncode
 
 

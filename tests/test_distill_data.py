@@ -24,7 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_generated_video_properties():
@@ -88,7 +90,15 @@ def test_split_manifest_is_disjoint_and_seeded():
 
 def test_make_and_cache_scripts(tmp_path):
     data = tmp_path / "data dir"  # a path with a space
-    args = ["scripts/make_segmentation_videos.py", "--out", str(data), "--num-videos", "4", "--num-frames", "3"]
+    args = [
+        "scripts/make_segmentation_videos.py",
+        "--out",
+        str(data),
+        "--num-videos",
+        "4",
+        "--num-frames",
+        "3",
+    ]
     r = run(*args)
     assert r.returncode == 0, r.stderr
     assert len(list_sav_videos(data)) == 4
@@ -97,22 +107,58 @@ def test_make_and_cache_scripts(tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
 
     feats = data / "features"
-    r = run("scripts/cache_context_features.py", "--data-dir", str(data), "--out", str(feats), "--batch-size", "2")
+    r = run(
+        "scripts/cache_context_features.py",
+        "--data-dir",
+        str(data),
+        "--out",
+        str(feats),
+        "--batch-size",
+        "2",
+    )
     assert r.returncode == 0, r.stderr
     f = torch.load(feats / "syn_000000.pt", weights_only=True)["features"]
     assert f.shape == (3, 256, 18, 18) and f.dtype == torch.float16 and torch.isfinite(f).all()
-    assert run("scripts/cache_context_features.py", "--data-dir", str(data), "--out", str(feats),
-               "--verify").returncode == 0
+    assert (
+        run(
+            "scripts/cache_context_features.py",
+            "--data-dir",
+            str(data),
+            "--out",
+            str(feats),
+            "--verify",
+        ).returncode
+        == 0
+    )
     # a corrupted file fails the check and is recomputed (identically: frozen seeded extractor)
     (feats / "syn_000001.pt").write_bytes(b"not a tensor")
-    torch.save({"features": torch.full((3, 256, 18, 18), float("nan")).half()}, feats / "syn_000002.pt")
-    v = run("scripts/cache_context_features.py", "--data-dir", str(data), "--out", str(feats), "--verify")
-    assert v.returncode == 1 and "syn_000001: unreadable" in v.stdout and "syn_000002: non-finite" in v.stdout
+    torch.save(
+        {"features": torch.full((3, 256, 18, 18), float("nan")).half()}, feats / "syn_000002.pt"
+    )
+    v = run(
+        "scripts/cache_context_features.py",
+        "--data-dir",
+        str(data),
+        "--out",
+        str(feats),
+        "--verify",
+    )
+    assert (
+        v.returncode == 1
+        and "syn_000001: unreadable" in v.stdout
+        and "syn_000002: non-finite" in v.stdout
+    )
     r = run("scripts/cache_context_features.py", "--data-dir", str(data), "--out", str(feats))
     assert r.returncode == 0 and "cached 2 videos, 2 already cached" in r.stdout
     again = torch.load(feats / "syn_000000.pt", weights_only=True)["features"]
     assert torch.equal(again, f)
-    missing = run("scripts/cache_context_features.py", "--data-dir", str(tmp_path / "nope"), "--out", str(feats))
+    missing = run(
+        "scripts/cache_context_features.py",
+        "--data-dir",
+        str(tmp_path / "nope"),
+        "--out",
+        str(feats),
+    )
     assert missing.returncode == 2 and missing.stderr.startswith("error:")
 
 
@@ -123,21 +169,53 @@ def test_hf_teacher_extractor_through_from_pretrained(tmp_path):
     from transformers import Sam2HieraDetConfig, Sam2VisionConfig, Sam2VisionModel
 
     backbone = Sam2HieraDetConfig(
-        hidden_size=16, num_attention_heads=1, image_size=[64, 64], blocks_per_stage=[1, 1, 2, 1],
-        embed_dim_per_stage=[16, 32, 64, 128], num_attention_heads_per_stage=[1, 1, 1, 1],
-        window_size_per_stage=[4, 4, 4, 4], global_attention_blocks=[3],
-        window_positional_embedding_background_size=[2, 2])
-    cfg = Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=[128, 64, 32, 16],
-                           backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]], fpn_hidden_size=256)
+        hidden_size=16,
+        num_attention_heads=1,
+        image_size=[64, 64],
+        blocks_per_stage=[1, 1, 2, 1],
+        embed_dim_per_stage=[16, 32, 64, 128],
+        num_attention_heads_per_stage=[1, 1, 1, 1],
+        window_size_per_stage=[4, 4, 4, 4],
+        global_attention_blocks=[3],
+        window_positional_embedding_background_size=[2, 2],
+    )
+    cfg = Sam2VisionConfig(
+        backbone_config=backbone,
+        backbone_channel_list=[128, 64, 32, 16],
+        backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]],
+        fpn_hidden_size=256,
+    )
     Sam2VisionModel(cfg).save_pretrained(tmp_path / "teacher")
     data = tmp_path / "data"
-    write_sav_video(data, generate_video(np.random.default_rng(0), VideoSpec(num_frames=3), "syn_a"))
-    spec = importlib.util.spec_from_file_location("cache_ctx", ROOT / "scripts/cache_context_features.py")
+    write_sav_video(
+        data, generate_video(np.random.default_rng(0), VideoSpec(num_frames=3), "syn_a")
+    )
+    spec = importlib.util.spec_from_file_location(
+        "cache_ctx", ROOT / "scripts/cache_context_features.py"
+    )
     cache = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cache)
-    rc = cache.main(["--data-dir", str(data), "--out", str(data / "features"), "--extractor", "hf",
-                     "--hf-model", str(tmp_path / "teacher"), "--hf-class", "Sam2VisionModel",
-                     "--image-size", "64", "--fpn-level", "0", "--local-files-only", "--threads", "1"])
+    rc = cache.main(
+        [
+            "--data-dir",
+            str(data),
+            "--out",
+            str(data / "features"),
+            "--extractor",
+            "hf",
+            "--hf-model",
+            str(tmp_path / "teacher"),
+            "--hf-class",
+            "Sam2VisionModel",
+            "--image-size",
+            "64",
+            "--fpn-level",
+            "0",
+            "--local-files-only",
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0
     assert cache.check_cache_file(data / "features" / "syn_a.pt", 3) is None
     info = json.loads((data / "features" / "cache_info.json").read_text())

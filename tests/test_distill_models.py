@@ -1,4 +1,4 @@
-"""PerceiverResampler, MemoryCrossAttention and the DETR student: shapes, counts, ablations, freezing."""
+"""PerceiverResampler, MemoryCrossAttention, DETR student: shapes, counts, ablations, freezing."""
 
 from __future__ import annotations
 
@@ -34,18 +34,27 @@ def test_perceiver_shapes_full_config():
 def test_parameter_counts_match_hand_formulas():
     D = 256
     # MemoryCrossAttention: 2 LayerNorms + MultiheadAttention (in/out projections with bias) + gate
-    assert count_parameters(MemoryCrossAttention(D, 8)) == 4 * D + (4 * D * D + 4 * D) + 1 == 264_193
+    assert (
+        count_parameters(MemoryCrossAttention(D, 8)) == 4 * D + (4 * D * D + 4 * D) + 1 == 264_193
+    )
     c = PerceiverConfig.full()
     inner = c.heads * c.dim_head
-    per_layer = (4 * D + D * inner + D * 2 * inner + inner * D  # norms, to_q, to_kv, to_out
-                 + 2 * D + 2 * D * D * c.ff_mult)  # FeedForward: LayerNorm + 2 bias-free Linears
-    expected = (c.grid ** 2 + c.max_frames + c.num_latents) * D + c.depth * per_layer + 2 * D
+    per_layer = (
+        4 * D
+        + D * inner
+        + D * 2 * inner
+        + inner * D  # norms, to_q, to_kv, to_out
+        + 2 * D
+        + 2 * D * D * c.ff_mult
+    )  # FeedForward: LayerNorm + 2 bias-free Linears
+    expected = (c.grid**2 + c.max_frames + c.num_latents) * D + c.depth * per_layer + 2 * D
     assert count_parameters(PerceiverResampler(c)) == expected == 1_677_824
     # the tiny student: the two memory modules are the only trainable ones after freezing
     s = tiny_student()
     s.freeze_image_model()
     assert count_parameters(s, trainable_only=True) == (
-        count_parameters(s.perceiver_resampler) + count_parameters(s.memory_cross_attn))
+        count_parameters(s.perceiver_resampler) + count_parameters(s.memory_cross_attn)
+    )
 
 
 def test_student_output_shapes_and_batch_equivalence():
@@ -53,7 +62,11 @@ def test_student_output_shapes_and_batch_equivalence():
     x, ctx = inputs(B=3)
     out = s(x)
     assert out["pred_logits"].shape == (3, 8, 2)
-    assert out["pred_boxes"].shape == (3, 8, 4) and (out["pred_boxes"] >= 0).all() and (out["pred_boxes"] <= 1).all()
+    assert (
+        out["pred_boxes"].shape == (3, 8, 4)
+        and (out["pred_boxes"] >= 0).all()
+        and (out["pred_boxes"] <= 1).all()
+    )
     assert out["pred_masks"].shape == (3, 8, 32, 32)
     with torch.no_grad():
         s.memory_cross_attn.gate.fill_(0.7)
@@ -123,7 +136,9 @@ def test_gate_zero_start_gradient_reaches_the_gate():
     x, ctx, targets = one_batch()
     SetCriterion(HungarianMatcher())(s.forward_video(x, ctx), targets)["loss"].backward()
     assert s.memory_cross_attn.gate.grad.abs().item() > 0
-    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in s.perceiver_resampler.parameters())
+    assert all(
+        p.grad is None or p.grad.abs().sum() == 0 for p in s.perceiver_resampler.parameters()
+    )
 
 
 def test_image_stage_gradient_flow():

@@ -62,7 +62,7 @@ def test_mask_iou_and_empty_masks():
 
 def square(size: int, x: int, y: int, side: int) -> np.ndarray:
     m = np.zeros((size, size), bool)
-    m[y:y + side, x:x + side] = True
+    m[y : y + side, x : x + side] = True
     return m
 
 
@@ -86,16 +86,22 @@ def test_score_frame_cases():
     perfect = score_frame(gt[::-1].copy(), gt)  # order does not matter: Hungarian matching
     assert perfect["jf"] == 1.0 and perfect["tp"] == 2 and perfect["fp"] == 0
     extra = score_frame(np.concatenate([gt, square(32, 10, 24, 4)[None]]), gt)
-    assert extra["fp"] == 1 and extra["jf"] == pytest.approx(2 / 3) and extra["iou"] == pytest.approx(2 / 3)
+    assert (
+        extra["fp"] == 1
+        and extra["jf"] == pytest.approx(2 / 3)
+        and extra["iou"] == pytest.approx(2 / 3)
+    )
     false_alarm = score_frame(gt[:1], empty)
     assert false_alarm["jf"] == 0.0 and false_alarm["fp"] == 1
 
 
 def random_case(rng: torch.Generator, Q: int, n: int, size: int = 12):
-    outputs = {"pred_logits": torch.randn(1, Q, 2, generator=rng),
-               "pred_boxes": torch.rand(1, Q, 2, generator=rng).repeat(1, 1, 2) * 0.5
-               + torch.tensor([0.25, 0.25, 0.05, 0.05]),
-               "pred_masks": torch.randn(1, Q, size, size, generator=rng) * 3}
+    outputs = {
+        "pred_logits": torch.randn(1, Q, 2, generator=rng),
+        "pred_boxes": torch.rand(1, Q, 2, generator=rng).repeat(1, 1, 2) * 0.5
+        + torch.tensor([0.25, 0.25, 0.05, 0.05]),
+        "pred_masks": torch.randn(1, Q, size, size, generator=rng) * 3,
+    }
     masks = torch.rand(n, size, size, generator=rng) > 0.6
     boxes = torch.rand(n, 4, generator=rng) * torch.tensor([0.5, 0.5, 0.3, 0.3]) + 0.25
     return outputs, [{"masks": masks, "boxes": boxes}]
@@ -107,11 +113,14 @@ def test_hungarian_matcher_is_optimal_vs_brute_force(seed):
     Q, n = 5, 3
     outputs, targets = random_case(g, Q, n)
     matcher = HungarianMatcher()
-    (rows, cols), = matcher(outputs, targets)
-    cost = matcher.cost_matrix(outputs["pred_logits"][0], outputs["pred_boxes"][0],
-                               outputs["pred_masks"][0], targets[0]).numpy()
+    ((rows, cols),) = matcher(outputs, targets)
+    cost = matcher.cost_matrix(
+        outputs["pred_logits"][0], outputs["pred_boxes"][0], outputs["pred_masks"][0], targets[0]
+    ).numpy()
     found = cost[rows, cols].sum()
-    best = min(sum(cost[q, j] for j, q in enumerate(perm)) for perm in itertools.permutations(range(Q), n))
+    best = min(
+        sum(cost[q, j] for j, q in enumerate(perm)) for perm in itertools.permutations(range(Q), n)
+    )
     assert len(rows) == n and sorted(cols.tolist()) == list(range(n))
     assert found == pytest.approx(best, abs=1e-5)
 
@@ -120,7 +129,7 @@ def test_matcher_with_no_targets():
     g = torch.Generator().manual_seed(0)
     outputs, _ = random_case(g, 4, 1)
     empty = [{"masks": torch.zeros(0, 12, 12, dtype=torch.bool), "boxes": torch.zeros(0, 4)}]
-    (rows, cols), = HungarianMatcher()(outputs, empty)
+    ((rows, cols),) = HungarianMatcher()(outputs, empty)
     assert len(rows) == 0 and len(cols) == 0
 
 
@@ -136,8 +145,10 @@ def test_set_criterion_binary_targets_are_not_sigmoided():
     pred_masks[0, :2] = masks * 60 - 30
     pred_boxes = torch.cat([boxes, torch.full((2, 4), 0.5)])[None]
     crit = SetCriterion(HungarianMatcher())
-    losses = crit({"pred_logits": logits, "pred_boxes": pred_boxes, "pred_masks": pred_masks},
-                  [{"masks": masks.bool(), "boxes": boxes}])
+    losses = crit(
+        {"pred_logits": logits, "pred_boxes": pred_boxes, "pred_masks": pred_masks},
+        [{"masks": masks.bool(), "boxes": boxes}],
+    )
     for k in ("loss_mask", "loss_dice", "loss_bbox", "loss_giou", "loss_ce"):
         assert losses[k].item() < 1e-3, k
 
@@ -145,15 +156,23 @@ def test_set_criterion_binary_targets_are_not_sigmoided():
 def test_set_criterion_no_object_weight():
     """With no targets every query is "no object": CE is the plain CE of class 1."""
     logits = torch.randn(2, 5, 2)
-    out = {"pred_logits": logits, "pred_boxes": torch.rand(2, 5, 4) * 0.2 + 0.4,
-           "pred_masks": torch.randn(2, 5, 8, 8)}
+    out = {
+        "pred_logits": logits,
+        "pred_boxes": torch.rand(2, 5, 4) * 0.2 + 0.4,
+        "pred_masks": torch.randn(2, 5, 8, 8),
+    }
     empty = {"masks": torch.zeros(0, 8, 8, dtype=torch.bool), "boxes": torch.zeros(0, 4)}
     losses = SetCriterion(HungarianMatcher(), eos_coef=0.1)(out, [empty, empty])
-    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 2), torch.ones(10, dtype=torch.long))
+    expected = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, 2), torch.ones(10, dtype=torch.long)
+    )
     assert losses["loss_ce"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert losses["loss_mask"].item() == 0.0
     # one matched target: the unmatched queries' CE terms are down-weighted by 0.1
-    one = {"masks": torch.ones(1, 8, 8, dtype=torch.bool), "boxes": torch.tensor([[0.5, 0.5, 1.0, 1.0]])}
+    one = {
+        "masks": torch.ones(1, 8, 8, dtype=torch.bool),
+        "boxes": torch.tensor([[0.5, 0.5, 1.0, 1.0]]),
+    }
     crit = SetCriterion(HungarianMatcher(), eos_coef=0.1)
     l1 = crit(out, [one, empty])["loss_ce"]
     assert torch.isfinite(l1) and l1.item() > 0

@@ -19,8 +19,22 @@ import torch
 from synthvid.segmentation import VideoSpec, generate_video, split_manifest, write_sav_video
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["--pretrain-steps", "8", "--epochs", "2", "--steps-per-epoch", "12", "--batch-size", "2",
-        "--context-frames", "2", "--bootstrap", "200", "--threads", "1"]
+ARGS = [
+    "--pretrain-steps",
+    "8",
+    "--epochs",
+    "2",
+    "--steps-per-epoch",
+    "12",
+    "--batch-size",
+    "2",
+    "--context-frames",
+    "2",
+    "--bootstrap",
+    "200",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +47,36 @@ def data_dir(tmp_path_factory) -> Path:
         write_sav_video(root, generate_video(np.random.default_rng([5, i]), spec, vid))
     split = split_manifest(ids, seed=0, val_frac=0.34, test_frac=0.17)
     (root / "manifest.json").write_text(json.dumps({"params": {}, "split": split}))
-    spec_ = importlib.util.spec_from_file_location("cache_ctx", ROOT / "scripts/cache_context_features.py")
+    spec_ = importlib.util.spec_from_file_location(
+        "cache_ctx", ROOT / "scripts/cache_context_features.py"
+    )
     cache = importlib.util.module_from_spec(spec_)
     spec_.loader.exec_module(cache)
-    assert cache.main(["--data-dir", str(root), "--out", str(root / "features"), "--threads", "1"]) == 0
+    assert (
+        cache.main(["--data-dir", str(root), "--out", str(root / "features"), "--threads", "1"])
+        == 0
+    )
     return root
 
 
 def start(data_dir: Path, run_dir: Path, resume: bool = False) -> subprocess.Popen:
-    env = {**os.environ, "ORCH_RUN_DIR": str(run_dir), "ORCH_RESUME": "1" if resume else "0",
-           "ORCH_EXPERIMENT": "vd", "ORCH_WORKER": "w", "ORCH_ATTEMPT": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "workers.video_distillation", "--data-dir", str(data_dir), *ARGS],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "ORCH_RUN_DIR": str(run_dir),
+        "ORCH_RESUME": "1" if resume else "0",
+        "ORCH_EXPERIMENT": "vd",
+        "ORCH_WORKER": "w",
+        "ORCH_ATTEMPT": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "workers.video_distillation", "--data-dir", str(data_dir), *ARGS],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen) -> str:
@@ -77,7 +109,9 @@ def test_metrics_evals_and_checkpoints(full_run):
     for key in ("val_jf_gain_vs_off", "val_jf_gain_vs_shuffled"):
         assert last[f"{key}_ci_low"] <= last[key] <= last[f"{key}_ci_high"]
     assert last["memory_gate"] != 0 and "test_jf_on" in last and "test_jf_on" not in recs[1]
-    assert last["train_loss"] > 0 and all(np.isfinite(last[k]) for k in last if k.startswith("train_"))
+    assert last["train_loss"] > 0 and all(
+        np.isfinite(last[k]) for k in last if k.startswith("train_")
+    )
     # the frozen image model is untouched by the video stage
     assert last["val_jf_off"] == first["val_jf_off"]
     ev = json.loads((full_run / "evals" / "epoch_000002.json").read_text())
@@ -87,11 +121,17 @@ def test_metrics_evals_and_checkpoints(full_run):
     ckpt = torch.load(full_run / "checkpoints" / "latest.pt", weights_only=False)
     assert set(ckpt) == {"memory", "optimizer", "scheduler", "rng", "epoch", "step_in_epoch"}
     assert {k.split(".")[0] for k in ckpt["memory"]} == {"perceiver_resampler", "memory_cross_attn"}
-    image = torch.load(full_run / "student_image.pt", weights_only=True)  # the frozen image model only
-    assert image and not any(k.startswith(("perceiver_resampler.", "memory_cross_attn.")) for k in image)
+    image = torch.load(
+        full_run / "student_image.pt", weights_only=True
+    )  # the frozen image model only
+    assert image and not any(
+        k.startswith(("perceiver_resampler.", "memory_cross_attn.")) for k in image
+    )
 
 
-def test_resume_from_an_epoch_checkpoint_continues_the_same_trajectory(full_run, data_dir, tmp_path):
+def test_resume_from_an_epoch_checkpoint_continues_the_same_trajectory(
+    full_run, data_dir, tmp_path
+):
     run_dir = tmp_path / "resumed"
     shutil.copytree(full_run, run_dir)
     ck = run_dir / "checkpoints"
@@ -127,8 +167,21 @@ def test_sigterm_checkpoints_exits_0_and_resume_matches(full_run, data_dir, tmp_
 
 
 def test_bad_input_is_one_error_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "workers.video_distillation", "--data-dir", str(tmp_path),
-                        "--run-dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workers.video_distillation",
+            "--data-dir",
+            str(tmp_path),
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
 
 

@@ -57,8 +57,9 @@ class UserError(Exception):
 # -- data ----------------------------------------------------------------------------------------
 
 
-def load_split(data_dir: Path, features_dir: Path, ids: list[str], size: int,
-               context_frames: int) -> tuple[dict[str, SegVideo], dict[str, torch.Tensor]]:
+def load_split(
+    data_dir: Path, features_dir: Path, ids: list[str], size: int, context_frames: int
+) -> tuple[dict[str, SegVideo], dict[str, torch.Tensor]]:
     """Videos (frames resized to ``size``) and their cached features [T, 256, 18, 18] fp16."""
     videos, feats = {}, {}
     for vid in ids:
@@ -67,24 +68,35 @@ def load_split(data_dir: Path, features_dir: Path, ids: list[str], size: int,
             fr = torch.from_numpy(v.frames).permute(0, 3, 1, 2).float()
             fr = F.interpolate(fr, size=(size, size), mode="bilinear", align_corners=False)
             m = F.interpolate(torch.from_numpy(v.masks).float(), size=(size, size), mode="nearest")
-            v = SegVideo(vid, fr.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy(),
-                         m.bool().numpy(), v.degraded)
+            v = SegVideo(
+                vid,
+                fr.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy(),
+                m.bool().numpy(),
+                v.degraded,
+            )
         path = features_dir / f"{vid}.pt"
         if not path.exists():
             raise UserError(f"no cached features {path}; run scripts/cache_context_features.py")
         f = torch.load(path, map_location="cpu", weights_only=True)["features"]
         if f.dtype != torch.float16 or tuple(f.shape) != (v.num_frames, 256, 18, 18):
-            raise UserError(f"{path}: features {tuple(f.shape)} {f.dtype}, expected "
-                            f"[{v.num_frames}, 256, 18, 18] float16; re-run the cache script")
+            raise UserError(
+                f"{path}: features {tuple(f.shape)} {f.dtype}, expected "
+                f"[{v.num_frames}, 256, 18, 18] float16; re-run the cache script"
+            )
         if v.num_frames <= context_frames:
             raise UserError(f"{vid} has {v.num_frames} frames; need more than --context-frames")
         videos[vid], feats[vid] = v, f
     return videos, feats
 
 
-def make_batch(videos: dict[str, SegVideo], feats: dict[str, torch.Tensor],
-               queries: list[tuple[str, int]], context_frames: int, device: torch.device,
-               context_from: list[str] | None = None) -> tuple[torch.Tensor, list[dict], torch.Tensor | None]:
+def make_batch(
+    videos: dict[str, SegVideo],
+    feats: dict[str, torch.Tensor],
+    queries: list[tuple[str, int]],
+    context_frames: int,
+    device: torch.device,
+    context_from: list[str] | None = None,
+) -> tuple[torch.Tensor, list[dict], torch.Tensor | None]:
     """Frames [B, 3, H, W] in [0, 1], targets (non-empty masks [n, H, W], boxes [n, 4] cxcywh in
     [0, 1]) and context [B, T, 256, 18, 18] (from ``context_from[i]``'s video if given; None
     when context_frames is 0)."""
@@ -95,12 +107,19 @@ def make_batch(videos: dict[str, SegVideo], feats: dict[str, torch.Tensor],
         m = v.masks[t][v.masks[t].reshape(len(v.masks[t]), -1).any(-1)]  # (n, H, W) visible
         H, W = m.shape[-2:]
         boxes = torch.from_numpy(masks_to_boxes(m)) / torch.tensor([W, H, W, H])
-        boxes = torch.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2,
-                             boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], -1)
+        boxes = torch.stack(
+            [
+                (boxes[:, 0] + boxes[:, 2]) / 2,
+                (boxes[:, 1] + boxes[:, 3]) / 2,
+                boxes[:, 2] - boxes[:, 0],
+                boxes[:, 3] - boxes[:, 1],
+            ],
+            -1,
+        )
         targets.append({"masks": torch.from_numpy(m).to(device), "boxes": boxes.to(device)})
         if context_frames:
             src = context_from[i] if context_from else vid
-            context.append(feats[src][t - context_frames:t])
+            context.append(feats[src][t - context_frames : t])
     x = torch.stack(frames).to(device).permute(0, 3, 1, 2).float() / 255
     ctx = torch.stack(context).to(device) if context else None
     return x, targets, ctx
@@ -109,13 +128,21 @@ def make_batch(videos: dict[str, SegVideo], feats: dict[str, torch.Tensor],
 # -- evaluation ----------------------------------------------------------------------------------
 
 
-def bootstrap_gain(per_video: np.ndarray, seed: int, n_resamples: int) -> tuple[float, float, float, float]:
+def bootstrap_gain(
+    per_video: np.ndarray, seed: int, n_resamples: int
+) -> tuple[float, float, float, float]:
     """Mean of paired per-video differences, its 95% bootstrap CI (BCa) and Wilcoxon p."""
     mean = float(per_video.mean())
     if len(per_video) < 3 or np.ptp(per_video) == 0:
         return mean, mean, mean, 1.0  # degenerate: no spread (e.g. gate 0)
-    ci = stats.bootstrap((per_video,), np.mean, n_resamples=n_resamples, confidence_level=0.95,
-                         method="BCa", random_state=np.random.default_rng(seed)).confidence_interval
+    ci = stats.bootstrap(
+        (per_video,),
+        np.mean,
+        n_resamples=n_resamples,
+        confidence_level=0.95,
+        method="BCa",
+        random_state=np.random.default_rng(seed),
+    ).confidence_interval
     p = float(stats.wilcoxon(per_video).pvalue) if np.any(per_video != 0) else 1.0
     return mean, float(ci.low), float(ci.high), p
 
@@ -128,8 +155,17 @@ def prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
 
 
 @torch.no_grad()
-def evaluate(student: DETRStudent, videos: dict, feats: dict, context_frames: int, device: torch.device,
-             batch_size: int, seed: int, n_resamples: int, prefix: str) -> tuple[dict, list[dict]]:
+def evaluate(
+    student: DETRStudent,
+    videos: dict,
+    feats: dict,
+    context_frames: int,
+    device: torch.device,
+    batch_size: int,
+    seed: int,
+    n_resamples: int,
+    prefix: str,
+) -> tuple[dict, list[dict]]:
     """Score every query frame t >= context_frames of ``videos`` with memory on, off, shuffled.
 
     Returns:
@@ -142,9 +178,11 @@ def evaluate(student: DETRStudent, videos: dict, feats: dict, context_frames: in
     queries = [(vid, t) for vid in ids for t in range(context_frames, videos[vid].num_frames)]
     records = []
     for s in range(0, len(queries), batch_size):
-        q = queries[s:s + batch_size]
+        q = queries[s : s + batch_size]
         x, targets, ctx = make_batch(videos, feats, q, context_frames, device)
-        _, _, ctx_shuf = make_batch(videos, feats, q, context_frames, device, [other[v] for v, _ in q])
+        _, _, ctx_shuf = make_batch(
+            videos, feats, q, context_frames, device, [other[v] for v, _ in q]
+        )
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             tokens, maps = student.encode(x)
             outs = {"off": student.decode(tokens, maps)}
@@ -158,8 +196,12 @@ def evaluate(student: DETRStudent, videos: dict, feats: dict, context_frames: in
                 present = out["pred_logits"][i].float().softmax(-1)[:, 0] > 0.5
                 pred = np.zeros((0, *gt.shape[-2:]), bool)
                 if present.any():
-                    logits = F.interpolate(out["pred_masks"][i][present][None].float(), size=gt.shape[-2:],
-                                           mode="bilinear", align_corners=False)[0]  # (P, H, W)
+                    logits = F.interpolate(
+                        out["pred_masks"][i][present][None].float(),
+                        size=gt.shape[-2:],
+                        mode="bilinear",
+                        align_corners=False,
+                    )[0]  # (P, H, W)
                     pred = (logits > 0).cpu().numpy()
                 sc = score_frame(pred, gt)
                 rec[mode] = {k: round(v, 5) if isinstance(v, float) else v for k, v in sc.items()}
@@ -171,18 +213,35 @@ def evaluate(student: DETRStudent, videos: dict, feats: dict, context_frames: in
         summary[f"{prefix}_jf_{mode}"] = float(np.mean([r["jf"] for r in rs]))
         summary[f"{prefix}_iou_{mode}"] = float(np.mean([r["iou"] for r in rs]))
         p, r, f1 = prf(sum(x["tp"] for x in rs), sum(x["fp"] for x in rs), sum(x["fn"] for x in rs))
-        summary.update({f"{prefix}_det_precision_{mode}": p, f"{prefix}_det_recall_{mode}": r,
-                        f"{prefix}_det_f1_{mode}": f1})
+        summary.update(
+            {
+                f"{prefix}_det_precision_{mode}": p,
+                f"{prefix}_det_recall_{mode}": r,
+                f"{prefix}_det_f1_{mode}": f1,
+            }
+        )
         gt_any = np.array([rec["n_gt"] > 0 for rec in records])
         pred_any = np.array([x["n_pred"] > 0 for x in rs])
-        p, r, f1 = prf(int((gt_any & pred_any).sum()), int((~gt_any & pred_any).sum()),
-                       int((gt_any & ~pred_any).sum()))
-        summary.update({f"{prefix}_presence_precision_{mode}": p, f"{prefix}_presence_recall_{mode}": r,
-                        f"{prefix}_presence_f1_{mode}": f1})
+        p, r, f1 = prf(
+            int((gt_any & pred_any).sum()),
+            int((~gt_any & pred_any).sum()),
+            int((gt_any & ~pred_any).sum()),
+        )
+        summary.update(
+            {
+                f"{prefix}_presence_precision_{mode}": p,
+                f"{prefix}_presence_recall_{mode}": r,
+                f"{prefix}_presence_f1_{mode}": f1,
+            }
+        )
     summary[f"{prefix}_negative_frames"] = float(np.mean([rec["n_gt"] == 0 for rec in records]))
     for control in ("off", "shuffled"):
-        per_video = np.array([np.mean([r["on"]["jf"] - r[control]["jf"] for r in records if r["video"] == vid])
-                              for vid in ids])
+        per_video = np.array(
+            [
+                np.mean([r["on"]["jf"] - r[control]["jf"] for r in records if r["video"] == vid])
+                for vid in ids
+            ]
+        )
         mean, lo, hi, p = bootstrap_gain(per_video, seed, n_resamples)
         key = f"{prefix}_jf_gain_vs_{control}"
         summary.update({key: mean, f"{key}_ci_low": lo, f"{key}_ci_high": hi, f"{key}_p": p})
@@ -197,15 +256,23 @@ def evaluate(student: DETRStudent, videos: dict, feats: dict, context_frames: in
 
 def warmup_cosine(warmup: int, total: int):
     """LambdaLR factor: linear warmup over ``warmup`` steps, then cosine to 0.05 at ``total``."""
+
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+        return 0.05 + 0.95 * 0.5 * (
+            1 + np.cos(np.pi * min(1.0, (step - warmup) / max(1, total - warmup)))
+        )
+
     return f
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
 
 
 def set_rng_state(s: dict) -> None:
@@ -219,23 +286,47 @@ def save_atomic(obj: dict, path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", type=Path, required=True, help="SA-V layout folder with manifest.json")
-    p.add_argument("--features-dir", type=Path, default=None, help="cached features (default: DATA/features)")
-    p.add_argument("--run-dir", default="runs/video_distillation", help="used when ORCH_RUN_DIR is unset")
-    p.add_argument("--preset", choices=["tiny", "full"], default="tiny", help="student/perceiver sizes")
-    p.add_argument("--context-frames", type=int, default=4, help="T: context frames before the query")
-    p.add_argument("--pretrain-steps", type=int, default=1500, help="stage-1 (image) optimizer steps")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data-dir", type=Path, required=True, help="SA-V layout folder with manifest.json"
+    )
+    p.add_argument(
+        "--features-dir", type=Path, default=None, help="cached features (default: DATA/features)"
+    )
+    p.add_argument(
+        "--run-dir", default="runs/video_distillation", help="used when ORCH_RUN_DIR is unset"
+    )
+    p.add_argument(
+        "--preset", choices=["tiny", "full"], default="tiny", help="student/perceiver sizes"
+    )
+    p.add_argument(
+        "--context-frames", type=int, default=4, help="T: context frames before the query"
+    )
+    p.add_argument(
+        "--pretrain-steps", type=int, default=1500, help="stage-1 (image) optimizer steps"
+    )
     p.add_argument("--pretrain-lr", type=float, default=5e-4, help="stage-1 AdamW learning rate")
     p.add_argument("--epochs", type=int, default=10, help="stage-2 (video) epochs")
-    p.add_argument("--steps-per-epoch", type=int, default=40, help="stage-2 optimizer steps per epoch")
-    p.add_argument("--lr", type=float, default=5e-4, help="stage-2 AdamW learning rate (memory modules)")
-    p.add_argument("--gate-lr-mult", type=float, default=10.0,
-                   help="learning-rate multiplier of the memory's tanh gate (starts at 0)")
+    p.add_argument(
+        "--steps-per-epoch", type=int, default=40, help="stage-2 optimizer steps per epoch"
+    )
+    p.add_argument(
+        "--lr", type=float, default=5e-4, help="stage-2 AdamW learning rate (memory modules)"
+    )
+    p.add_argument(
+        "--gate-lr-mult",
+        type=float,
+        default=10.0,
+        help="learning-rate multiplier of the memory's tanh gate (starts at 0)",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="query frames per step")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs")
     p.add_argument("--seed", type=int, default=0, help="training seed")
-    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 4), help="torch CPU threads")
+    p.add_argument(
+        "--threads", type=int, default=max(1, (os.cpu_count() or 1) // 4), help="torch CPU threads"
+    )
     return p.parse_args(argv)
 
 
@@ -252,17 +343,29 @@ def train(args: argparse.Namespace) -> int:
     split = json.loads(manifest_path.read_text())["split"]
     cfg = StudentConfig.tiny() if args.preset == "tiny" else StudentConfig.full()
     if args.context_frames > cfg.perceiver.max_frames:
-        raise UserError(f"--context-frames {args.context_frames} > {cfg.perceiver.max_frames} "
-                        f"(the {args.preset} perceiver's temporal embedding)")
+        raise UserError(
+            f"--context-frames {args.context_frames} > {cfg.perceiver.max_frames} "
+            f"(the {args.preset} perceiver's temporal embedding)"
+        )
     T = args.context_frames
-    data = {s: load_split(args.data_dir, features_dir, split[s], cfg.image_size, T) for s in ("train", "val", "test")}
+    data = {
+        s: load_split(args.data_dir, features_dir, split[s], cfg.image_size, T)
+        for s in ("train", "val", "test")
+    }
     train_videos, train_feats = data["train"]
     torch.manual_seed(args.seed)
     student = DETRStudent(cfg).to(device)
     criterion = SetCriterion(HungarianMatcher()).to(device)
-    autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")  # noqa: E731
-    ev = lambda split_name, prefix: evaluate(student, *data[split_name], T, device, 2 * args.batch_size,  # noqa: E731
-                                             args.seed, args.bootstrap, prefix)
+
+    def autocast() -> torch.autocast:
+        return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+    def ev(split_name: str, prefix: str) -> tuple[dict, list[dict]]:
+        videos, feats = data[split_name]
+        eval_batch = 2 * args.batch_size
+        return evaluate(
+            student, videos, feats, T, device, eval_batch, args.seed, args.bootstrap, prefix
+        )
 
     # ---- stage 1: the image model on single frames ----
     image_path, pre_path = rep.run_dir / "student_image.pt", rep.run_dir / "pretrain_state.pt"
@@ -271,11 +374,15 @@ def train(args: argparse.Namespace) -> int:
         state = {k: v for k, v in state.items() if k.split(".")[0] not in MEMORY_MODULES}
         missing, unexpected = student.load_state_dict(state, strict=False)
         if unexpected or any(k.split(".")[0] not in MEMORY_MODULES for k in missing):
-            raise UserError(f"{image_path} does not fit the {args.preset} student "
-                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise UserError(
+                f"{image_path} does not fit the {args.preset} student "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         print(f"stage 1: loaded the image model from {image_path}")
     else:
-        params = [p for n, p in student.named_parameters() if not n.startswith(("perceiver_", "memory_"))]
+        params = [
+            p for n, p in student.named_parameters() if not n.startswith(("perceiver_", "memory_"))
+        ]
         opt = torch.optim.AdamW(params, lr=args.pretrain_lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(100, args.pretrain_steps))
         step = 0
@@ -284,13 +391,17 @@ def train(args: argparse.Namespace) -> int:
             student.load_state_dict(s["model"]), opt.load_state_dict(s["optimizer"])
             sched.load_state_dict(s["scheduler"]), set_rng_state(s["rng"])
             step = s["step"]
-        frames_pool = [(v, t) for v in sorted(train_videos) for t in range(train_videos[v].num_frames)]
+        frames_pool = [
+            (v, t) for v in sorted(train_videos) for t in range(train_videos[v].num_frames)
+        ]
         gen = np.random.default_rng([args.seed, 1])
         order = gen.integers(0, len(frames_pool), (args.pretrain_steps, args.batch_size))
         student.train()
         bar = tqdm(range(step, args.pretrain_steps), desc="stage 1 (image)", mininterval=5)
         for step in bar:
-            x, targets, _ = make_batch(train_videos, train_feats, [frames_pool[i] for i in order[step]], 0, device)
+            x, targets, _ = make_batch(
+                train_videos, train_feats, [frames_pool[i] for i in order[step]], 0, device
+            )
             with autocast():
                 losses = criterion(student(x), targets)
             opt.zero_grad(set_to_none=True)
@@ -299,27 +410,48 @@ def train(args: argparse.Namespace) -> int:
             opt.step(), sched.step()
             bar.set_postfix(loss=f"{losses['loss'].item():.3f}", refresh=False)
             if rep.should_stop:
-                save_atomic({"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
-                             "scheduler": sched.state_dict(), "rng": rng_state()}, pre_path)
+                save_atomic(
+                    {
+                        "model": student.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "step": step + 1,
+                        "scheduler": sched.state_dict(),
+                        "rng": rng_state(),
+                    },
+                    pre_path,
+                )
                 print(f"SIGTERM in stage 1: state saved at step {step + 1}; exiting")
                 return 0
-        save_atomic({k: v for k, v in student.state_dict().items() if k.split(".")[0] not in MEMORY_MODULES},
-                    image_path)  # the image model only; the memory modules are stage 2's
+        save_atomic(
+            {
+                k: v
+                for k, v in student.state_dict().items()
+                if k.split(".")[0] not in MEMORY_MODULES
+            },
+            image_path,
+        )  # the image model only; the memory modules are stage 2's
         pre_path.unlink(missing_ok=True)
     student.freeze_image_model()
     student.eval()  # frozen parts: no dropout anywhere, GroupNorm has no running statistics
     n_train, n_total = count_parameters(student, True), count_parameters(student)
-    print(f"parameters: trainable {n_train:,} (perceiver {count_parameters(student.perceiver_resampler):,}, "
-          f"memory attention {count_parameters(student.memory_cross_attn):,}), frozen {n_total - n_train:,}")
+    n_perceiver = count_parameters(student.perceiver_resampler)
+    n_memory = count_parameters(student.memory_cross_attn)
+    print(
+        f"parameters: trainable {n_train:,} (perceiver {n_perceiver:,}, "
+        f"memory attention {n_memory:,}), frozen {n_total - n_train:,}"
+    )
 
     # ---- stage 2: the memory modules only ----
     memory = student.memory_modules()
     trainable = [p for p in student.parameters() if p.requires_grad]
     gate = student.memory_cross_attn.gate
-    opt = torch.optim.AdamW([  # the tanh gate: no decay towards 0, its own learning rate
-        {"params": [p for p in trainable if p is not gate], "weight_decay": 1e-4},
-        {"params": [gate], "weight_decay": 0.0, "lr": args.lr * args.gate_lr_mult},
-    ], lr=args.lr)
+    opt = torch.optim.AdamW(
+        [  # the tanh gate: no decay towards 0, its own learning rate
+            {"params": [p for p in trainable if p is not gate], "weight_decay": 1e-4},
+            {"params": [gate], "weight_decay": 0.0, "lr": args.lr * args.gate_lr_mult},
+        ],
+        lr=args.lr,
+    )
     total = args.epochs * args.steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(min(50, total // 10 + 1), total))
     epoch, step_in_epoch = 1, 0
@@ -332,21 +464,39 @@ def train(args: argparse.Namespace) -> int:
     if epoch == 1 and step_in_epoch == 0 and not any(r.get("epoch") == 0 for r in rep.history()):
         summary, records = ev("val", "val")
         rep.write_eval("epoch_000000", {"split": "val", "samples": records, "summary": summary})
-        rep.log(epoch=0, memory_gate=0.0, trainable_params=n_train, frozen_params=n_total - n_train, **summary)
+        rep.log(
+            epoch=0,
+            memory_gate=0.0,
+            trainable_params=n_train,
+            frozen_params=n_total - n_train,
+            **summary,
+        )
     pool = [(v, t) for v in sorted(train_videos) for t in range(T, train_videos[v].num_frames)]
 
     def checkpoint(next_epoch: int, next_step: int, **kw) -> None:
         """Save where to continue: (epoch, step within it) of the next optimizer step."""
-        state = {"memory": memory.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "rng": rng_state(), "epoch": next_epoch, "step_in_epoch": next_step}
+        state = {
+            "memory": memory.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": rng_state(),
+            "epoch": next_epoch,
+            "step_in_epoch": next_step,
+        }
         rep.save_checkpoint(lambda p: torch.save(state, p), **kw)
 
     while epoch <= args.epochs:
-        order = np.random.default_rng([args.seed, 2, epoch]).integers(0, len(pool), (args.steps_per_epoch, args.batch_size))
+        order = np.random.default_rng([args.seed, 2, epoch]).integers(
+            0, len(pool), (args.steps_per_epoch, args.batch_size)
+        )
         sums: dict[str, float] = {}
         t0 = time.time()
-        for step in tqdm(range(step_in_epoch, args.steps_per_epoch), desc=f"stage 2 epoch {epoch}", mininterval=5):
-            x, targets, ctx = make_batch(train_videos, train_feats, [pool[i] for i in order[step]], T, device)
+        for step in tqdm(
+            range(step_in_epoch, args.steps_per_epoch), desc=f"stage 2 epoch {epoch}", mininterval=5
+        ):
+            x, targets, ctx = make_batch(
+                train_videos, train_feats, [pool[i] for i in order[step]], T, device
+            )
             with autocast():
                 losses = criterion(student.forward_video(x, ctx), targets)
             opt.zero_grad(set_to_none=True)
@@ -361,20 +511,34 @@ def train(args: argparse.Namespace) -> int:
                 return 0
         n = max(1, args.steps_per_epoch - step_in_epoch)
         summary, records = ev("val", "val")
-        rep.write_eval(f"epoch_{epoch:06d}", {"split": "val", "samples": records, "summary": summary})
+        rep.write_eval(
+            f"epoch_{epoch:06d}", {"split": "val", "samples": records, "summary": summary}
+        )
         extra: dict[str, float] = {}
         if epoch == args.epochs:
             test_summary, test_records = ev("test", "test")
-            rep.write_eval("test", {"split": "test", "samples": test_records, "summary": test_summary})
+            rep.write_eval(
+                "test", {"split": "test", "samples": test_records, "summary": test_summary}
+            )
             extra = test_summary
         gate = float(torch.tanh(student.memory_cross_attn.gate).item())
-        rep.log(epoch=epoch, step=epoch * args.steps_per_epoch, memory_gate=gate, lr=sched.get_last_lr()[0],
-                epoch_time_s=time.time() - t0, **{f"train_{k}": v / n for k, v in sums.items()},
-                **summary, **extra)
+        rep.log(
+            epoch=epoch,
+            step=epoch * args.steps_per_epoch,
+            memory_gate=gate,
+            lr=sched.get_last_lr()[0],
+            epoch_time_s=time.time() - t0,
+            **{f"train_{k}": v / n for k, v in sums.items()},
+            **summary,
+            **extra,
+        )
         checkpoint(epoch + 1, 0, epoch=epoch, metrics={"val_jf_on": summary["val_jf_on"]})
-        print(f"epoch {epoch}: val J&F on {summary['val_jf_on']:.4f} off {summary['val_jf_off']:.4f} "
-              f"shuffled {summary['val_jf_shuffled']:.4f}; gain vs off {summary['val_jf_gain_vs_off']:+.4f} "
-              f"[{summary['val_jf_gain_vs_off_ci_low']:+.4f}, {summary['val_jf_gain_vs_off_ci_high']:+.4f}]")
+        sm = summary
+        print(
+            f"epoch {epoch}: val J&F on {sm['val_jf_on']:.4f} off {sm['val_jf_off']:.4f} "
+            f"shuffled {sm['val_jf_shuffled']:.4f}; gain vs off {sm['val_jf_gain_vs_off']:+.4f} "
+            f"[{sm['val_jf_gain_vs_off_ci_low']:+.4f}, {sm['val_jf_gain_vs_off_ci_high']:+.4f}]"
+        )
         epoch, step_in_epoch = epoch + 1, 0
         if rep.should_stop:
             print("SIGTERM: checkpoint written; exiting")

@@ -58,9 +58,20 @@ class StudentConfig:
     @classmethod
     def tiny(cls) -> StudentConfig:
         """64x64 frames, 8x8 encoder grid, 32x32 masks; trains on a CPU in minutes."""
-        return cls(image_size=64, channels=(16, 32, 64), mask_stage=0, d_model=96, heads=4,
-                   ff_dim=192, enc_layers=2, dec_layers=2, num_queries=8, mask_dim=32,
-                   memory_heads=4, perceiver=PerceiverConfig.tiny(dim=96))
+        return cls(
+            image_size=64,
+            channels=(16, 32, 64),
+            mask_stage=0,
+            d_model=96,
+            heads=4,
+            ff_dim=192,
+            enc_layers=2,
+            dec_layers=2,
+            num_queries=8,
+            mask_dim=32,
+            memory_heads=4,
+            perceiver=PerceiverConfig.tiny(dim=96),
+        )
 
 
 def sine_position_embedding(h: int, w: int, dim: int, device: torch.device) -> torch.Tensor:
@@ -71,16 +82,27 @@ def sine_position_embedding(h: int, w: int, dim: int, device: torch.device) -> t
     xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w * 2 * math.pi
     y = ys[:, None, None] * omega  # (h, 1, dim/4)
     x = xs[None, :, None] * omega  # (1, w, dim/4)
-    pe = torch.cat([y.sin().expand(h, w, -1), y.cos().expand(h, w, -1),
-                    x.sin().expand(h, w, -1), x.cos().expand(h, w, -1)], dim=-1)  # (h, w, 4*dim/4)
+    pe = torch.cat(
+        [
+            y.sin().expand(h, w, -1),
+            y.cos().expand(h, w, -1),
+            x.sin().expand(h, w, -1),
+            x.cos().expand(h, w, -1),
+        ],
+        dim=-1,
+    )  # (h, w, 4*dim/4)
     return F.pad(pe, (0, dim - pe.shape[-1])).reshape(h * w, dim)
 
 
 def conv_block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
     """3x3 conv (stride) -> GroupNorm -> ReLU -> 3x3 conv -> GroupNorm -> ReLU."""
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.GroupNorm(8, c_out), nn.ReLU(inplace=True),
-        nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.GroupNorm(8, c_out), nn.ReLU(inplace=True),
+        nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False),
+        nn.GroupNorm(8, c_out),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False),
+        nn.GroupNorm(8, c_out),
+        nn.ReLU(inplace=True),
     )
 
 
@@ -111,27 +133,39 @@ class DETRStudent(nn.Module):
         self.cfg = cfg
         D = cfg.d_model
         chans = (3, *cfg.channels)
-        self.backbone = nn.ModuleList(conv_block(chans[i], chans[i + 1], 2) for i in range(len(cfg.channels)))
+        self.backbone = nn.ModuleList(
+            conv_block(chans[i], chans[i + 1], 2) for i in range(len(cfg.channels))
+        )
         self.input_proj = nn.Conv2d(cfg.channels[-1], D, 1)
         self.encoder = nn.ModuleList(
-            nn.TransformerEncoderLayer(D, cfg.heads, cfg.ff_dim, dropout=0.0, batch_first=True,
-                                       norm_first=True) for _ in range(cfg.enc_layers))
+            nn.TransformerEncoderLayer(
+                D, cfg.heads, cfg.ff_dim, dropout=0.0, batch_first=True, norm_first=True
+            )
+            for _ in range(cfg.enc_layers)
+        )
         self.encoder_norm = nn.LayerNorm(D)
         self.query_embed = nn.Parameter(torch.randn(cfg.num_queries, D) * 0.1)  # (Q, D)
         self.decoder = nn.ModuleList(
-            nn.TransformerDecoderLayer(D, cfg.heads, cfg.ff_dim, dropout=0.0, batch_first=True,
-                                       norm_first=True) for _ in range(cfg.dec_layers))
+            nn.TransformerDecoderLayer(
+                D, cfg.heads, cfg.ff_dim, dropout=0.0, batch_first=True, norm_first=True
+            )
+            for _ in range(cfg.dec_layers)
+        )
         self.decoder_norm = nn.LayerNorm(D)
         # pixel decoder (FPN-style, at width M): top-down from the encoder grid to the mask
         # stage; at each step up, nearest upsampling + a lateral 1x1 conv, then a 3x3 conv
         n_up = len(cfg.channels) - 1 - cfg.mask_stage
         M = cfg.mask_dim
         self.pixel_proj = nn.Conv2d(D, M, 1)
-        self.lateral = nn.ModuleList(nn.Conv2d(cfg.channels[len(cfg.channels) - 2 - i], M, 1)
-                                     for i in range(n_up))
+        self.lateral = nn.ModuleList(
+            nn.Conv2d(cfg.channels[len(cfg.channels) - 2 - i], M, 1) for i in range(n_up)
+        )
         self.fuse = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(M, M, 3, 1, 1, bias=False), nn.GroupNorm(8, M), nn.ReLU(inplace=True))
-            for _ in range(n_up))
+            nn.Sequential(
+                nn.Conv2d(M, M, 3, 1, 1, bias=False), nn.GroupNorm(8, M), nn.ReLU(inplace=True)
+            )
+            for _ in range(n_up)
+        )
         self.mask_features = nn.Conv2d(M, M, 1)
         self.class_head = nn.Linear(D, 2)
         self.box_head = MLP(D, D, 4, 3)
@@ -140,8 +174,12 @@ class DETRStudent(nn.Module):
         self.memory_cross_attn = MemoryCrossAttention(D, cfg.memory_heads)
         if cfg.perceiver.dim != D:
             raise ValueError(f"perceiver dim {cfg.perceiver.dim} must equal d_model {D}")
-        self.register_buffer("pixel_mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor([0.25, 0.25, 0.25]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor([0.25, 0.25, 0.25]).view(1, 3, 1, 1), persistent=False
+        )
 
     # -- the image model ---------------------------------------------------------------------
 
@@ -154,7 +192,9 @@ class DETRStudent(nn.Module):
             feats.append(x)  # S_i: (B, c_i, H/2^(i+1), W/2^(i+1))
         x = self.input_proj(x)  # (B, D, h, w)
         B, D, h, w = x.shape
-        tokens = x.flatten(2).transpose(1, 2) + sine_position_embedding(h, w, D, x.device)  # (B, N, D)
+        tokens = x.flatten(2).transpose(1, 2) + sine_position_embedding(
+            h, w, D, x.device
+        )  # (B, N, D)
         for layer in self.encoder:
             tokens = layer(tokens)
         return self.encoder_norm(tokens), feats
@@ -168,13 +208,16 @@ class DETRStudent(nn.Module):
             q = layer(q, tokens)
         q = self.decoder_norm(q)
         pix = self.pixel_proj(tokens.transpose(1, 2).reshape(B, D, h, w))  # (B, M, h, w)
-        for i, (lat, fuse) in enumerate(zip(self.lateral, self.fuse)):
+        for i, (lat, fuse) in enumerate(zip(self.lateral, self.fuse, strict=False)):
             skip = feats[len(feats) - 2 - i]  # (B, c_i, 2h, 2w) at each step up
             pix = fuse(F.interpolate(pix, size=skip.shape[-2:], mode="nearest") + lat(skip))
         pix = self.mask_features(pix)  # (B, M, Hm, Wm)
         masks = torch.einsum("bqm,bmhw->bqhw", self.mask_embed(q), pix)  # (B, Q, Hm, Wm)
-        return {"pred_logits": self.class_head(q), "pred_boxes": self.box_head(q).sigmoid(),
-                "pred_masks": masks}
+        return {
+            "pred_logits": self.class_head(q),
+            "pred_boxes": self.box_head(q).sigmoid(),
+            "pred_masks": masks,
+        }
 
     def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
         """Image-only prediction: frames [B, 3, H, W] float in [0, 1] -> outputs dict."""

@@ -49,8 +49,12 @@ class FeedForward(nn.Sequential):
     """Pre-norm MLP: LayerNorm -> Linear(D, mult*D) -> GELU -> Linear(mult*D, D) (no residual)."""
 
     def __init__(self, dim: int, mult: int) -> None:
-        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
-                         nn.Linear(dim * mult, dim, bias=False))
+        super().__init__(
+            nn.LayerNorm(dim),
+            nn.Linear(dim, dim * mult, bias=False),
+            nn.GELU(),
+            nn.Linear(dim * mult, dim, bias=False),
+        )
 
 
 class PerceiverAttention(nn.Module):
@@ -86,14 +90,19 @@ class PerceiverResampler(nn.Module):
     def __init__(self, cfg: PerceiverConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.proj_in = (nn.Linear(cfg.context_dim, cfg.dim) if cfg.context_dim != cfg.dim
-                        else nn.Identity())
+        self.proj_in = (
+            nn.Linear(cfg.context_dim, cfg.dim) if cfg.context_dim != cfg.dim else nn.Identity()
+        )
         self.spatial_pos = nn.Parameter(torch.randn(cfg.grid * cfg.grid, cfg.dim) * 0.02)  # (P, D)
         self.temporal_pos = nn.Parameter(torch.randn(cfg.max_frames, cfg.dim) * 0.02)  # (Tmax, D)
         self.latents = nn.Parameter(torch.randn(cfg.num_latents, cfg.dim) * 0.02)  # (L, D)
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(cfg.dim, cfg.heads, cfg.dim_head),
-                           FeedForward(cfg.dim, cfg.ff_mult)])
+            nn.ModuleList(
+                [
+                    PerceiverAttention(cfg.dim, cfg.heads, cfg.dim_head),
+                    FeedForward(cfg.dim, cfg.ff_mult),
+                ]
+            )
             for _ in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(cfg.dim)
@@ -114,8 +123,10 @@ class PerceiverResampler(nn.Module):
         B, T, C, h, w = context.shape
         cfg = self.cfg
         if C != cfg.context_dim or h != cfg.grid or w != cfg.grid or T > cfg.max_frames:
-            raise ValueError(f"context {tuple(context.shape)} does not fit [B, T<={cfg.max_frames}, "
-                             f"{cfg.context_dim}, {cfg.grid}, {cfg.grid}]")
+            raise ValueError(
+                f"context {tuple(context.shape)} does not fit [B, T<={cfg.max_frames}, "
+                f"{cfg.context_dim}, {cfg.grid}, {cfg.grid}]"
+            )
         x = context.to(self.latents.dtype).flatten(3).transpose(2, 3)  # (B, T, P, C)
         x = self.proj_in(x) + self.spatial_pos + self.temporal_pos[:T, None]  # (B, T, P, D)
         x = x.reshape(B, T * h * w, -1)  # (B, T*P, D)

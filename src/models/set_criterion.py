@@ -74,13 +74,17 @@ def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-mask soft Dice loss 1 - (2|p t| + 1) / (|p| + |t| + 1): [n, P] logits, [n, P] {0,1} -> [n]."""
+    """Per-mask soft Dice loss 1 - (2|p t| + 1) / (|p| + |t| + 1).
+
+    logits [n, P], binary targets [n, P] -> [n].
+    """
     p = logits.sigmoid()
     return 1 - (2 * (p * targets).sum(-1) + 1) / (p.sum(-1) + targets.sum(-1) + 1)
 
 
-def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
-                       gamma: float = 2.0) -> torch.Tensor:
+def sigmoid_focal_loss(
+    logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> torch.Tensor:
     """Per-mask focal loss (Lin et al. 2017) averaged over pixels: [n, P], [n, P] -> [n]."""
     p = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
@@ -114,21 +118,29 @@ class HungarianMatcher(nn.Module):
     scipy.optimize.linear_sum_assignment (the original used a greedy matcher).
     """
 
-    def __init__(self, w_class: float = 1.0, w_bbox: float = 5.0, w_giou: float = 2.0,
-                 w_mask: float = 5.0, w_dice: float = 5.0) -> None:
+    def __init__(
+        self,
+        w_class: float = 1.0,
+        w_bbox: float = 5.0,
+        w_giou: float = 2.0,
+        w_mask: float = 5.0,
+        w_dice: float = 5.0,
+    ) -> None:
         super().__init__()
         self.w = (w_class, w_bbox, w_giou, w_mask, w_dice)
 
-    def cost_matrix(self, logits: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor,
-                    target: dict) -> torch.Tensor:
+    def cost_matrix(
+        self, logits: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor, target: dict
+    ) -> torch.Tensor:
         """One image: logits [Q, 2], boxes [Q, 4], mask logits [Q, H, W] -> cost [Q, n]."""
         w_class, w_bbox, w_giou, w_mask, w_dice = self.w
         t_masks = target["masks"].float().flatten(1)  # (n, H*W), binary, used as is
         m = masks.flatten(1)  # (Q, H*W) logits
         cost = -w_class * logits.softmax(-1)[:, :1]  # (Q, 1) broadcast over targets
         cost = cost + w_bbox * torch.cdist(boxes, target["boxes"], p=1)
-        cost = cost - w_giou * generalized_box_iou(box_cxcywh_to_xyxy(boxes),
-                                                   box_cxcywh_to_xyxy(target["boxes"]))
+        cost = cost - w_giou * generalized_box_iou(
+            box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(target["boxes"])
+        )
         cost = cost + w_mask * batch_bce_cost(m, t_masks) + w_dice * batch_dice_cost(m, t_masks)
         return cost
 
@@ -149,8 +161,12 @@ class HungarianMatcher(nn.Module):
             if len(target["boxes"]) == 0:
                 out.append((np.zeros(0, np.int64), np.zeros(0, np.int64)))
                 continue
-            c = self.cost_matrix(outputs["pred_logits"][b].float(), outputs["pred_boxes"][b].float(),
-                                 outputs["pred_masks"][b].float(), target)
+            c = self.cost_matrix(
+                outputs["pred_logits"][b].float(),
+                outputs["pred_boxes"][b].float(),
+                outputs["pred_masks"][b].float(),
+                target,
+            )
             rows, cols = linear_sum_assignment(c.cpu().numpy())
             out.append((rows.astype(np.int64), cols.astype(np.int64)))
         return out
@@ -174,8 +190,13 @@ class SetCriterion(nn.Module):
     normalised by the number of target objects in the batch (at least 1).
     """
 
-    def __init__(self, matcher: HungarianMatcher, eos_coef: float = 0.1,
-                 weights: dict[str, float] | None = None, mask_loss: str = "bce") -> None:
+    def __init__(
+        self,
+        matcher: HungarianMatcher,
+        eos_coef: float = 0.1,
+        weights: dict[str, float] | None = None,
+        mask_loss: str = "bce",
+    ) -> None:
         super().__init__()
         if mask_loss not in ("bce", "focal"):
             raise ValueError(f"mask_loss must be 'bce' or 'focal', got {mask_loss!r}")
@@ -188,8 +209,9 @@ class SetCriterion(nn.Module):
         logits = outputs["pred_logits"].float()  # (B, Q, 2)
         B, Q, _ = logits.shape
         size = targets[0]["masks"].shape[-2:]
-        pred_masks = F.interpolate(outputs["pred_masks"].float(), size=size, mode="bilinear",
-                                   align_corners=False)  # (B, Q, H, W)
+        pred_masks = F.interpolate(
+            outputs["pred_masks"].float(), size=size, mode="bilinear", align_corners=False
+        )  # (B, Q, H, W)
         matched = {**outputs, "pred_masks": pred_masks}
         indices = self.matcher(matched, targets)
         num = max(sum(len(t["boxes"]) for t in targets), 1)
@@ -199,19 +221,29 @@ class SetCriterion(nn.Module):
             target_classes[b, torch.as_tensor(qi, device=logits.device)] = 0
         loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, self.class_weight)
 
-        bi = torch.cat([torch.full((len(qi),), b, dtype=torch.long) for b, (qi, _) in enumerate(indices)])
+        bi = torch.cat(
+            [torch.full((len(qi),), b, dtype=torch.long) for b, (qi, _) in enumerate(indices)]
+        )
         qi = torch.cat([torch.as_tensor(q) for q, _ in indices]).long()
         src_boxes = outputs["pred_boxes"].float()[bi, qi]  # (n, 4)
-        tgt_boxes = torch.cat([t["boxes"][torch.as_tensor(ti)] for t, (_, ti) in zip(targets, indices)])
+        tgt_boxes = torch.cat(
+            [t["boxes"][torch.as_tensor(ti)] for t, (_, ti) in zip(targets, indices, strict=False)]
+        )
         src_masks = pred_masks[bi, qi].flatten(1)  # (n, H*W) logits
-        tgt_masks = torch.cat([t["masks"][torch.as_tensor(ti)] for t, (_, ti) in zip(targets, indices)])
+        tgt_masks = torch.cat(
+            [t["masks"][torch.as_tensor(ti)] for t, (_, ti) in zip(targets, indices, strict=False)]
+        )
         tgt_masks = tgt_masks.float().flatten(1)  # binary, never through a sigmoid
         if len(src_boxes):
             loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum() / num
-            giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)))
+            giou = torch.diag(
+                generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes))
+            )
             loss_giou = (1 - giou).sum() / num
             if self.mask_loss == "bce":
-                per_mask = F.binary_cross_entropy_with_logits(src_masks, tgt_masks, reduction="none").mean(-1)
+                per_mask = F.binary_cross_entropy_with_logits(
+                    src_masks, tgt_masks, reduction="none"
+                ).mean(-1)
             else:
                 per_mask = sigmoid_focal_loss(src_masks, tgt_masks)
             loss_mask = per_mask.sum() / num
@@ -219,11 +251,21 @@ class SetCriterion(nn.Module):
         else:
             zero = logits.sum() * 0
             loss_bbox = loss_giou = loss_mask = loss_dice = zero
-        losses = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou,
-                  "loss_mask": loss_mask, "loss_dice": loss_dice}
+        losses = {
+            "loss_ce": loss_ce,
+            "loss_bbox": loss_bbox,
+            "loss_giou": loss_giou,
+            "loss_mask": loss_mask,
+            "loss_dice": loss_dice,
+        }
         w = self.weights
-        losses["loss"] = (w["ce"] * loss_ce + w["bbox"] * loss_bbox + w["giou"] * loss_giou
-                          + w["mask"] * loss_mask + w["dice"] * loss_dice)
+        losses["loss"] = (
+            w["ce"] * loss_ce
+            + w["bbox"] * loss_bbox
+            + w["giou"] * loss_giou
+            + w["mask"] * loss_mask
+            + w["dice"] * loss_dice
+        )
         return losses
 
 
@@ -263,8 +305,8 @@ def boundary_f_measure(pred: np.ndarray, gt: np.ndarray, bound_th: float = 0.008
         F in [0, 1]; both empty = 1; one empty = 0.
     """
     r = bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*gt.shape))
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-    disk = xx ** 2 + yy ** 2 <= r ** 2
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    disk = xx**2 + yy**2 <= r**2
     fg, gb = seg2bmap(pred), seg2bmap(gt)
     n_fg, n_gt = fg.sum(), gb.sum()
     if n_fg == 0 and n_gt == 0:
@@ -295,15 +337,34 @@ def score_frame(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5) ->
     """
     P, G = len(pred), len(gt)
     if P == 0 and G == 0:
-        return {"iou": 1.0, "j": 1.0, "f": 1.0, "jf": 1.0, "tp": 0, "fp": 0, "fn": 0, "n_gt": 0, "n_pred": 0}
+        return {
+            "iou": 1.0,
+            "j": 1.0,
+            "f": 1.0,
+            "jf": 1.0,
+            "tp": 0,
+            "fp": 0,
+            "fn": 0,
+            "n_gt": 0,
+            "n_pred": 0,
+        }
     ious = mask_iou_matrix(pred, gt) if P and G else np.zeros((P, G))
     rows, cols = linear_sum_assignment(-ious) if P and G else (np.zeros(0, int), np.zeros(0, int))
-    js = [ious[r, c] for r, c in zip(rows, cols)]
-    fs = [boundary_f_measure(pred[r], gt[c]) for r, c in zip(rows, cols)]
+    js = [ious[r, c] for r, c in zip(rows, cols, strict=False)]
+    fs = [boundary_f_measure(pred[r], gt[c]) for r, c in zip(rows, cols, strict=False)]
     n_unmatched = (P - len(rows)) + (G - len(rows))
     js += [0.0] * n_unmatched
     fs += [0.0] * n_unmatched
-    tp = int(sum(ious[r, c] >= iou_threshold for r, c in zip(rows, cols)))
+    tp = int(sum(ious[r, c] >= iou_threshold for r, c in zip(rows, cols, strict=False)))
     j, f = float(np.mean(js)), float(np.mean(fs))
-    return {"iou": float(sum(ious[r, c] for r, c in zip(rows, cols)) / max(P, G)), "j": j, "f": f,
-            "jf": (j + f) / 2, "tp": tp, "fp": P - tp, "fn": G - tp, "n_gt": G, "n_pred": P}
+    return {
+        "iou": float(sum(ious[r, c] for r, c in zip(rows, cols, strict=False)) / max(P, G)),
+        "j": j,
+        "f": f,
+        "jf": (j + f) / 2,
+        "tp": tp,
+        "fp": P - tp,
+        "fn": G - tp,
+        "n_gt": G,
+        "n_pred": P,
+    }

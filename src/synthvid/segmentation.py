@@ -158,7 +158,9 @@ def encode_masklets(masks: np.ndarray) -> list[list[dict]]:
     return out
 
 
-def decode_masklets(masklet: list[list[dict]], num_objects: int, height: int, width: int) -> np.ndarray:
+def decode_masklets(
+    masklet: list[list[dict]], num_objects: int, height: int, width: int
+) -> np.ndarray:
     """Inverse of ``encode_masklets``: bool [T, K, H, W] (K = num_objects; may be 0)."""
     out = np.zeros((len(masklet), num_objects, height, width), bool)
     for t, objs in enumerate(masklet):
@@ -166,8 +168,9 @@ def decode_masklets(masklet: list[list[dict]], num_objects: int, height: int, wi
             raise ValueError(f"annotated frame {t} has {len(objs)} masks, expected {num_objects}")
         if objs:
             with warnings.catch_warnings():  # pycocotools' Cython decode under NumPy 2
-                warnings.filterwarnings("ignore", "__array__ implementation doesn't accept a copy",
-                                        DeprecationWarning)
+                warnings.filterwarnings(
+                    "ignore", "__array__ implementation doesn't accept a copy", DeprecationWarning
+                )
                 out[t] = mask_utils.decode(list(objs)).transpose(2, 0, 1).astype(bool)
     return out
 
@@ -194,8 +197,10 @@ def write_sav_video(root: Path, video: SegVideo, fps: float = 6.0) -> None:
             float(np.argmax(present[:, k])) if present[:, k].any() else -1.0 for k in range(K)
         ],
         "masklet_frame_count": [int(present[:, k].sum()) for k in range(K)],
-        "masklet_size_abs": [float(area[:, k][present[:, k]].mean()) if present[:, k].any() else 0.0
-                             for k in range(K)],
+        "masklet_size_abs": [
+            float(area[:, k][present[:, k]].mean()) if present[:, k].any() else 0.0
+            for k in range(K)
+        ],
         "masklet_type": ["manual"] * K,
         "masklet": encode_masklets(video.masks),
         "frame_degraded": [bool(d) for d in video.degraded],
@@ -207,7 +212,9 @@ def write_sav_video(root: Path, video: SegVideo, fps: float = 6.0) -> None:
 
 def list_sav_videos(root: Path) -> list[str]:
     """Sorted video ids under ``root`` (those with a ``*_manual.json``)."""
-    return sorted(p.name[: -len(ANNOTATION_SUFFIX)] for p in Path(root).glob(f"*{ANNOTATION_SUFFIX}"))
+    return sorted(
+        p.name[: -len(ANNOTATION_SUFFIX)] for p in Path(root).glob(f"*{ANNOTATION_SUFFIX}")
+    )
 
 
 def num_annotated_frames(root: Path, video_id: str) -> int:
@@ -236,8 +243,10 @@ def load_sav_video(root: Path, video_id: str, frame_stride: int | None = None) -
         frame_stride = max(1, round(len(files) / max(n_ann, 1)))
     idx = [i * frame_stride for i in range(n_ann)]
     if n_ann and idx[-1] >= len(files):
-        raise ValueError(f"{video_id}: {n_ann} annotated frames need frame file {idx[-1]}, "
-                         f"found {len(files)} in {frame_dir}")
+        raise ValueError(
+            f"{video_id}: {n_ann} annotated frames need frame file {idx[-1]}, "
+            f"found {len(files)} in {frame_dir}"
+        )
     frames = np.stack([np.asarray(Image.open(files[i]).convert("RGB")) for i in idx])
     H, W = frames.shape[1:3]
     K = int(ann.get("masklet_num", len(ann["masklet"][0]) if n_ann else 0))
@@ -273,6 +282,6 @@ def split_manifest(video_ids: list[str], seed: int, val_frac: float, test_frac: 
     return {
         "seed": seed,
         "val": pick(perm[:n_val]),
-        "test": pick(perm[n_val:n_val + n_test]),
-        "train": pick(perm[n_val + n_test:]),
+        "test": pick(perm[n_val : n_val + n_test]),
+        "train": pick(perm[n_val + n_test :]),
     }
