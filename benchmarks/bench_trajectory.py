@@ -16,6 +16,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,24 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models.trajectory_heads import count_trainable_parameters
 from workers.trajectory import MODELS, PRESETS, build_model
+
+
+def _train_step(model, opt, video, labels, target, autocast: bool) -> None:
+    """One AdamW step on the classification + position loss."""
+    with torch.autocast(video.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(video)
+    loss = F.cross_entropy(out["logits"].float(), labels) + F.smooth_l1_loss(
+        out["position"].float(), target
+    )
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+@torch.no_grad()
+def _infer_step(model, video, autocast: bool) -> None:
+    with torch.autocast(video.device.type, dtype=torch.bfloat16, enabled=autocast):
+        model(video)
 
 
 def _time(fn, device: torch.device, warmup: int, repeats: int) -> float:
@@ -42,11 +61,17 @@ def _time(fn, device: torch.device, warmup: int, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size")
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    p.add_argument(
+        "--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS)
+    )
     p.add_argument("--frames", type=int, default=16, help="input frames T")
-    p.add_argument("--image-size", type=int, default=32, help="frame size S (the tiny preset trains at 32)")
+    p.add_argument(
+        "--image-size", type=int, default=32, help="frame size S (the tiny preset trains at 32)"
+    )
     p.add_argument("--batch-size", type=int, default=16, help="clips per step")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps")
     p.add_argument("--repeats", type=int, default=3, help="timed steps (median reported)")
@@ -56,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in models if m not in MODELS]
     if bad or args.batch_size < 1 or args.repeats < 1:
-        print(f"error: unknown model(s) {bad} (choose from {MODELS}), or batch/repeats < 1", file=sys.stderr)
+        print(
+            f"error: unknown model(s) {bad} (choose from {MODELS}), or batch/repeats < 1",
+            file=sys.stderr,
+        )
         return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no GPU is visible", file=sys.stderr)
@@ -64,37 +92,30 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     autocast = device.type == "cuda"
-    print(f"preset {args.preset}, {args.frames} x {args.image_size} px, batch {args.batch_size}, "
-          f"{args.threads} thread(s), device {device}\n")
+    print(
+        f"preset {args.preset}, {args.frames} x {args.image_size} px, batch {args.batch_size}, "
+        f"{args.threads} thread(s), device {device}\n"
+    )
     print("| model | params | GFLOPs/clip (fwd) | train clips/s | inference clips/s |")
     print("|---|---|---|---|---|")
     for name in models:
         torch.manual_seed(0)
         try:
-            model = build_model(name, args.preset, args.frames, args.image_size,
-                                PRESETS[args.preset]["dropout"]).to(device)
+            model = build_model(
+                name, args.preset, args.frames, args.image_size, PRESETS[args.preset]["dropout"]
+            ).to(device)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        video = torch.rand(args.batch_size, args.frames, 3, args.image_size, args.image_size, device=device)
+        video = torch.rand(
+            args.batch_size, args.frames, 3, args.image_size, args.image_size, device=device
+        )
         labels = torch.randint(0, 4, (args.batch_size,), device=device)
         target = torch.rand(args.batch_size, 2, device=device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-        def train_step() -> None:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                out = model(video)
-            loss = F.cross_entropy(out["logits"].float(), labels) + F.smooth_l1_loss(
-                out["position"].float(), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        @torch.no_grad()
-        def infer_step() -> None:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                model(video)
-
+        train_step = partial(_train_step, model, opt, video, labels, target, autocast)
+        infer_step = partial(_infer_step, model, video, autocast)
         # counted in train mode: in eval mode nn.TransformerEncoderLayer takes a fused fast path
         # whose FLOPs the counter does not see (the arithmetic is the same)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -104,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         infer_s = _time(infer_step, device, args.warmup, args.repeats)
         model.train()
         train_s = _time(train_step, device, args.warmup, args.repeats)
-        print(f"| {name} | {count_trainable_parameters(model):,} | {gflops:.3f} | "
-              f"{args.batch_size / train_s:.1f} | {args.batch_size / infer_s:.1f} |", flush=True)
+        print(
+            f"| {name} | {count_trainable_parameters(model):,} | {gflops:.3f} | "
+            f"{args.batch_size / train_s:.1f} | {args.batch_size / infer_s:.1f} |",
+            flush=True,
+        )
     return 0
 
 

@@ -46,8 +46,9 @@ class WorkerRun:
 
     @property
     def epochs(self) -> int:
-        last = self.history.last
-        return int(last.get("epoch", last.get("step", 0))) if last else 0
+        last = self.history.last or {}
+        value = last.get("epoch", last.get("step", 0))
+        return int(value) if isinstance(value, (int, float)) else 0
 
     def final(self, metric: str) -> float | None:
         """The metric's value in the last record that holds a number for it."""
@@ -81,8 +82,9 @@ def group_of(worker: str, pattern: re.Pattern[str]) -> str:
     return (m.group(1) if m.re.groups else m.group(0)) or worker
 
 
-def higher_is_better(metric: str, experiment: ExperimentConfig | None, minimize: set[str],
-                     maximize: set[str]) -> bool:
+def higher_is_better(
+    metric: str, experiment: ExperimentConfig | None, minimize: set[str], maximize: set[str]
+) -> bool:
     """Direction of ``metric``: flags first, then the experiment's criteria, then its name."""
     if metric in minimize:
         return False
@@ -95,14 +97,20 @@ def higher_is_better(metric: str, experiment: ExperimentConfig | None, minimize:
     return LOWER_IS_BETTER.search(metric) is None
 
 
-def load_runs(plan: Plan, experiment: ExperimentConfig, pattern: re.Pattern[str]) -> list[WorkerRun]:
+def load_runs(
+    plan: Plan, experiment: ExperimentConfig, pattern: re.Pattern[str]
+) -> list[WorkerRun]:
     """Every worker of ``experiment`` that has written at least one metric record."""
     paths = ResultsPaths(plan.results_dir)
     runs = []
     for worker in experiment.workers:
         run_dir = paths.run(experiment.name, worker.name).run_dir
-        source = make_source(worker.metrics.source, run_dir=run_dir, path=worker.metrics.path,
-                             pattern=worker.metrics.pattern)
+        source = make_source(
+            worker.metrics.source,
+            run_dir=run_dir,
+            path=worker.metrics.path,
+            pattern=worker.metrics.pattern,
+        )
         history = MetricHistory()
         history.add(source.read_new())
         if history.records:
@@ -125,7 +133,7 @@ def mean_sd(values: list[float]) -> tuple[float, float | None]:
 
 
 def format_mean_sd(values: list[float], digits: int = 3) -> str:
-    """"0.812 +- 0.031" (n >= 2), "0.812" (n = 1), "-" (no values); counts as "248,362"."""
+    """ "0.812 +- 0.031" (n >= 2), "0.812" (n = 1), "-" (no values); counts as "248,362"."""
     if not values:
         return "-"
     mean, sd = mean_sd(values)
@@ -138,10 +146,10 @@ def format_mean_sd(values: list[float], digits: int = 3) -> str:
 
 def _number_format(x: float, digits: int) -> str:
     if x != 0 and (abs(x) >= 10 ** (digits + 2) or abs(x) < 10 ** -(digits - 1)):
-        return "{:.%dg}" % digits
+        return f"{{:.{digits}g}}"
     if abs(x) >= 100:
         return "{:.0f}"
-    return "{:.%df}" % digits
+    return f"{{:.{digits}f}}"
 
 
 def default_metrics(experiment: ExperimentConfig, runs: list[WorkerRun]) -> list[str]:
@@ -159,20 +167,32 @@ def default_metrics(experiment: ExperimentConfig, runs: list[WorkerRun]) -> list
     return out
 
 
-def markdown_table(groups: list[GroupSummary], metrics: list[str], best_metrics: list[str],
-                   direction: dict[str, bool]) -> str:
+def markdown_table(
+    groups: list[GroupSummary],
+    metrics: list[str],
+    best_metrics: list[str],
+    direction: dict[str, bool],
+) -> str:
     """Markdown: one row per group; final (and best) of each metric as mean +- sd over runs."""
-    head = ["group", "runs", "epochs"] + [f"{m} (final)" for m in metrics] + [
-        f"{m} (best, {'max' if direction[m] else 'min'})" for m in best_metrics]
+    head = (
+        ["group", "runs", "epochs"]
+        + [f"{m} (final)" for m in metrics]
+        + [f"{m} (best, {'max' if direction[m] else 'min'})" for m in best_metrics]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         epochs = sorted({r.epochs for r in g.runs})
-        cells = [g.name, str(len(g.runs)),
-                 str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}"]
+        cells = [
+            g.name,
+            str(len(g.runs)),
+            str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}",
+        ]
         for m in metrics:
             cells.append(format_mean_sd([v for r in g.runs if (v := r.final(m)) is not None]))
         for m in best_metrics:
-            cells.append(format_mean_sd([v for r in g.runs if (v := r.best(m, direction[m])) is not None]))
+            cells.append(
+                format_mean_sd([v for r in g.runs if (v := r.best(m, direction[m])) is not None])
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -187,11 +207,11 @@ def plot_curves(groups: list[GroupSummary], metrics: list[str], out: Path, title
     cols = min(3, max(1, len(metrics)))
     rows = math.ceil(len(metrics) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, metric in zip(axes.flat, metrics):
+    for ax, metric in zip(axes.flat, metrics, strict=False):  # spare axes stay empty
         for i, g in enumerate(groups):
             by_x: dict[int, list[float]] = {}
             for r in g.runs:
-                for x, y in zip(*r.history.series(metric)):
+                for x, y in zip(*r.history.series(metric), strict=True):
                     if math.isfinite(y):
                         by_x.setdefault(x, []).append(y)
             if not by_x:
@@ -203,12 +223,18 @@ def plot_curves(groups: list[GroupSummary], metrics: list[str], out: Path, title
             ax.plot(xs, means, marker="o", ms=3, color=colour, label=f"{g.name} (n={len(g.runs)})")
             if len(xs) == 1:  # a metric logged once (e.g. a final test score): an error bar
                 ax.errorbar(xs, means, yerr=sds, color=colour, capsize=4, lw=1)
-            ax.fill_between(xs, [m - s for m, s in zip(means, sds)],
-                            [m + s for m, s in zip(means, sds)], color=colour, alpha=0.2, lw=0)
+            ax.fill_between(
+                xs,
+                [m - s for m, s in zip(means, sds, strict=True)],
+                [m + s for m, s in zip(means, sds, strict=True)],
+                color=colour,
+                alpha=0.2,
+                lw=0,
+            )
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
@@ -224,22 +250,41 @@ def plot_curves(groups: list[GroupSummary], metrics: list[str], out: Path, title
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the report's arguments to ``parser`` (used by scripts/compare_runs.py and the CLI)."""
     parser.add_argument("plan", nargs="?", default="experiments.yaml", help="plan file")
-    parser.add_argument("--experiment", action="append", default=None,
-                        help="experiment(s) to report (default: all of the plan's)")
-    parser.add_argument("--group-by", default=DEFAULT_GROUP_BY,
-                        help="regex over worker names; its first capture group names the group "
-                        "(default strips a '-seedN' suffix)")
-    parser.add_argument("--metrics", default=None,
-                        help="comma-separated metrics for the table and plot (default: the "
-                        "criteria's metrics, then every metric all runs' last records share)")
-    parser.add_argument("--best", default=None,
-                        help="comma-separated metrics to also report at their best epoch "
-                        "(default: the criteria's metrics)")
-    parser.add_argument("--minimize", default="", help="comma-separated metrics where lower is better")
-    parser.add_argument("--maximize", default="", help="comma-separated metrics where higher is better")
-    parser.add_argument("--out-dir", default=None,
-                        help="where report_<experiment>.md/.png go (default: the experiment's "
-                        "results folder)")
+    parser.add_argument(
+        "--experiment",
+        action="append",
+        default=None,
+        help="experiment(s) to report (default: all of the plan's)",
+    )
+    parser.add_argument(
+        "--group-by",
+        default=DEFAULT_GROUP_BY,
+        help="regex over worker names; its first capture group names the group "
+        "(default strips a '-seedN' suffix)",
+    )
+    parser.add_argument(
+        "--metrics",
+        default=None,
+        help="comma-separated metrics for the table and plot (default: the "
+        "criteria's metrics, then every metric all runs' last records share)",
+    )
+    parser.add_argument(
+        "--best",
+        default=None,
+        help="comma-separated metrics to also report at their best epoch "
+        "(default: the criteria's metrics)",
+    )
+    parser.add_argument(
+        "--minimize", default="", help="comma-separated metrics where lower is better"
+    )
+    parser.add_argument(
+        "--maximize", default="", help="comma-separated metrics where higher is better"
+    )
+    parser.add_argument(
+        "--out-dir",
+        default=None,
+        help="where report_<experiment>.md/.png go (default: the experiment's results folder)",
+    )
     parser.add_argument("--no-plot", action="store_true", help="table only")
 
 
@@ -277,31 +322,41 @@ def run_report(args: argparse.Namespace) -> int:
     for experiment in (e for e in plan.experiments if e.name in wanted):
         runs = load_runs(plan, experiment, pattern)
         if not runs:
-            print(f"{experiment.name}: no metrics yet under {paths.experiment_dir(experiment.name)}",
-                  file=sys.stderr)
+            print(
+                f"{experiment.name}: no metrics yet under {paths.experiment_dir(experiment.name)}",
+                file=sys.stderr,
+            )
             continue
         groups = group_runs(runs)
         metrics = _split(args.metrics) or default_metrics(experiment, runs)
-        best = _split(args.best) if args.best is not None else [
-            m for c in experiment.criteria for m in sorted(c.names)]
+        best = (
+            _split(args.best)
+            if args.best is not None
+            else [m for c in experiment.criteria for m in sorted(c.names)]
+        )
         best = list(dict.fromkeys(best))
         direction = {m: higher_is_better(m, experiment, minimize, maximize) for m in metrics + best}
         table = markdown_table(groups, metrics, best, direction)
         criteria = ", ".join(str(c) for c in experiment.criteria)
-        text = (f"## {experiment.name}\n\ncriteria: {criteria}; {len(runs)} runs in "
-                f"{len(groups)} groups (mean +- sd over runs)\n\n{table}")
+        text = (
+            f"## {experiment.name}\n\ncriteria: {criteria}; {len(runs)} runs in "
+            f"{len(groups)} groups (mean +- sd over runs)\n\n{table}"
+        )
         print(text)
         out_dir = Path(args.out_dir) if args.out_dir else paths.experiment_dir(experiment.name)
         md = out_dir / f"report_{experiment.name}.md"
         atomic_write_bytes(md, text.encode())
         if not args.no_plot:
-            png = plot_curves(groups, metrics, out_dir / f"report_{experiment.name}.png",
-                              f"{experiment.name}: mean +- sd over runs")
+            png = plot_curves(
+                groups,
+                metrics,
+                out_dir / f"report_{experiment.name}.png",
+                f"{experiment.name}: mean +- sd over runs",
+            )
             print(f"plot: {png}")
         print(f"table: {md}\n")
         reported += 1
     if reported == 0:
-        print(f"error: no worker of {wanted} has metrics under {plan.results_dir}",
-              file=sys.stderr)
+        print(f"error: no worker of {wanted} has metrics under {plan.results_dir}", file=sys.stderr)
         return 2
     return 0

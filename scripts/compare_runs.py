@@ -16,7 +16,9 @@ from orchestrator.report import add_report_arguments, run_report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_report_arguments(parser)
     return run_report(parser.parse_args(argv))
 

@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from orchestrator.paths import ResultsPaths
 from orchestrator.report import (
     DEFAULT_GROUP_BY,
@@ -27,8 +25,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _plan(tmp_path: Path, workers: list[str], criteria: list[str], name: str = "exp") -> Path:
-    lines = ["repo: .", "results_dir: results", "gpus: none", "experiments:", f"  - name: {name}",
-             "    criteria:"] + [f"      - {c}" for c in criteria] + ["    max_epochs: 10", "    workers:"]
+    lines = (
+        [
+            "repo: .",
+            "results_dir: results",
+            "gpus: none",
+            "experiments:",
+            f"  - name: {name}",
+            "    criteria:",
+        ]
+        + [f"      - {c}" for c in criteria]
+        + ["    max_epochs: 10", "    workers:"]
+    )
     for w in workers:
         lines += [f"      - name: {w}", f"        branch: b/{w}", "        command: python -c pass"]
     path = tmp_path / "plan.yaml"
@@ -63,22 +71,39 @@ def test_group_names_strip_seed_suffix():
 
 
 def test_table_final_best_and_plot(tmp_path, capsys):
-    plan = _plan(tmp_path, ["a-seed0", "a-seed1", "b-seed0", "b-seed1", "c-seed0"],
-                 ["acc >= 0.9", "err_px < 2"])
-    _log(tmp_path, "a-seed0", [{"epoch": 1, "acc": 0.5, "err_px": 4.0}, {"epoch": 2, "acc": 0.6, "err_px": 3.0}])
-    _log(tmp_path, "a-seed1", [{"epoch": 1, "acc": 0.8, "err_px": 2.0}, {"epoch": 2, "acc": 0.7, "err_px": 5.0}])
+    plan = _plan(
+        tmp_path,
+        ["a-seed0", "a-seed1", "b-seed0", "b-seed1", "c-seed0"],
+        ["acc >= 0.9", "err_px < 2"],
+    )
+    _log(
+        tmp_path,
+        "a-seed0",
+        [{"epoch": 1, "acc": 0.5, "err_px": 4.0}, {"epoch": 2, "acc": 0.6, "err_px": 3.0}],
+    )
+    _log(
+        tmp_path,
+        "a-seed1",
+        [{"epoch": 1, "acc": 0.8, "err_px": 2.0}, {"epoch": 2, "acc": 0.7, "err_px": 5.0}],
+    )
     _log(tmp_path, "b-seed0", [{"epoch": 1, "acc": 0.9, "err_px": 1.0}])
     _log(tmp_path, "b-seed1", [{"epoch": 1, "acc": 1.0, "err_px": 1.5}])
     # c-seed0 never wrote metrics: left out of the table
     out_dir = tmp_path / "report"
     assert run_report(_args(str(plan), "--out-dir", str(out_dir))) == 0
     text = capsys.readouterr().out
-    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    rows = {
+        line.split(" | ")[0].strip("| "): line
+        for line in text.splitlines()
+        if line.startswith("| ")
+    }
     assert "group" in rows and set(rows) == {"group", "a", "b"}
-    # a: final acc mean(0.6, 0.7) sd 0.0707; final err mean(3, 5) sd 1.414; best acc max -> (0.6, 0.8);
+    # a: final acc mean(0.6, 0.7) sd 0.0707; final err mean(3, 5) sd 1.414;
+    # best acc max -> (0.6, 0.8);
     # best err is a minimum (criterion 'err_px < 2') -> (3, 2)
-    assert rows["a"] == ("| a | 2 | 2 | 0.650 +- 0.071 | 4.000 +- 1.414 | 0.700 +- 0.141 | "
-                         "2.500 +- 0.707 |")
+    assert rows["a"] == (
+        "| a | 2 | 2 | 0.650 +- 0.071 | 4.000 +- 1.414 | 0.700 +- 0.141 | 2.500 +- 0.707 |"
+    )
     assert rows["b"].startswith("| b | 2 | 1 | 0.950 +- 0.071 | 1.250 +- 0.354 |")
     assert "(best, max)" in rows["group"] and "err_px (best, min)" in rows["group"]
     assert (out_dir / "report_exp.md").read_text().count("| a |") == 1
@@ -99,34 +124,87 @@ def test_errors_are_one_line(tmp_path, capsys):
 
 def test_table_over_a_small_real_run(tmp_path):
     data = tmp_path / "data"
-    generate_dataset(data, PersistenceConfig(num_samples=60, seed=1, num_frames=12, max_persistent=1,
-                                             max_transient=1, shard_size=60), progress=False)
+    generate_dataset(
+        data,
+        PersistenceConfig(
+            num_samples=60, seed=1, num_frames=12, max_persistent=1, max_transient=1, shard_size=60
+        ),
+        progress=False,
+    )
     workers = ["i3d-seed0", "i3d-seed1", "slowfast-seed0", "slowfast-seed1"]
-    plan = _plan(tmp_path, workers, ["val_macro_f1 >= 0.9", "position_error_px < baseline_position_error_px"],
-                 name="trajectory")
+    plan = _plan(
+        tmp_path,
+        workers,
+        ["val_macro_f1 >= 0.9", "position_error_px < baseline_position_error_px"],
+        name="trajectory",
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
     env.update(PYTHONPATH=f"{REPO / 'src'}:{REPO}", OMP_NUM_THREADS="1")
     procs = []
     for w in workers:
         model, seed = w.split("-seed")
         run_dir = ResultsPaths(tmp_path / "results").run("trajectory", w).run_dir
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "workers.trajectory", "--model", model, "--seed", seed,
-             "--data-dir", str(data), "--epochs", "2", "--input-frames", "8", "--horizon", "3",
-             "--image-size", "16", "--train-samples", "16", "--batch-size", "8", "--threads", "1",
-             "--no-progress", "--run-dir", str(run_dir)],
-            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "workers.trajectory",
+                    "--model",
+                    model,
+                    "--seed",
+                    seed,
+                    "--data-dir",
+                    str(data),
+                    "--epochs",
+                    "2",
+                    "--input-frames",
+                    "8",
+                    "--horizon",
+                    "3",
+                    "--image-size",
+                    "16",
+                    "--train-samples",
+                    "16",
+                    "--batch-size",
+                    "8",
+                    "--threads",
+                    "1",
+                    "--no-progress",
+                    "--run-dir",
+                    str(run_dir),
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
         if len(procs) == 2:  # two at a time on a small machine
             for p in procs:
                 _, err = p.communicate(timeout=120)
                 assert p.returncode == 0, err[-2000:]
             procs = []
-    proc = subprocess.run([sys.executable, "scripts/compare_runs.py", str(plan), "--metrics",
-                           "val_macro_f1,position_error_px,params"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/compare_runs.py",
+            str(plan),
+            "--metrics",
+            "val_macro_f1,position_error_px,params",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| group | runs | epochs | val_macro_f1 (final) | position_error_px (final)")
+    assert rows[0].startswith(
+        "| group | runs | epochs | val_macro_f1 (final) | position_error_px (final)"
+    )
     assert rows[1].startswith("| i3d | 2 | 2 |") and rows[2].startswith("| slowfast | 2 | 2 |")
     # parameters do not depend on the seed: an integer count with sd exactly 0
     assert re.fullmatch(r"\d{2,3},\d{3} \+- 0", rows[1].split(" | ")[5])

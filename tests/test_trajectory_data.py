@@ -19,8 +19,9 @@ from synthvid.trajectory import (
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     out = tmp_path_factory.mktemp("traj") / "single"
-    cfg = PersistenceConfig(num_samples=120, seed=4, num_frames=12, max_persistent=1,
-                            max_transient=2, shard_size=50)
+    cfg = PersistenceConfig(
+        num_samples=120, seed=4, num_frames=12, max_persistent=1, max_transient=2, shard_size=50
+    )
     generate_dataset(out, cfg, progress=False)
     return out
 
@@ -28,7 +29,9 @@ def single(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
     out = tmp_path_factory.mktemp("traj") / "mixed"
-    generate_dataset(out, PersistenceConfig(num_samples=60, seed=5, max_persistent=2), progress=False)
+    generate_dataset(
+        out, PersistenceConfig(num_samples=60, seed=5, max_persistent=2), progress=False
+    )
     return out
 
 
@@ -61,9 +64,16 @@ def test_bad_windows_are_rejected(single):
 
 
 def test_splits_disjoint_and_stratified(single):
-    splits = {s: load_trajectory_split(single, s, input_frames=8, horizon=4) for s in ("train", "val", "test")}
+    splits = {
+        s: load_trajectory_split(single, s, input_frames=8, horizon=4)
+        for s in ("train", "val", "test")
+    }
     ids = {s: set(c.sample_ids) for s, c in splits.items()}
-    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"] and not ids["val"] & ids["test"]
+    assert (
+        not ids["train"] & ids["val"]
+        and not ids["train"] & ids["test"]
+        and not ids["val"] & ids["test"]
+    )
     assert sum(len(v) for v in ids.values()) == 120  # every clip has one persistent object here
     for s, c in splits.items():  # every split holds every class (the seed note's val held one)
         assert set(c.label.tolist()) == set(range(len(CLASSES))), s

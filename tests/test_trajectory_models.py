@@ -46,7 +46,9 @@ def test_shapes_batch_equivalence_and_gradients(name):
     assert out["logits"].dtype == torch.float32
     # every parameter gets a gradient from the two losses
     (out["logits"].logsumexp(-1).sum() + out["position"].square().sum()).backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    missing = [
+        n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0
+    ]
     assert not missing, missing
     # eval mode: a clip's output does not depend on the rest of the batch
     model.eval()
@@ -106,7 +108,8 @@ def test_parameter_count_excludes_frozen_parameters():
         p.requires_grad_(False)
     head_only = count_trainable_parameters(model)
     assert head_only == sum(p.numel() for p in model.cls_head.parameters()) + sum(
-        p.numel() for p in model.pos_head.parameters())
+        p.numel() for p in model.pos_head.parameters()
+    )
     assert head_only < total
 
 

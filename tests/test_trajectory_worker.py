@@ -17,15 +17,31 @@ import pytest
 from synthvid.persistence import PersistenceConfig, generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--input-frames", "8", "--horizon", "3", "--image-size", "16", "--train-samples", "24",
-        "--val-samples", "16", "--batch-size", "8", "--threads", "1", "--no-progress"]
+TINY = [
+    "--input-frames",
+    "8",
+    "--horizon",
+    "3",
+    "--image-size",
+    "16",
+    "--train-samples",
+    "24",
+    "--val-samples",
+    "16",
+    "--batch-size",
+    "8",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trajectory worker") / "data"  # a path with a space
-    cfg = PersistenceConfig(num_samples=80, seed=2, num_frames=12, max_persistent=1,
-                            max_transient=2, shard_size=40)
+    cfg = PersistenceConfig(
+        num_samples=80, seed=2, num_frames=12, max_persistent=1, max_transient=2, shard_size=40
+    )
     generate_dataset(out, cfg, progress=False)
     return out
 
@@ -37,8 +53,14 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _run(args: list[str], **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "workers.trajectory", *args], cwd=REPO, env=_env(**env),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "workers.trajectory", *args],
+        cwd=REPO,
+        env=_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -49,20 +71,45 @@ def _records(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("model", ["conv_temporal", "i3d", "slowfast", "vivit"])
 def test_each_model_trains_and_reports(model, data, tmp_path):
     run_dir = tmp_path / "run"
-    proc = _run(["--model", model, "--data-dir", str(data), "--epochs", "1", "--run-dir", str(run_dir), *TINY])
+    proc = _run(
+        [
+            "--model",
+            model,
+            "--data-dir",
+            str(data),
+            "--epochs",
+            "1",
+            "--run-dir",
+            str(run_dir),
+            *TINY,
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     (rec,) = _records(run_dir)
     assert rec["epoch"] == 1
-    for key in ("val_accuracy", "val_macro_f1", "val_recall_linear", "val_recall_helical",
-                "position_error_px", "baseline_position_error_px", "static_position_error_px",
-                "params", "train_time_s", "infer_clips_per_s", "test_accuracy", "test_macro_f1"):
+    for key in (
+        "val_accuracy",
+        "val_macro_f1",
+        "val_recall_linear",
+        "val_recall_helical",
+        "position_error_px",
+        "baseline_position_error_px",
+        "static_position_error_px",
+        "params",
+        "train_time_s",
+        "infer_clips_per_s",
+        "test_accuracy",
+        "test_macro_f1",
+    ):
         assert isinstance(rec[key], (int, float)), key
     assert 0.0 <= rec["val_accuracy"] <= 1.0 and rec["params"] > 1000
     assert rec["baseline_position_error_px"] > 0
     ev = json.loads((run_dir / "evals" / "epoch_000001.json").read_text())
     conf = ev["confusion"]
     assert len(conf) == 4 and sum(map(sum, conf)) == len(ev["samples"])
-    assert sum(conf[i][i] for i in range(4)) / len(ev["samples"]) == pytest.approx(rec["val_accuracy"])
+    assert sum(conf[i][i] for i in range(4)) / len(ev["samples"]) == pytest.approx(
+        rec["val_accuracy"]
+    )
     assert ev["target_frame"] == 10 and ev["input_frames"] == 8
     test = json.loads((run_dir / "evals" / "test_final.json").read_text())
     assert not {s["sample_id"] for s in test["samples"]} & {s["sample_id"] for s in ev["samples"]}
@@ -70,25 +117,68 @@ def test_each_model_trains_and_reports(model, data, tmp_path):
 
 
 def test_bad_input_is_one_error_line(data, tmp_path):
-    proc = _run(["--model", "i3d", "--data-dir", str(tmp_path / "nothing"), "--run-dir", str(tmp_path / "r")])
+    proc = _run(
+        [
+            "--model",
+            "i3d",
+            "--data-dir",
+            str(tmp_path / "nothing"),
+            "--run-dir",
+            str(tmp_path / "r"),
+        ]
+    )
     assert proc.returncode == 2 and proc.stderr.startswith("error: no dataset at")
     assert "Traceback" not in proc.stderr
-    proc = _run(["--model", "i3d", "--data-dir", str(data), "--horizon", "9", "--run-dir", str(tmp_path / "r")])
+    proc = _run(
+        [
+            "--model",
+            "i3d",
+            "--data-dir",
+            str(data),
+            "--horizon",
+            "9",
+            "--run-dir",
+            str(tmp_path / "r"),
+        ]
+    )
     assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_sigterm_checkpoints_and_resume_follows_the_same_trajectory(data, tmp_path):
-    args = ["--model", "i3d", "--data-dir", str(data), "--epochs", "2", "--input-frames", "8",
-            "--horizon", "3", "--image-size", "32", "--batch-size", "2", "--val-samples", "8",
-            "--threads", "1", "--no-progress"]
+    args = [
+        "--model",
+        "i3d",
+        "--data-dir",
+        str(data),
+        "--epochs",
+        "2",
+        "--input-frames",
+        "8",
+        "--horizon",
+        "3",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--val-samples",
+        "8",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
     straight = tmp_path / "straight"
     assert _run([*args, "--run-dir", str(straight)]).returncode == 0
     ref = _records(straight)[-1]
 
     run_dir = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, "-m", "workers.trajectory", *args], cwd=REPO,
-                            env=_env(ORCH_RUN_DIR=str(run_dir)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers.trajectory", *args],
+        cwd=REPO,
+        env=_env(ORCH_RUN_DIR=str(run_dir)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 90
     while not _records(run_dir) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

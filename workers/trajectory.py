@@ -63,27 +63,52 @@ PRESETS = {  # optimisation per preset; flags override
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", required=True, choices=MODELS, help="backbone to train")
-    p.add_argument("--data-dir", required=True, help="dataset made by scripts/generate_persistence_dataset.py")
-    p.add_argument("--run-dir", default=None, help="output folder when ORCH_RUN_DIR is not set "
-                   "(default runs/trajectory/<model>-seed<seed>)")
+    p.add_argument(
+        "--data-dir", required=True, help="dataset made by scripts/generate_persistence_dataset.py"
+    )
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        help="output folder when ORCH_RUN_DIR is not set "
+        "(default runs/trajectory/<model>-seed<seed>)",
+    )
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model/optimiser size")
-    p.add_argument("--seed", type=int, default=0, help="seed of init, data order, flips and dropout")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of init, data order, flips and dropout"
+    )
     p.add_argument("--epochs", type=int, default=10, help="epochs to train (the plan's max_epochs)")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate on val every N epochs")
     p.add_argument("--input-frames", type=int, default=16, help="frames the model sees, T_in")
-    p.add_argument("--horizon", type=int, default=4, help="target frame = T_in - 1 + horizon (>= 1)")
-    p.add_argument("--image-size", type=int, default=None, help="resize frames to S x S (area); "
-                   "positions stay in pixels of the original frame (preset default)")
+    p.add_argument(
+        "--horizon", type=int, default=4, help="target frame = T_in - 1 + horizon (>= 1)"
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resize frames to S x S (area); "
+        "positions stay in pixels of the original frame (preset default)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="clips per batch (preset default)")
-    p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (preset default)")
+    p.add_argument(
+        "--lr", type=float, default=None, help="peak AdamW learning rate (preset default)"
+    )
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     p.add_argument("--pos-weight", type=float, default=2.0, help="weight of the position loss")
-    p.add_argument("--no-flip", action="store_true", help="disable random horizontal flips "
-                   "(the x target is flipped with the frames)")
-    p.add_argument("--shuffle-labels", action="store_true", help="control: permute the TRAIN "
-                   "class labels (val accuracy must fall to chance)")
+    p.add_argument(
+        "--no-flip",
+        action="store_true",
+        help="disable random horizontal flips (the x target is flipped with the frames)",
+    )
+    p.add_argument(
+        "--shuffle-labels",
+        action="store_true",
+        help="control: permute the TRAIN class labels (val accuracy must fall to chance)",
+    )
     p.add_argument("--train-samples", type=int, default=None, help="use the first N train clips")
     p.add_argument("--val-samples", type=int, default=None, help="use the first N val clips")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default cores/4)")
@@ -92,7 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_model(name: str, preset: str, num_frames: int, image_size: int, dropout: float) -> TrajectoryModel:
+def build_model(
+    name: str, preset: str, num_frames: int, image_size: int, dropout: float
+) -> TrajectoryModel:
     """The backbone ``name`` at ``preset`` size under the trajectory heads."""
     full = preset == "full"
     if name == "conv_temporal":
@@ -110,8 +137,9 @@ def build_model(name: str, preset: str, num_frames: int, image_size: int, dropou
         backbone, dim = ViViT(cfg), cfg.dim
     else:
         raise ValueError(f"unknown --model {name!r}; choose from {MODELS}")
-    return TrajectoryModel(backbone, dim, num_classes=len(CLASSES), hidden=256 if full else 128,
-                           dropout=dropout)
+    return TrajectoryModel(
+        backbone, dim, num_classes=len(CLASSES), hidden=256 if full else 128, dropout=dropout
+    )
 
 
 def resize_video(video: np.ndarray, size: int) -> torch.Tensor:
@@ -134,28 +162,40 @@ def epoch_order(seed: int, epoch: int, n: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def classification_report(labels: np.ndarray, preds: np.ndarray, k: int) -> dict:
-    """Accuracy, macro-F1, per-class recall/precision/F1 and the confusion matrix [k, k] (rows = truth)."""
+    """Accuracy, macro-F1, per-class recall/precision/F1, confusion matrix [k, k] (rows = truth)."""
     conf = np.bincount(labels * k + preds, minlength=k * k).reshape(k, k)
     tp = np.diag(conf).astype(float)
     support, predicted = conf.sum(1), conf.sum(0)
     recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
     precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k),
-                   where=(precision + recall) > 0)
+    f1 = np.divide(
+        2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0
+    )
     present = support > 0
-    return {"accuracy": float(tp.sum() / max(1, conf.sum())),
-            "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-            "recall": recall, "precision": precision, "f1": f1, "confusion": conf}
+    return {
+        "accuracy": float(tp.sum() / max(1, conf.sum())),
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "recall": recall,
+        "precision": precision,
+        "f1": f1,
+        "confusion": conf,
+    }
 
 
 @torch.no_grad()
-def evaluate(model: TrajectoryModel, video: torch.Tensor, clips: TrajectoryClips, device: torch.device,
-             batch_size: int, autocast: bool) -> tuple[dict, dict]:
+def evaluate(
+    model: TrajectoryModel,
+    video: torch.Tensor,
+    clips: TrajectoryClips,
+    device: torch.device,
+    batch_size: int,
+    autocast: bool,
+) -> tuple[dict, dict]:
     """Score held-out clips. Returns (metrics without prefix, per-clip eval record)."""
     model.eval()
     logits, positions, infer_s = [], [], 0.0
     for start in range(0, len(clips), batch_size):
-        x = video[start:start + batch_size].to(device).float().div_(255.0)
+        x = video[start : start + batch_size].to(device).float().div_(255.0)
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             out = model(x)
@@ -180,8 +220,10 @@ def evaluate(model: TrajectoryModel, video: torch.Tensor, clips: TrajectoryClips
     diff = err - cv_err
     p_value = float(stats.wilcoxon(err, cv_err).pvalue) if np.any(diff != 0) else 1.0
     metrics = {
-        "loss": loss, "accuracy": rep["accuracy"], "macro_f1": rep["macro_f1"],
-        **{f"recall_{c}": float(r) for c, r in zip(CLASSES, rep["recall"])},
+        "loss": loss,
+        "accuracy": rep["accuracy"],
+        "macro_f1": rep["macro_f1"],
+        **{f"recall_{c}": float(r) for c, r in zip(CLASSES, rep["recall"], strict=True)},
         "position_error_px": float(err.mean()),
         "position_error_median_px": float(np.median(err)),
         "baseline_position_error_px": float(cv_err.mean()),
@@ -193,16 +235,36 @@ def evaluate(model: TrajectoryModel, video: torch.Tensor, clips: TrajectoryClips
     records = {
         "classes": list(CLASSES),
         "confusion": rep["confusion"].tolist(),  # rows = true class, columns = predicted
-        "per_class": {c: {"recall": float(r), "precision": float(p), "f1": float(f)}
-                      for c, r, p, f in zip(CLASSES, rep["recall"], rep["precision"], rep["f1"])},
-        "target_frame": clips.target_frame, "input_frames": clips.input_frames,
+        "per_class": {
+            c: {"recall": float(r), "precision": float(p), "f1": float(f)}
+            for c, r, p, f in zip(CLASSES, rep["recall"], rep["precision"], rep["f1"], strict=True)
+        },
+        "target_frame": clips.target_frame,
+        "input_frames": clips.input_frames,
         "samples": [
-            {"sample_id": sid, "label": int(y), "pred": int(q), "probs": [round(float(v), 5) for v in pr],
-             "target_xy": t.tolist(), "pred_xy": [round(float(v), 3) for v in pxy],
-             "baseline_xy": b.tolist(), "error_px": round(float(e), 4),
-             "baseline_error_px": round(float(be), 4)}
+            {
+                "sample_id": sid,
+                "label": int(y),
+                "pred": int(q),
+                "probs": [round(float(v), 5) for v in pr],
+                "target_xy": t.tolist(),
+                "pred_xy": [round(float(v), 3) for v in pxy],
+                "baseline_xy": b.tolist(),
+                "error_px": round(float(e), 4),
+                "baseline_error_px": round(float(be), 4),
+            }
             for sid, y, q, pr, t, pxy, b, e, be in zip(
-                clips.sample_ids, clips.label, preds, probs, clips.target, pred_xy, cv_xy, err, cv_err)
+                clips.sample_ids,
+                clips.label,
+                preds,
+                probs,
+                clips.target,
+                pred_xy,
+                cv_xy,
+                err,
+                cv_err,
+                strict=True,
+            )
         ],
     }
     return metrics, records
@@ -215,12 +277,17 @@ def main(argv: list[str] | None = None) -> int:
     lr = args.lr or preset["lr"]
     image_size = args.image_size or preset["image_size"]
     if args.epochs < 1 or args.eval_every < 1 or batch_size < 1 or image_size < 16:
-        print("error: --epochs, --eval-every, --batch-size must be >= 1 and --image-size >= 16",
-              file=sys.stderr)
+        print(
+            "error: --epochs, --eval-every, --batch-size must be >= 1 and --image-size >= 16",
+            file=sys.stderr,
+        )
         return 2
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // 4))
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     autocast = device.type == "cuda"
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
@@ -229,18 +296,26 @@ def main(argv: list[str] | None = None) -> int:
         load = dict(input_frames=args.input_frames, horizon=args.horizon)
         train = load_trajectory_split(args.data_dir, "train", limit=args.train_samples, **load)
         val = load_trajectory_split(args.data_dir, "val", limit=args.val_samples, **load)
-        model = build_model(args.model, args.preset, args.input_frames, image_size,
-                            preset["dropout"]).to(device)
+        model = build_model(
+            args.model, args.preset, args.input_frames, image_size, preset["dropout"]
+        ).to(device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     assert not set(train.sample_ids) & set(val.sample_ids), "train/val overlap"
-    rep = Reporter.from_env(default_run_dir=args.run_dir or f"runs/trajectory/{args.model}-seed{args.seed}")
+    rep = Reporter.from_env(
+        default_run_dir=args.run_dir or f"runs/trajectory/{args.model}-seed{args.seed}"
+    )
     size = train.image_size
-    train_video, val_video = resize_video(train.video, image_size), resize_video(val.video, image_size)
+    train_video, val_video = (
+        resize_video(train.video, image_size),
+        resize_video(val.video, image_size),
+    )
     train_labels = torch.from_numpy(train.label)
     if args.shuffle_labels:  # control: labels independent of the clips
-        train_labels = train_labels[torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))]
+        train_labels = train_labels[
+            torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+        ]
     train_target = torch.from_numpy(train.target) / size  # [N, 2] normalised (x/W, y/H)
     majority = int(np.bincount(train_labels.numpy(), minlength=len(CLASSES)).argmax())
 
@@ -248,8 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
     n_batches = math.ceil(len(train) / batch_size)
     total_steps, warmup = args.epochs * n_batches, max(1, n_batches // 2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1.0 + math.cos(math.pi * min(1.0, s / max(1, total_steps)))))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (
+            min(1.0, (s + 1) / warmup)
+            * 0.5
+            * (1.0 + math.cos(math.pi * min(1.0, s / max(1, total_steps))))
+        ),
+    )
     start_epoch, start_batch, step, train_time_s = 0, 0, 0, 0.0
     sums = {"loss": 0.0, "cls": 0.0, "pos": 0.0, "correct": 0.0, "n": 0.0}
     if rep.resume and (ckpt := rep.latest_checkpoint()) is not None:
@@ -267,24 +348,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resumed from {ckpt} at epoch {start_epoch} batch {start_batch}", flush=True)
 
     def save(epoch: int, batch: int, metrics: dict | None = None) -> None:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "epoch": epoch, "batch": batch, "step": step,
-                 "train_time_s": train_time_s, "sums": sums, "args": vars(args),
-                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                         "python": random.getstate(),
-                         "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}}
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "batch": batch,
+            "step": step,
+            "train_time_s": train_time_s,
+            "sums": sums,
+            "args": vars(args),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+            },
+        }
         rep.save_checkpoint(lambda p: torch.save(state, p), step=step, metrics=metrics)
 
-    print(f"{args.model}/{args.preset}: {params:,} trainable params, {len(train)} train / {len(val)} val "
-          f"clips, input {args.input_frames}x{image_size}px, target frame {train.target_frame}, "
-          f"device {device}", flush=True)
+    print(
+        f"{args.model}/{args.preset}: {params:,} trainable params, "
+        f"{len(train)} train / {len(val)} val "
+        f"clips, input {args.input_frames}x{image_size}px, target frame {train.target_frame}, "
+        f"device {device}",
+        flush=True,
+    )
     for epoch in range(start_epoch, args.epochs):
         perm, flips = epoch_order(args.seed, epoch, len(train))
-        bar = tqdm(range(start_batch, n_batches), desc=f"epoch {epoch + 1}/{args.epochs}",
-                   disable=args.no_progress, leave=False)
+        bar = tqdm(
+            range(start_batch, n_batches),
+            desc=f"epoch {epoch + 1}/{args.epochs}",
+            disable=args.no_progress,
+            leave=False,
+        )
         for b in bar:
             t0 = time.perf_counter()
-            idx = perm[b * batch_size:(b + 1) * batch_size]
+            idx = perm[b * batch_size : (b + 1) * batch_size]
             x = train_video[idx].to(device).float().div_(255.0)  # [B, T, 3, S, S]
             target = train_target[idx].clone()  # [B, 2]
             if not args.no_flip:
@@ -325,32 +425,65 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             continue
         val_m, records = evaluate(model, val_video, val, device, 64, autocast)
-        metrics = {f"val_{k}": v for k, v in val_m.items() if not k.startswith(("position", "baseline",
-                                                                                "static", "infer"))}
-        metrics.update({k: v for k, v in val_m.items() if k.startswith(("position", "baseline", "static", "infer"))})
+        metrics = {
+            f"val_{k}": v
+            for k, v in val_m.items()
+            if not k.startswith(("position", "baseline", "static", "infer"))
+        }
+        metrics.update(
+            {
+                k: v
+                for k, v in val_m.items()
+                if k.startswith(("position", "baseline", "static", "infer"))
+            }
+        )
         metrics["val_majority_accuracy"] = float((val.label == majority).mean())
         n_seen = max(sums["n"], 1.0)
-        metrics.update(train_loss=sums["loss"] / n_seen, train_cls_loss=sums["cls"] / n_seen,
-                       train_pos_loss=sums["pos"] / n_seen, train_accuracy=sums["correct"] / n_seen,
-                       params=params, train_time_s=train_time_s, lr=scheduler.get_last_lr()[0],
-                       train_clips_per_s=(done * len(train)) / max(train_time_s, 1e-9))
+        metrics.update(
+            train_loss=sums["loss"] / n_seen,
+            train_cls_loss=sums["cls"] / n_seen,
+            train_pos_loss=sums["pos"] / n_seen,
+            train_accuracy=sums["correct"] / n_seen,
+            params=params,
+            train_time_s=train_time_s,
+            lr=scheduler.get_last_lr()[0],
+            train_clips_per_s=(done * len(train)) / max(train_time_s, 1e-9),
+        )
         sums = {k: 0.0 for k in sums}
         if done == args.epochs:  # the held-out test split, once, in the last record
             test = load_trajectory_split(args.data_dir, "test", **load)
             assert not set(test.sample_ids) & (set(train.sample_ids) | set(val.sample_ids))
-            test_m, test_records = evaluate(model, resize_video(test.video, image_size), test, device,
-                                            64, autocast)
-            metrics.update({f"test_{k}": v for k, v in test_m.items()
-                            if k in ("accuracy", "macro_f1", "position_error_px",
-                                     "baseline_position_error_px", "position_vs_baseline_p")})
+            test_m, test_records = evaluate(
+                model, resize_video(test.video, image_size), test, device, 64, autocast
+            )
+            metrics.update(
+                {
+                    f"test_{k}": v
+                    for k, v in test_m.items()
+                    if k
+                    in (
+                        "accuracy",
+                        "macro_f1",
+                        "position_error_px",
+                        "baseline_position_error_px",
+                        "position_vs_baseline_p",
+                    )
+                }
+            )
             rep.write_eval("test_final", test_records)
         rep.write_eval(f"epoch_{done:06d}", records)
-        save(done, 0, {k: metrics[k] for k in ("val_accuracy", "val_macro_f1", "position_error_px")})
+        save(
+            done, 0, {k: metrics[k] for k in ("val_accuracy", "val_macro_f1", "position_error_px")}
+        )
         rep.log(epoch=done, optimizer_steps=step, **metrics)
-        print(f"epoch {done}: val acc {metrics['val_accuracy']:.3f} macro-F1 {metrics['val_macro_f1']:.3f} "
-              f"pos err {metrics['position_error_px']:.2f}px (CV baseline "
-              f"{metrics['baseline_position_error_px']:.2f}px) train loss {metrics['train_loss']:.3f}",
-              flush=True)
+        print(
+            f"epoch {done}: val acc {metrics['val_accuracy']:.3f} "
+            f"macro-F1 {metrics['val_macro_f1']:.3f} "
+            f"pos err {metrics['position_error_px']:.2f}px (CV baseline "
+            f"{metrics['baseline_position_error_px']:.2f}px) "
+            f"train loss {metrics['train_loss']:.3f}",
+            flush=True,
+        )
         if rep.should_stop:
             return 0
     return 0

@@ -56,8 +56,11 @@ def inflate_conv2d(conv2d: nn.Conv2d, time_kernel: int, time_stride: int = 1) ->
         raise ValueError("only plain convs (groups=1, dilation=1) can be inflated")
     kh, kw = conv2d.kernel_size
     conv3d = nn.Conv3d(
-        conv2d.in_channels, conv2d.out_channels, (time_kernel, kh, kw),
-        stride=(time_stride, *conv2d.stride), padding=(time_kernel // 2, *conv2d.padding),
+        conv2d.in_channels,
+        conv2d.out_channels,
+        (time_kernel, kh, kw),
+        stride=(time_stride, *conv2d.stride),
+        padding=(time_kernel // 2, *conv2d.padding),
         bias=conv2d.bias is not None,
     )
     with torch.no_grad():
@@ -69,10 +72,18 @@ def inflate_conv2d(conv2d: nn.Conv2d, time_kernel: int, time_stride: int = 1) ->
 
 
 class Unit3D(nn.Sequential):
-    """Conv3d (no bias) -> BatchNorm3d -> ReLU, 'same' padding: [B, C, T, H, W] -> [B, O, T/s, H/s, W/s]."""
+    """Conv3d (no bias) -> BatchNorm3d -> ReLU, 'same' padding.
 
-    def __init__(self, c_in: int, c_out: int, kernel: tuple[int, int, int] = (1, 1, 1),
-                 stride: tuple[int, int, int] = (1, 1, 1)) -> None:
+    [B, C, T, H, W] -> [B, O, T/s, H/s, W/s] for stride s.
+    """
+
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        kernel: tuple[int, int, int] = (1, 1, 1),
+        stride: tuple[int, int, int] = (1, 1, 1),
+    ) -> None:
         padding = tuple(k // 2 for k in kernel)
         super().__init__(
             nn.Conv3d(c_in, c_out, kernel, stride=stride, padding=padding, bias=False),
@@ -82,7 +93,9 @@ class Unit3D(nn.Sequential):
 
 
 class InceptionBlock3D(nn.Module):
-    """I3D "Mixed" block: four branches concatenated on channels, [B, C, T, H, W] -> [B, sum(out), T, H, W].
+    """I3D "Mixed" block: four branches concatenated on channels.
+
+    [B, C, T, H, W] -> [B, out[0] + out[2] + out[4] + out[5], T, H, W].
 
     out = (b0, b1_reduce, b1, b2_reduce, b2, b3) channels as in Inception-v1 / kinetics-i3d.
     """
@@ -100,7 +113,10 @@ class InceptionBlock3D(nn.Module):
 
 
 class I3D(nn.Module):
-    """Inflated 3D CNN: video [B, T, C, H, W] -> features [B, T', D], pooled [B, D] (T' = ceil(T/2))."""
+    """Inflated 3D CNN: video [B, T, C, H, W] -> features [B, T', D], pooled [B, D].
+
+    T' = ceil(T / 2); D = 8 x width.
+    """
 
     def __init__(self, cfg: I3DConfig = I3DConfig(), in_channels: int = 3) -> None:
         super().__init__()

@@ -29,7 +29,8 @@ from .i3d import Unit3D
 
 @dataclass(frozen=True)
 class SlowFastConfig:
-    """width: slow channels C of the stem; alpha: frame-rate ratio; beta_inv: fast width = C / beta_inv."""
+    """width: slow channels C of the stem; alpha: frame-rate ratio (slow sees every alpha-th
+    frame); beta_inv: fast width = C / beta_inv."""
 
     width: int = 32
     alpha: int = 4
@@ -54,12 +55,16 @@ class SlowFastConfig:
 
 
 class Lateral(nn.Module):
-    """Fast -> slow fusion: [B, Cf, T, H, W] -> [B, 2 Cf, T_s, H, W] (conv 5x1x1, time stride alpha)."""
+    """Fast -> slow fusion, conv 5x1x1 with time stride alpha.
+
+    [B, Cf, T, H, W] -> [B, 2 Cf, T_s, H, W].
+    """
 
     def __init__(self, c_fast: int, alpha: int) -> None:
         super().__init__()
-        self.conv = nn.Conv3d(c_fast, 2 * c_fast, (5, 1, 1), stride=(alpha, 1, 1),
-                              padding=(2, 0, 0), bias=False)
+        self.conv = nn.Conv3d(
+            c_fast, 2 * c_fast, (5, 1, 1), stride=(alpha, 1, 1), padding=(2, 0, 0), bias=False
+        )
         self.norm = nn.BatchNorm3d(2 * c_fast)
 
     def forward(self, fast: torch.Tensor) -> torch.Tensor:
@@ -67,7 +72,10 @@ class Lateral(nn.Module):
 
 
 class SlowFast(nn.Module):
-    """Two pathways with lateral connections: video [B, T, C, H, W] -> features [B, T, D], pooled [B, D]."""
+    """Two pathways with lateral connections.
+
+    video [B, T, C, H, W] -> features [B, T, D], pooled [B, D].
+    """
 
     def __init__(self, cfg: SlowFastConfig = SlowFastConfig(), in_channels: int = 3) -> None:
         super().__init__()
@@ -77,16 +85,20 @@ class SlowFast(nn.Module):
         self.fast_stem = nn.Sequential(Unit3D(in_channels, f, (5, 5, 5), (1, 2, 2)), pool)
         self.lateral0 = Lateral(f, cfg.alpha)
         # stage 1: slow temporal kernel 1 (degenerate), fast temporal kernel 3; H/8
-        self.slow1 = nn.Sequential(Unit3D(c + 2 * f, 2 * c, (1, 3, 3), (1, 2, 2)),
-                                   Unit3D(2 * c, 2 * c, (1, 3, 3)))
-        self.fast1 = nn.Sequential(Unit3D(f, 2 * f, (3, 3, 3), (1, 2, 2)),
-                                   Unit3D(2 * f, 2 * f, (3, 3, 3)))
+        self.slow1 = nn.Sequential(
+            Unit3D(c + 2 * f, 2 * c, (1, 3, 3), (1, 2, 2)), Unit3D(2 * c, 2 * c, (1, 3, 3))
+        )
+        self.fast1 = nn.Sequential(
+            Unit3D(f, 2 * f, (3, 3, 3), (1, 2, 2)), Unit3D(2 * f, 2 * f, (3, 3, 3))
+        )
         self.lateral1 = Lateral(2 * f, cfg.alpha)
         # stage 2: temporal kernel 3 in both; H/16
-        self.slow2 = nn.Sequential(Unit3D(2 * c + 4 * f, 4 * c, (3, 3, 3), (1, 2, 2)),
-                                   Unit3D(4 * c, 4 * c, (3, 3, 3)))
-        self.fast2 = nn.Sequential(Unit3D(2 * f, 4 * f, (3, 3, 3), (1, 2, 2)),
-                                   Unit3D(4 * f, 4 * f, (3, 3, 3)))
+        self.slow2 = nn.Sequential(
+            Unit3D(2 * c + 4 * f, 4 * c, (3, 3, 3), (1, 2, 2)), Unit3D(4 * c, 4 * c, (3, 3, 3))
+        )
+        self.fast2 = nn.Sequential(
+            Unit3D(2 * f, 4 * f, (3, 3, 3), (1, 2, 2)), Unit3D(4 * f, 4 * f, (3, 3, 3))
+        )
         self.dropout = nn.Dropout(cfg.dropout)
         self.dim = cfg.dim
         self.cfg = cfg
@@ -114,4 +126,9 @@ class SlowFast(nn.Module):
         slow_up = slow_t.repeat_interleave(alpha, dim=2)[:, :, :t]  # [B, 4C, T]
         features = self.dropout(torch.cat([slow_up, fast_t], dim=1).transpose(1, 2))  # [B, T, D]
         pooled = torch.cat([slow_t.mean(2), fast_t.mean(2)], dim=1)  # [B, D]
-        return {"features": features, "pooled": self.dropout(pooled), "slow": slow_t, "fast": fast_t}
+        return {
+            "features": features,
+            "pooled": self.dropout(pooled),
+            "slow": slow_t,
+            "fast": fast_t,
+        }

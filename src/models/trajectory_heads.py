@@ -32,14 +32,24 @@ class TrajectoryModel(nn.Module):
         dropout: before both heads.
     """
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int = 4,
-                 hidden: int = 128, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        num_classes: int = 4,
+        hidden: int = 128,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.drop = nn.Dropout(dropout)
-        self.cls_head = nn.Sequential(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, num_classes))
+        self.cls_head = nn.Sequential(
+            nn.LayerNorm(feature_dim), nn.Linear(feature_dim, num_classes)
+        )
         self.pos_head = nn.Sequential(
-            nn.LayerNorm(2 * feature_dim), nn.Linear(2 * feature_dim, hidden), nn.GELU(),
+            nn.LayerNorm(2 * feature_dim),
+            nn.Linear(2 * feature_dim, hidden),
+            nn.GELU(),
             nn.Linear(hidden, 2),
         )
         nn.init.zeros_(self.pos_head[-1].weight)

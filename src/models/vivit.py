@@ -40,20 +40,29 @@ class ViViTConfig:
 
     @classmethod
     def tiny(cls, num_frames: int = 16, image_size: int = 64) -> ViViTConfig:
-        return cls(num_frames=num_frames, image_size=image_size,
-                   patch_size=max(4, image_size // 8))
+        return cls(num_frames=num_frames, image_size=image_size, patch_size=max(4, image_size // 8))
 
     @classmethod
     def full(cls, num_frames: int = 16, image_size: int = 64) -> ViViTConfig:
-        return cls(num_frames=num_frames, image_size=image_size, patch_size=8, dim=256, heads=8,
-                   spatial_depth=6, temporal_depth=4, mlp_ratio=4.0, dropout=0.1)
+        return cls(
+            num_frames=num_frames,
+            image_size=image_size,
+            patch_size=8,
+            dim=256,
+            heads=8,
+            spatial_depth=6,
+            temporal_depth=4,
+            mlp_ratio=4.0,
+            dropout=0.1,
+        )
 
     def validate(self) -> None:
         """Raise ValueError when the clip does not tile into tubelets or D into heads."""
         if self.num_frames % self.tubelet_frames or self.image_size % self.patch_size:
             raise ValueError(
                 f"ViViT needs num_frames % tubelet_frames == 0 and image_size % patch_size == 0; "
-                f"got {self.num_frames} % {self.tubelet_frames}, {self.image_size} % {self.patch_size}"
+                f"got {self.num_frames} % {self.tubelet_frames}, "
+                f"{self.image_size} % {self.patch_size}"
             )
         if self.dim % self.heads:
             raise ValueError(f"ViViT dim {self.dim} is not divisible by heads {self.heads}")
@@ -61,8 +70,15 @@ class ViViTConfig:
 
 def _encoder(cfg: ViViTConfig, depth: int) -> nn.ModuleList:
     return nn.ModuleList(
-        nn.TransformerEncoderLayer(cfg.dim, cfg.heads, int(cfg.dim * cfg.mlp_ratio), cfg.dropout,
-                                   activation="gelu", batch_first=True, norm_first=True)
+        nn.TransformerEncoderLayer(
+            cfg.dim,
+            cfg.heads,
+            int(cfg.dim * cfg.mlp_ratio),
+            cfg.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
         for _ in range(depth)
     )
 
@@ -102,8 +118,10 @@ class ViViT(nn.Module):
         """
         b, t, _, h, w = video.shape
         if t != self.cfg.num_frames or h != self.cfg.image_size or w != self.cfg.image_size:
-            raise ValueError(f"ViViT built for {self.cfg.num_frames} frames of "
-                             f"{self.cfg.image_size}px, got {t} frames of {h}x{w}")
+            raise ValueError(
+                f"ViViT built for {self.cfg.num_frames} frames of "
+                f"{self.cfg.image_size}px, got {t} frames of {h}x{w}"
+            )
         x = self.tubelets(video.transpose(1, 2) * 2.0 - 1.0)  # [B, D, T', H/p, W/p]
         steps = x.shape[2]
         x = x.flatten(3).permute(0, 2, 3, 1).flatten(0, 1)  # [B*T', N, D]

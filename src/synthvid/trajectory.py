@@ -103,7 +103,9 @@ def load_trajectory_split(
             generated clips, or a split without single-object clips.
     """
     if horizon < 1:
-        raise ValueError(f"--horizon must be >= 1 (a target inside the input is a leak), got {horizon}")
+        raise ValueError(
+            f"--horizon must be >= 1 (a target inside the input is a leak), got {horizon}"
+        )
     if input_frames < 2:
         raise ValueError(f"--input-frames must be >= 2, got {input_frames}")
     meta = load_manifest(data_dir)
