@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("persistence") / "data"
-    generate_dataset(out, PersistenceConfig(num_samples=400, seed=3, shard_size=150), progress=False)
+    generate_dataset(
+        out, PersistenceConfig(num_samples=400, seed=3, shard_size=150), progress=False
+    )
     return out
 
 
@@ -73,8 +75,10 @@ def test_dataset_cache_reused_and_mismatch_rejected(tmp_path):
     for name in ("video", "instance", "obj_centres"):
         with np.load(shard) as a, np.load(tmp_path / "e" / "shard_0000.npz") as b:
             assert np.array_equal(a[name], b[name], equal_nan=True)
-    assert json.loads(manifest.read_text())["splits"] == json.loads(
-        (tmp_path / "e" / "manifest.json").read_text())["splits"]
+    assert (
+        json.loads(manifest.read_text())["splits"]
+        == json.loads((tmp_path / "e" / "manifest.json").read_text())["splits"]
+    )
 
 
 def test_splits_disjoint_exhaustive_stratified(dataset):
@@ -154,8 +158,15 @@ def test_appearance_alone_is_at_chance_but_duration_is_not(dataset):
 
 
 def test_script_cache_noop_and_bad_input(tmp_path):
-    cmd = [sys.executable, str(REPO / "scripts/generate_persistence_dataset.py"), "--quiet",
-           "--out", str(tmp_path / "d"), "--num-samples", "25"]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts/generate_persistence_dataset.py"),
+        "--quiet",
+        "--out",
+        str(tmp_path / "d"),
+        "--num-samples",
+        "25",
+    ]
     assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 0 and "dataset ready" in again.stdout

@@ -79,13 +79,19 @@ def test_track_aggregation_and_classification_metrics():
     label = np.array([1, 1, 0, 1, 1, 0])
     tp, tl, tc, ti = track_predictions(prob, clip, track, label)
     np.testing.assert_allclose(tp, [0.85, 0.3, 0.4, 0.1])
-    assert tl.tolist() == [1, 0, 1, 0] and tc.tolist() == [0, 0, 1, 1] and ti.tolist() == [0, 1, 0, 1]
+    assert (
+        tl.tolist() == [1, 0, 1, 0] and tc.tolist() == [0, 0, 1, 1] and ti.tolist() == [0, 1, 0, 1]
+    )
     m = classification_metrics(tl, (tp > 0.5).astype(int))
     assert m["accuracy"] == 0.75 and m["confusion"] == [[2, 0], [1, 1]]
     assert m["balanced_accuracy"] == 0.75
-    assert m["macro_f1"] == pytest.approx(np.mean([2 * (2 / 3) * 1 / (2 / 3 + 1), 2 * 1 * 0.5 / 1.5]))
+    assert m["macro_f1"] == pytest.approx(
+        np.mean([2 * (2 / 3) * 1 / (2 / 3 + 1), 2 * 1 * 0.5 / 1.5])
+    )
 
 
 def test_ece():
     assert expected_calibration_error(np.array([1.0, 1.0]), np.array([1, 1])) == 0.0
-    assert expected_calibration_error(np.array([0.9] * 10), np.array([1] * 5 + [0] * 5)) == pytest.approx(0.4)
+    assert expected_calibration_error(
+        np.array([0.9] * 10), np.array([1] * 5 + [0] * 5)
+    ) == pytest.approx(0.4)

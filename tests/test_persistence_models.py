@@ -26,8 +26,11 @@ def _token_model(resnet: bool = False) -> PersistenceTokenModel:
 
 def _clip(n: int, seed: int):
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, 3, 16, 16, generator=g), torch.randint(0, 16, (n,), generator=g),
-            torch.rand(n, 2, generator=g))
+    return (
+        torch.rand(n, 3, 16, 16, generator=g),
+        torch.randint(0, 16, (n,), generator=g),
+        torch.rand(n, 2, generator=g),
+    )
 
 
 @pytest.mark.parametrize("resnet", [False, True])
@@ -52,8 +55,9 @@ def test_token_model_padding_and_batch_equivalence(resnet):
             n = lengths[i]
             one = model(c[None], f[None], p[None], torch.ones(1, n, dtype=torch.bool))
             torch.testing.assert_close(one["logits"][0], out["logits"][i, :n], atol=1e-5, rtol=1e-4)
-            torch.testing.assert_close(one["attentions"][-1][0], out["attentions"][-1][i, :, :n, :n],
-                                       atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(
+                one["attentions"][-1][0], out["attentions"][-1][i, :, :n, :n], atol=1e-6, rtol=1e-4
+            )
     att = out["attentions"][-1]
     assert torch.all(att[0, :, :7, 7:] == 0)  # padded keys get exactly nothing
     torch.testing.assert_close(att.sum(-1), torch.ones(3, 4, L))
@@ -63,11 +67,15 @@ def test_frame_context_blocks_other_frames():
     model = _token_model()
     crops, frame, centre = _clip(10, 1)
     frame = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
-    out = model(crops[None], frame[None], centre[None], torch.ones(1, 10, dtype=torch.bool), context="frame")
+    out = model(
+        crops[None], frame[None], centre[None], torch.ones(1, 10, dtype=torch.bool), context="frame"
+    )
     other = frame[:, None] != frame[None, :]
     assert torch.all(out["attentions"][0][0][:, other] == 0)
     with pytest.raises(ValueError, match="context"):
-        model(crops[None], frame[None], centre[None], torch.ones(1, 10, dtype=torch.bool), context="x")
+        model(
+            crops[None], frame[None], centre[None], torch.ones(1, 10, dtype=torch.bool), context="x"
+        )
 
 
 def test_empty_rows_never_nan():
@@ -87,7 +95,9 @@ def test_resnet_frozen_in_eval_and_offline_from_pretrained(tmp_path):
     tok(x).sum().backward()
     assert all(p.grad is None for p in tok.features.parameters())
     feats.backbone.save_pretrained(tmp_path / "r")  # the real loading path, offline
-    again = FrozenResNetFeatures.from_pretrained(str(tmp_path / "r"), input_size=32, local_files_only=True)
+    again = FrozenResNetFeatures.from_pretrained(
+        str(tmp_path / "r"), input_size=32, local_files_only=True
+    )
     torch.testing.assert_close(again(x), feats(x))
     assert feats(x).shape == (4, 128)
 
@@ -101,11 +111,14 @@ def test_conv_temporal_encoder_causal_and_batch_equivalence():
             out = enc(video)
             assert out["features"].shape == (3, 8, 64) and out["pooled"].shape == (3, 64)
             assert out["attention"].shape == (3, 4, 8, 8)
-            torch.testing.assert_close(enc(video[1:2])["features"][0], out["features"][1],
-                                       atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(
+                enc(video[1:2])["features"][0], out["features"][1], atol=1e-5, rtol=1e-4
+            )
             changed = video.clone()
             changed[:, 5:] = torch.rand_like(changed[:, 5:])
-            past_same = torch.allclose(enc(changed)["features"][:, :5], out["features"][:, :5], atol=1e-6)
+            past_same = torch.allclose(
+                enc(changed)["features"][:, :5], out["features"][:, :5], atol=1e-6
+            )
         assert past_same == causal  # causal: frames 0..4 never see frames 5..7
 
 
@@ -129,13 +142,19 @@ def test_early_decision_and_gate_on_hand_built_outputs():
     logits[0, :, 0] = 5  # track 0: transient everywhere
     logits[1, :, 1] = 5  # track 1: persistent everywhere
     logits[2, :, 0] = 5
-    conf = torch.tensor([[0.2, 0.95, 0.99, 0.99, 0.99, 0.99],  # confident at frame 1
-                         [0.5, 0.5, 0.5, 0.5, 0.99, 0.99],  # confident only after the window
-                         [0.1, 0.1, 0.1, 0.1, 0.1, 0.1]])
+    conf = torch.tensor(
+        [
+            [0.2, 0.95, 0.99, 0.99, 0.99, 0.99],  # confident at frame 1
+            [0.5, 0.5, 0.5, 0.5, 0.99, 0.99],  # confident only after the window
+            [0.1, 0.1, 0.1, 0.1, 0.1, 0.1],
+        ]
+    )
     valid = torch.ones(3, 6, dtype=torch.bool)
     valid[2, 4:] = False  # track 2 has 4 frames
     d = early_decision(logits, conf, valid, threshold=0.9, early_window=3)
     assert d["frame"].tolist() == [1, 5, 3] and d["early"].tolist() == [True, False, False]
     assert d["decision"].tolist() == [0, 1, 0]
-    gate = ComputeGate(threshold=0.9, early_window=3, budgets=(("persistent", 1.0), ("transient", 0.5)))
+    gate = ComputeGate(
+        threshold=0.9, early_window=3, budgets=(("persistent", 1.0), ("transient", 0.5))
+    )
     assert gate.frames_to_process(logits, conf, valid).tolist() == [2, 6, 3]

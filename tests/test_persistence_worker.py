@@ -17,10 +17,28 @@ from synthvid.persistence import PersistenceConfig, generate_dataset
 REPO = Path(__file__).resolve().parents[1]
 # real subprocesses: ~5-10 s each on an idle 2-core machine, minutes when it is shared
 pytestmark = pytest.mark.timeout(1800)
-REQUIRED = ("epoch", "train_loss", "val_loss", "val_accuracy", "macro_f1", "attention_ratio",
-            "attention_ratio_ci_low", "attention_ratio_ci_high", "consistency", "separation_p",
-            "effect_size_dz", "samples_per_s")
-COMPARED = ("train_loss", "val_loss", "val_accuracy", "attention_ratio", "consistency", "separation_p")
+REQUIRED = (
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "macro_f1",
+    "attention_ratio",
+    "attention_ratio_ci_low",
+    "attention_ratio_ci_high",
+    "consistency",
+    "separation_p",
+    "effect_size_dz",
+    "samples_per_s",
+)
+COMPARED = (
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "attention_ratio",
+    "consistency",
+    "separation_p",
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +49,34 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def _cmd(data_dir: Path, approach: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "workers.early_persistence", "--approach", approach,
-            "--data-dir", str(data_dir), "--train-samples", "16", "--val-samples", "12",
-            "--batch-size", "8", "--threads", "1", "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "workers.early_persistence",
+        "--approach",
+        approach,
+        "--data-dir",
+        str(data_dir),
+        "--train-samples",
+        "16",
+        "--val-samples",
+        "12",
+        "--batch-size",
+        "8",
+        "--threads",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _run(cmd: list[str], run_dir: Path, resume: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ORCH_RUN_DIR": str(run_dir), "ORCH_RESUME": "1" if resume else "0",
-           "PYTHONPATH": f"{REPO / 'src'}:{REPO}"}
+    env = {
+        **os.environ,
+        "ORCH_RUN_DIR": str(run_dir),
+        "ORCH_RESUME": "1" if resume else "0",
+        "PYTHONPATH": f"{REPO / 'src'}:{REPO}",
+    }
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -48,7 +86,9 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("approach", ["attention_supervised", "pretrained_features", "contrastive", "multitask"])
+@pytest.mark.parametrize(
+    "approach", ["attention_supervised", "pretrained_features", "contrastive", "multitask"]
+)
 def test_each_approach_writes_valid_metrics_checkpoints_and_evals(data_dir, tmp_path, approach):
     _run(_cmd(data_dir, approach, "--epochs", "2", "--eval-every", "2"), tmp_path)
     recs = _records(tmp_path)
@@ -57,15 +97,26 @@ def test_each_approach_writes_valid_metrics_checkpoints_and_evals(data_dir, tmp_
     for key in REQUIRED:
         assert key in last, key
     assert 0.0 <= last["val_accuracy"] <= 1.0 and 0.0 <= last["consistency"] <= 1.0
-    assert last["attention_ratio_ci_low"] <= last["attention_ratio"] <= last["attention_ratio_ci_high"]
+    assert (
+        last["attention_ratio_ci_low"] <= last["attention_ratio"] <= last["attention_ratio_ci_high"]
+    )
     assert 0.0 < last["separation_p"] <= 1.0
     assert (tmp_path / "checkpoints" / "latest.pt").exists()
     ev = json.loads((tmp_path / "evals" / "epoch_000002.json").read_text())
     assert len(ev["samples"]) == last["n_val_clips"] >= 5
     s = ev["samples"][0]
-    assert {"sample_id", "objects", "persistent_attention", "transient_attention", "ratio",
-            "object_accuracy"} <= set(s)
-    assert {o["kind"] for smp in ev["samples"] for o in smp["objects"]} == {"persistent", "transient"}
+    assert {
+        "sample_id",
+        "objects",
+        "persistent_attention",
+        "transient_attention",
+        "ratio",
+        "object_accuracy",
+    } <= set(s)
+    assert {o["kind"] for smp in ev["samples"] for o in smp["objects"]} == {
+        "persistent",
+        "transient",
+    }
 
 
 def test_resume_reproduces_the_uninterrupted_trajectory(data_dir, tmp_path):
@@ -78,7 +129,7 @@ def test_resume_reproduces_the_uninterrupted_trajectory(data_dir, tmp_path):
     _run(base, tmp_path / "b", resume=True)
     a, b = _records(tmp_path / "a"), _records(tmp_path / "b")
     assert [r["epoch"] for r in b] == [1, 2, 3]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         for key in COMPARED:
             assert ra[key] == rb[key], (ra["epoch"], key, ra[key], rb[key])
 
@@ -86,7 +137,9 @@ def test_resume_reproduces_the_uninterrupted_trajectory(data_dir, tmp_path):
 def test_sigterm_checkpoints_and_exits_zero(data_dir, tmp_path):
     env = {**os.environ, "ORCH_RUN_DIR": str(tmp_path), "PYTHONPATH": f"{REPO / 'src'}:{REPO}"}
     cmd = _cmd(data_dir, "multitask", "--epochs", "500", "--eval-every", "1000")
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.monotonic() + 600
     while not metrics.exists() and time.monotonic() < deadline:  # training is under way
@@ -100,8 +153,24 @@ def test_sigterm_checkpoints_and_exits_zero(data_dir, tmp_path):
 
 
 def test_bad_input_is_one_error_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "workers.early_persistence", "--approach", "contrastive",
-                           "--data-dir", str(tmp_path / "missing"), "--run-dir", str(tmp_path / "r")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workers.early_persistence",
+            "--approach",
+            "contrastive",
+            "--data-dir",
+            str(tmp_path / "missing"),
+            "--run-dir",
+            str(tmp_path / "r"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().startswith("error:") and "generate_persistence_dataset" in proc.stderr
+    assert (
+        proc.stderr.strip().startswith("error:") and "generate_persistence_dataset" in proc.stderr
+    )

@@ -1,6 +1,7 @@
 """Early-persistence race worker: one of the four approaches of seed note 001, measured honestly.
 
-    python -m workers.early_persistence --approach attention_supervised --data-dir data/persistence \
+    python -m workers.early_persistence --approach attention_supervised \
+        --data-dir data/persistence \
         --preset tiny --epochs 50 --eval-every 5 --run-dir runs/ep/attention
 
 Every approach trains the same PersistenceTokenModel (object-observation tokens -> 2-layer
@@ -53,41 +54,88 @@ from workers.persistence_metrics import (
 
 APPROACHES = ("attention_supervised", "pretrained_features", "contrastive", "multitask")
 PRESETS = {  # model size and optimisation per preset; flags override
-    "tiny": {"dim": 64, "heads": 4, "cnn_width": 16, "dropout": 0.0, "batch_size": 16, "lr": 2e-3,
-             "token_size": 8, "resnet": "tiny", "resnet_input": 32},
-    "full": {"dim": 256, "heads": 8, "cnn_width": 64, "dropout": 0.1, "batch_size": 16, "lr": 3e-4,
-             "token_size": 16, "resnet": "microsoft/resnet-18", "resnet_input": 64},
+    "tiny": {
+        "dim": 64,
+        "heads": 4,
+        "cnn_width": 16,
+        "dropout": 0.0,
+        "batch_size": 16,
+        "lr": 2e-3,
+        "token_size": 8,
+        "resnet": "tiny",
+        "resnet_input": 32,
+    },
+    "full": {
+        "dim": 256,
+        "heads": 8,
+        "cnn_width": 64,
+        "dropout": 0.1,
+        "batch_size": 16,
+        "lr": 3e-4,
+        "token_size": 16,
+        "resnet": "microsoft/resnet-18",
+        "resnet_input": 64,
+    },
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--approach", required=True, choices=APPROACHES, help="which approach to train")
-    p.add_argument("--data-dir", required=True, help="dataset made by scripts/generate_persistence_dataset.py")
-    p.add_argument("--run-dir", default=None, help="output folder when ORCH_RUN_DIR is not set "
-                   "(default runs/early_persistence/<approach>)")
+    p.add_argument(
+        "--data-dir", required=True, help="dataset made by scripts/generate_persistence_dataset.py"
+    )
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        help="output folder when ORCH_RUN_DIR is not set "
+        "(default runs/early_persistence/<approach>)",
+    )
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model/optimiser size")
     p.add_argument("--seed", type=int, default=0, help="seed of init, data order and dropout")
     p.add_argument("--epochs", type=int, default=50, help="epochs to train (the plan's max_epochs)")
     p.add_argument("--eval-every", type=int, default=5, help="evaluate on val every N epochs")
     p.add_argument("--batch-size", type=int, default=None, help="clips per batch (preset default)")
-    p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (preset default)")
+    p.add_argument(
+        "--lr", type=float, default=None, help="peak AdamW learning rate (preset default)"
+    )
     p.add_argument("--train-samples", type=int, default=None, help="use the first N train clips")
     p.add_argument("--val-samples", type=int, default=None, help="use the first N val clips")
-    p.add_argument("--token-size", type=int, default=None,
-                   help="side the 16x16 object crops are area-resized to before the tokenizer (tiny: 8)")
+    p.add_argument(
+        "--token-size",
+        type=int,
+        default=None,
+        help="side the 16x16 object crops are area-resized to before the tokenizer (tiny: 8)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default cores/4)")
     p.add_argument("--attn-weight", type=float, default=0.2, help="attention loss weight")
     p.add_argument("--contrastive-weight", type=float, default=0.1, help="contrastive loss weight")
-    p.add_argument("--margin", type=float, default=0.5, help="contrastive margin (unit-vector distance)")
+    p.add_argument(
+        "--margin", type=float, default=0.5, help="contrastive margin (unit-vector distance)"
+    )
     p.add_argument("--duration-weight", type=float, default=0.3, help="duration regression weight")
-    p.add_argument("--resnet", default=None, help="pretrained_features: HF model id/path, or 'tiny'")
-    p.add_argument("--context", default="clip", choices=("clip", "frame"),
-                   help="sanity baseline: 'frame' lets a token attend only to its own frame")
-    p.add_argument("--shuffle-labels", action="store_true",
-                   help="sanity baseline: permute train track labels (val accuracy must be chance)")
-    p.add_argument("--stop-after-steps", type=int, default=None,
-                   help="act as if SIGTERM arrived after N optimizer steps (tests of resume)")
+    p.add_argument(
+        "--resnet", default=None, help="pretrained_features: HF model id/path, or 'tiny'"
+    )
+    p.add_argument(
+        "--context",
+        default="clip",
+        choices=("clip", "frame"),
+        help="sanity baseline: 'frame' lets a token attend only to its own frame",
+    )
+    p.add_argument(
+        "--shuffle-labels",
+        action="store_true",
+        help="sanity baseline: permute train track labels (val accuracy must be chance)",
+    )
+    p.add_argument(
+        "--stop-after-steps",
+        type=int,
+        default=None,
+        help="act as if SIGTERM arrived after N optimizer steps (tests of resume)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
@@ -116,7 +164,9 @@ def resize_crops(crops: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [K, 3, P, P] -> uint8 [K, 3, size, size] by area averaging (identity if P == size)."""
     if crops.shape[-1] == size:
         return crops
-    out = [F.interpolate(c.float(), size=(size, size), mode="area") for c in torch.split(crops, 8192)]
+    out = [
+        F.interpolate(c.float(), size=(size, size), mode="area") for c in torch.split(crops, 8192)
+    ]
     return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
 
 
@@ -143,11 +193,20 @@ class TokenBatches:
         start, length = self.offsets[clips], self.offsets[clips + 1] - self.offsets[clips]
         ar = torch.arange(int(length.max()))
         valid = ar[None] < length[:, None]  # [B, L]
-        idx = torch.where(valid, start[:, None] + ar[None], torch.zeros_like(valid, dtype=torch.long))
+        idx = torch.where(
+            valid, start[:, None] + ar[None], torch.zeros_like(valid, dtype=torch.long)
+        )
         x = self.inputs[idx]  # [B, L, 3, P, P] uint8 or [B, L, C]
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x
-        out = {"inputs": x, "frame": self.frame[idx], "centre": self.centre[idx], "label": self.label[idx],
-               "duration": self.duration[idx], "track": self.track[idx], "valid": valid}
+        out = {
+            "inputs": x,
+            "frame": self.frame[idx],
+            "centre": self.centre[idx],
+            "label": self.label[idx],
+            "duration": self.duration[idx],
+            "track": self.track[idx],
+            "valid": valid,
+        }
         return {k: v.to(self.device) for k, v in out.items()}
 
 
@@ -174,7 +233,9 @@ def classification_loss(logits, label, w):
 
 
 def attention_ratio_loss(attn, label, valid, max_ratio: float = 10.0):
-    """Mean over clips with transients of max(-log r, -log max_ratio); attn [B, H, L, L] last layer."""
+    """Mean over clips with transients of max(-log r, -log max_ratio).
+
+    attn: the last layer's [B, H, L, L]; label, valid: [B, L]."""
     a = attention_received(attn, valid)  # [B, L]
     pers, trans = (label == 1) & valid, (label == 0) & valid
     has_t = trans.any(1) & pers.any(1)
@@ -190,8 +251,11 @@ def contrastive_loss(emb, label, valid, margin: float):
     z = F.normalize(emb, dim=-1)
     d = torch.sqrt(((z[:, :, None] - z[:, None]) ** 2).sum(-1) + 1e-9)  # [B, L, L], smooth at 0
     same = label[:, :, None] == label[:, None, :]
-    pair = valid[:, :, None] & valid[:, None, :] & ~torch.eye(valid.shape[1], dtype=torch.bool,
-                                                              device=valid.device)
+    pair = (
+        valid[:, :, None]
+        & valid[:, None, :]
+        & ~torch.eye(valid.shape[1], dtype=torch.bool, device=valid.device)
+    )
     loss = torch.where(same, d**2, F.relu(margin - d) ** 2)
     return (loss * pair).sum() / pair.sum().clamp(min=1)
 
@@ -202,9 +266,13 @@ def compute_loss(args, out, b, num_frames: int):
     ce = classification_loss(out["logits"], b["label"], w)
     total = ce
     if args.approach == "attention_supervised":
-        total = total + args.attn_weight * attention_ratio_loss(out["attentions"][-1], b["label"], b["valid"])
+        total = total + args.attn_weight * attention_ratio_loss(
+            out["attentions"][-1], b["label"], b["valid"]
+        )
     elif args.approach == "contrastive":
-        total = total + args.contrastive_weight * contrastive_loss(out["embedding"], b["label"], b["valid"], args.margin)
+        total = total + args.contrastive_weight * contrastive_loss(
+            out["embedding"], b["label"], b["valid"], args.margin
+        )
     elif args.approach == "multitask":
         hub = F.huber_loss(out["duration"], b["duration"] / num_frames, reduction="none")
         total = total + args.duration_weight * (hub * w).sum() / w.sum()
@@ -249,7 +317,9 @@ def evaluate(model, data: TokenBatches, args, num_frames: int, epoch: int):
     for clips in torch.split(order, 64):
         b = data.batch(clips)
         out = model(b["inputs"], b["frame"], b["centre"], b["valid"], context=args.context)
-        losses += float(classification_loss(out["logits"], b["label"], track_weights(b["track"], b["valid"])))
+        losses += float(
+            classification_loss(out["logits"], b["label"], track_weights(b["track"], b["valid"]))
+        )
         n_batches += 1
         p = out["logits"].float().softmax(-1)[..., 1]
         a = attention_received(out["attentions"][-1].float(), b["valid"])
@@ -275,16 +345,27 @@ def evaluate(model, data: TokenBatches, args, num_frames: int, epoch: int):
             pers.append(p_mean)
             trans.append(t_mean)
         m = t_clip == i
-        objects = [{"track": int(k), "kind": "persistent" if lab[trk == k][0] == 1 else "transient",
-                    "num_tokens": int((trk == k).sum()), "attention": float(a_i[trk == k].mean()),
-                    "prob_persistent": float(pr), "correct": bool(pd == lb)}
-                   for k, pr, pd, lb in zip(t_id[m], t_prob[m], t_pred[m], t_label[m])]
-        samples.append({
-            "sample_id": sid, "objects": objects, "persistent_attention": p_mean,
-            "transient_attention": t_mean,
-            "ratio": p_mean / t_mean if t_mean else None,
-            "object_accuracy": float(np.mean([o["correct"] for o in objects])),
-        })
+        objects = [
+            {
+                "track": int(k),
+                "kind": "persistent" if lab[trk == k][0] == 1 else "transient",
+                "num_tokens": int((trk == k).sum()),
+                "attention": float(a_i[trk == k].mean()),
+                "prob_persistent": float(pr),
+                "correct": bool(pd == lb),
+            }
+            for k, pr, pd, lb in zip(t_id[m], t_prob[m], t_pred[m], t_label[m], strict=True)
+        ]
+        samples.append(
+            {
+                "sample_id": sid,
+                "objects": objects,
+                "persistent_attention": p_mean,
+                "transient_attention": t_mean,
+                "ratio": p_mean / t_mean if t_mean else None,
+                "object_accuracy": float(np.mean([o["correct"] for o in objects])),
+            }
+        )
     att_stats = summarize_attention(np.array(pers), np.array(trans), seed=epoch)
     metrics = {
         "val_loss": losses / max(n_batches, 1),
@@ -296,8 +377,15 @@ def evaluate(model, data: TokenBatches, args, num_frames: int, epoch: int):
         "n_val_clips": len(tok),
         "n_excluded_no_transient": len(tok) - len(pers),
     }
-    records = {"epoch": epoch, "approach": args.approach, "split": "val", "layer": "last",
-               "confusion": cls["confusion"], "summary": metrics, "samples": samples}
+    records = {
+        "epoch": epoch,
+        "approach": args.approach,
+        "split": "val",
+        "layer": "last",
+        "confusion": cls["confusion"],
+        "summary": metrics,
+        "samples": samples,
+    }
     return metrics, records
 
 
@@ -309,7 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // 4))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        rep = Reporter.from_env(default_run_dir=args.run_dir or f"runs/early_persistence/{args.approach}")
+        rep = Reporter.from_env(
+            default_run_dir=args.run_dir or f"runs/early_persistence/{args.approach}"
+        )
         train_split = load_split(args.data_dir, "train", args.train_samples)
         val_split = load_split(args.data_dir, "val", args.val_samples)
     except ValueError as e:
@@ -327,11 +417,20 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
     total_steps, warmup = args.epochs * steps_per_epoch, steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps)))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warmup)
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps))))
+        ),
+    )
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    print(f"{args.approach}: {sum(p.numel() for p in params):,} trainable params, {len(train)} train / "
-          f"{len(val)} val clips, {steps_per_epoch} steps/epoch, device {device}", flush=True)
+    print(
+        f"{args.approach}: {sum(p.numel() for p in params):,} trainable params, "
+        f"{len(train)} train / "
+        f"{len(val)} val clips, {steps_per_epoch} steps/epoch, device {device}",
+        flush=True,
+    )
 
     epoch, batch_in_epoch, step, run_loss, run_count = 0, 0, 0, 0.0, 0
     if rep.resume and (ckpt := rep.latest_checkpoint()) is not None:
@@ -347,20 +446,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resumed from {ckpt.name}: epoch {epoch}, batch {batch_in_epoch}", flush=True)
 
     def checkpoint() -> None:
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "rng_cpu": torch.get_rng_state(),
-                 "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                 "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step,
-                 "run_loss": run_loss, "run_count": run_count, "args": vars(args)}
+        state = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "step": step,
+            "run_loss": run_loss,
+            "run_count": run_count,
+            "args": vars(args),
+        }
         rep.save_checkpoint(lambda p: torch.save(state, p), epoch=epoch, step=step)
 
     model.train()
     while epoch < args.epochs:
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+        order = torch.randperm(
+            len(train), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+        )
         batches = list(torch.split(order, args.batch_size))
         t0, cpu0, seen = time.perf_counter(), time.process_time(), 0
-        bar = tqdm(batches[batch_in_epoch:], desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                   disable=args.no_progress, initial=batch_in_epoch, total=len(batches))
+        bar = tqdm(
+            batches[batch_in_epoch:],
+            desc=f"epoch {epoch + 1}/{args.epochs}",
+            leave=False,
+            disable=args.no_progress,
+            initial=batch_in_epoch,
+            total=len(batches),
+        )
         for clips in bar:
             b = train.batch(clips)
             with autocast:
@@ -381,20 +496,28 @@ def main(argv: list[str] | None = None) -> int:
         train_time, train_cpu = time.perf_counter() - t0, time.process_time() - cpu0
         if rep.should_stop and batch_in_epoch < len(batches):
             checkpoint()  # mid-epoch: resume skips the batches already done
-            print(f"stop requested: checkpoint at epoch {epoch}, batch {batch_in_epoch}", flush=True)
+            print(
+                f"stop requested: checkpoint at epoch {epoch}, batch {batch_in_epoch}", flush=True
+            )
             return 0
         epoch += 1
-        record = {"train_loss": run_loss / max(run_count, 1), "step": step,
-                  "samples_per_s": seen / train_time if train_time > 0 else None,
-                  "train_cpu_s": train_cpu,
-                  "lr": sched.get_last_lr()[0]}
+        record = {
+            "train_loss": run_loss / max(run_count, 1),
+            "step": step,
+            "samples_per_s": seen / train_time if train_time > 0 else None,
+            "train_cpu_s": train_cpu,
+            "lr": sched.get_last_lr()[0],
+        }
         batch_in_epoch, run_loss, run_count = 0, 0.0, 0
         if epoch % args.eval_every == 0 or epoch == args.epochs:
             metrics, records = evaluate(model, val, args, num_frames, epoch)
             record.update(metrics)
             rep.write_eval(f"epoch_{epoch:06d}", records)
-            print(f"epoch {epoch}: " + ", ".join(
-                f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)), flush=True)
+            print(
+                f"epoch {epoch}: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)),
+                flush=True,
+            )
         rep.log(epoch=epoch, **record)
         checkpoint()
         if rep.should_stop:

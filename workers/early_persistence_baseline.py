@@ -45,33 +45,63 @@ from workers.persistence_metrics import classification_metrics, expected_calibra
 
 PRESETS = {
     "tiny": {"dim": 64, "heads": 4, "cnn_width": 16, "batch_size": 64, "lr": 2e-3, "token_size": 8},
-    "full": {"dim": 256, "heads": 8, "cnn_width": 64, "batch_size": 64, "lr": 3e-4, "token_size": 16},
+    "full": {
+        "dim": 256,
+        "heads": 8,
+        "cnn_width": 64,
+        "batch_size": 64,
+        "lr": 3e-4,
+        "token_size": 16,
+    },
 }
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True, help="dataset made by scripts/generate_persistence_dataset.py")
-    p.add_argument("--run-dir", default="runs/early_persistence/baseline",
-                   help="output folder when ORCH_RUN_DIR is not set")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data-dir", required=True, help="dataset made by scripts/generate_persistence_dataset.py"
+    )
+    p.add_argument(
+        "--run-dir",
+        default="runs/early_persistence/baseline",
+        help="output folder when ORCH_RUN_DIR is not set",
+    )
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model/optimiser size")
     p.add_argument("--seed", type=int, default=0, help="seed of init, data order")
     p.add_argument("--epochs", type=int, default=10, help="epochs to train")
     p.add_argument("--eval-every", type=int, default=2, help="evaluate on val every N epochs")
     p.add_argument("--batch-size", type=int, default=None, help="tracks per batch (preset default)")
-    p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (preset default)")
-    p.add_argument("--token-size", type=int, default=None, help="crop side fed to the CNN (tiny: 8)")
+    p.add_argument(
+        "--lr", type=float, default=None, help="peak AdamW learning rate (preset default)"
+    )
+    p.add_argument(
+        "--token-size", type=int, default=None, help="crop side fed to the CNN (tiny: 8)"
+    )
     p.add_argument("--train-samples", type=int, default=None, help="use the first N train clips")
     p.add_argument("--val-samples", type=int, default=None, help="use the first N val clips")
     p.add_argument("--threshold", type=float, default=0.9, help="confidence for an early decision")
-    p.add_argument("--early-window", type=int, default=4, help="frames in which early decisions may happen")
-    p.add_argument("--transient-budget", type=float, default=0.25,
-                   help="fraction of T frames a track predicted transient may use")
-    p.add_argument("--heatmaps", type=int, default=8, help="val tracks drawn per evaluation (0: none)")
+    p.add_argument(
+        "--early-window", type=int, default=4, help="frames in which early decisions may happen"
+    )
+    p.add_argument(
+        "--transient-budget",
+        type=float,
+        default=0.25,
+        help="fraction of T frames a track predicted transient may use",
+    )
+    p.add_argument(
+        "--heatmaps", type=int, default=8, help="val tracks drawn per evaluation (0: none)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default cores/4)")
-    p.add_argument("--stop-after-steps", type=int, default=None,
-                   help="act as if SIGTERM arrived after N optimizer steps (tests of resume)")
+    p.add_argument(
+        "--stop-after-steps",
+        type=int,
+        default=None,
+        help="act as if SIGTERM arrived after N optimizer steps (tests of resume)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
@@ -87,10 +117,20 @@ def to_tensors(seq: TrackSequences, token_size: int) -> dict[str, torch.Tensor]:
     crops = torch.from_numpy(seq.crops)  # [M, T, 3, P, P]
     if crops.shape[-1] != token_size:
         m, t = crops.shape[:2]
-        parts = [F.interpolate(c.flatten(0, 1).float(), size=(token_size, token_size), mode="area")
-                 for c in torch.split(crops, 512)]
-        crops = torch.cat([p.view(-1, t, 3, token_size, token_size) for p in parts]).round().to(torch.uint8)
-    return {"crops": crops, "valid": torch.from_numpy(seq.valid), "label": torch.from_numpy(seq.label)}
+        parts = [
+            F.interpolate(c.flatten(0, 1).float(), size=(token_size, token_size), mode="area")
+            for c in torch.split(crops, 512)
+        ]
+        crops = (
+            torch.cat([p.view(-1, t, 3, token_size, token_size) for p in parts])
+            .round()
+            .to(torch.uint8)
+        )
+    return {
+        "crops": crops,
+        "valid": torch.from_numpy(seq.valid),
+        "label": torch.from_numpy(seq.label),
+    }
 
 
 def losses(out, label, valid):
@@ -99,8 +139,11 @@ def losses(out, label, valid):
     logits, conf = out["logits"], out["confidence"].squeeze(-1)  # [B, T, 2], [B, T]
     lab = label[:, None].expand_as(valid)
     ce = F.cross_entropy(logits.flatten(0, 1), lab.flatten(), reduction="none").view_as(valid)
-    per_class = [(ce * (valid & (lab == c))).sum() / (valid & (lab == c)).sum()
-                 for c in (0, 1) if (valid & (lab == c)).any()]
+    per_class = [
+        (ce * (valid & (lab == c))).sum() / (valid & (lab == c)).sum()
+        for c in (0, 1)
+        if (valid & (lab == c)).any()
+    ]
     ce_loss = torch.stack(per_class).mean()
     right = (logits.argmax(-1) == lab).float().detach()
     bce = F.binary_cross_entropy(conf.clamp(1e-6, 1 - 1e-6), right, reduction="none")
@@ -149,16 +192,26 @@ def evaluate(model, val, seq: TrackSequences, args, epoch: int, device, viz_dir)
     curve = []
     for th in THRESHOLDS:
         d = early_decision(logits, conf, valid, th, args.early_window)
-        curve.append({"threshold": th, "accuracy": float((d["decision"].numpy() == label).mean()),
-                      "mean_decision_frame": float(d["frame"].float().mean()),
-                      "early_stop_rate": float(d["early"].float().mean())})
-    gate = ComputeGate(args.threshold, args.early_window,
-                       (("persistent", 1.0), ("transient", args.transient_budget)))
+        curve.append(
+            {
+                "threshold": th,
+                "accuracy": float((d["decision"].numpy() == label).mean()),
+                "mean_decision_frame": float(d["frame"].float().mean()),
+                "early_stop_rate": float(d["early"].float().mean()),
+            }
+        )
+    gate = ComputeGate(
+        args.threshold,
+        args.early_window,
+        (("persistent", 1.0), ("transient", args.transient_budget)),
+    )
     processed = gate.frames_to_process(logits, conf, valid).numpy()
     flops, wall = prefix_costs(model, t_count, args.token_size, device)
     full_flops, gated_flops = flops[n_valid - 1].sum(), flops[processed - 1].sum()
     full_wall, gated_wall = wall[n_valid - 1].sum(), wall[processed - 1].sum()
-    gated_pred = logits[torch.arange(len(label)), torch.from_numpy(processed - 1)].argmax(-1).numpy()
+    gated_pred = (
+        logits[torch.arange(len(label)), torch.from_numpy(processed - 1)].argmax(-1).numpy()
+    )
     metrics = {
         "val_loss": ce_sum / n,
         "val_accuracy": cls["accuracy"],  # of the decision actually taken, at its frame
@@ -176,15 +229,31 @@ def evaluate(model, val, seq: TrackSequences, args, epoch: int, device, viz_dir)
         "persistent_frames_processed": float(processed[label == 1].mean()),
         "n_val_tracks": len(label),
     }
-    tracks = [{"sample_id": seq.sample_ids[seq.clip[i]], "track": int(seq.track[i]),
-               "kind": "persistent" if label[i] else "transient", "decision": int(decision[i]),
-               "decision_frame": int(frame[i]), "early": bool(dec["early"][i]),
-               "confidence": float(dec["confidence"][i]), "frames_processed": int(processed[i]),
-               "valid_frames": int(n_valid[i])} for i in range(len(label))]
-    records = {"epoch": epoch, "split": "val", "threshold": args.threshold,
-               "early_window": args.early_window, "confusion": cls["confusion"],
-               "accuracy_earliness_curve": curve, "prefix_flops": flops.tolist(),
-               "summary": metrics, "tracks": tracks}
+    tracks = [
+        {
+            "sample_id": seq.sample_ids[seq.clip[i]],
+            "track": int(seq.track[i]),
+            "kind": "persistent" if label[i] else "transient",
+            "decision": int(decision[i]),
+            "decision_frame": int(frame[i]),
+            "early": bool(dec["early"][i]),
+            "confidence": float(dec["confidence"][i]),
+            "frames_processed": int(processed[i]),
+            "valid_frames": int(n_valid[i]),
+        }
+        for i in range(len(label))
+    ]
+    records = {
+        "epoch": epoch,
+        "split": "val",
+        "threshold": args.threshold,
+        "early_window": args.early_window,
+        "confusion": cls["confusion"],
+        "accuracy_earliness_curve": curve,
+        "prefix_flops": flops.tolist(),
+        "summary": metrics,
+        "tracks": tracks,
+    }
     if args.heatmaps and viz_dir is not None:
         draw_heatmaps(attn, seq, label, args.heatmaps, viz_dir / f"epoch_{epoch:06d}.png")
     model.train()
@@ -199,17 +268,22 @@ def draw_heatmaps(attn, seq: TrackSequences, label, count: int, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pick = list(np.flatnonzero(label == 0)[: count // 2]) + list(np.flatnonzero(label == 1)[: count - count // 2])
+    pick = list(np.flatnonzero(label == 0)[: count // 2]) + list(
+        np.flatnonzero(label == 1)[: count - count // 2]
+    )
     fig, axes = plt.subplots(1, len(pick), figsize=(2.4 * len(pick), 2.8), squeeze=False)
-    for ax, i in zip(axes[0], pick):
+    for ax, i in zip(axes[0], pick, strict=True):
         a = attn[i].mean(0).numpy()  # [T, T]
         ax.imshow(a, cmap="viridis", vmin=0, vmax=max(a.max(), 1e-6))
         colour = "red" if label[i] == 0 else "white"
         for s in np.flatnonzero(seq.visible[i]):
             ax.axvspan(s - 0.5, s + 0.5, ymin=0, ymax=0.04, color=colour)
             ax.axhspan(s - 0.5, s + 0.5, xmin=0, xmax=0.04, color=colour)
-        ax.set_title(f"{'transient' if label[i] == 0 else 'persistent'} {seq.sample_ids[seq.clip[i]]}"
-                     f"#{seq.track[i]}", fontsize=6)
+        ax.set_title(
+            f"{'transient' if label[i] == 0 else 'persistent'} {seq.sample_ids[seq.clip[i]]}"
+            f"#{seq.track[i]}",
+            fontsize=6,
+        )
         ax.set_xlabel("key step", fontsize=6)
         ax.set_ylabel("query step", fontsize=6)
         ax.tick_params(labelsize=5)
@@ -233,17 +307,26 @@ def main(argv: list[str] | None = None) -> int:
     train, val = to_tensors(train_seq, args.token_size), to_tensors(val_seq, args.token_size)
     torch.manual_seed(args.seed)
     cnn = SimpleCNNConfig(width=args.cnn_width, dim=args.dim)
-    model = EarlyPersistenceClassifier(ConvTemporalConfig(cnn=cnn, dim=args.dim, heads=args.heads,
-                                                          causal=True)).to(device)
+    model = EarlyPersistenceClassifier(
+        ConvTemporalConfig(cnn=cnn, dim=args.dim, heads=args.heads, causal=True)
+    ).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     m_train = len(train["label"])
     steps_per_epoch = math.ceil(m_train / args.batch_size)
     total = args.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / steps_per_epoch) * (
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))))
-    print(f"baseline: {sum(p.numel() for p in params):,} trainable params, {m_train} train / "
-          f"{len(val['label'])} val tracks, device {device}", flush=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / steps_per_epoch)
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+        ),
+    )
+    print(
+        f"baseline: {sum(p.numel() for p in params):,} trainable params, {m_train} train / "
+        f"{len(val['label'])} val tracks, device {device}",
+        flush=True,
+    )
     epoch, batch_in_epoch, step, run_loss, run_count = 0, 0, 0, 0.0, 0
     if rep.resume and (ckpt := rep.latest_checkpoint()) is not None:
         st = torch.load(ckpt, map_location=device, weights_only=False)
@@ -256,18 +339,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resumed from {ckpt.name}: epoch {epoch}, batch {batch_in_epoch}", flush=True)
 
     def checkpoint() -> None:
-        st = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-              "rng_cpu": torch.get_rng_state(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-              "step": step, "run_loss": run_loss, "run_count": run_count, "args": vars(args)}
+        st = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "step": step,
+            "run_loss": run_loss,
+            "run_count": run_count,
+            "args": vars(args),
+        }
         rep.save_checkpoint(lambda p: torch.save(st, p), epoch=epoch, step=step)
 
     model.train()
     while epoch < args.epochs:
-        order = torch.randperm(m_train, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+        order = torch.randperm(
+            m_train, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+        )
         batches = list(torch.split(order, args.batch_size))
         t0, cpu0, seen = time.perf_counter(), time.process_time(), 0
-        for idx in tqdm(batches[batch_in_epoch:], desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                        disable=args.no_progress):
+        for idx in tqdm(
+            batches[batch_in_epoch:],
+            desc=f"epoch {epoch + 1}/{args.epochs}",
+            leave=False,
+            disable=args.no_progress,
+        ):
             x = train["crops"][idx].to(device).float() / 255.0
             v, lab = train["valid"][idx].to(device), train["label"][idx].to(device)
             loss, _ = losses(model(x, v), lab, v)
@@ -285,19 +383,29 @@ def main(argv: list[str] | None = None) -> int:
         train_time, train_cpu = time.perf_counter() - t0, time.process_time() - cpu0
         if rep.should_stop and batch_in_epoch < len(batches):
             checkpoint()
-            print(f"stop requested: checkpoint at epoch {epoch}, batch {batch_in_epoch}", flush=True)
+            print(
+                f"stop requested: checkpoint at epoch {epoch}, batch {batch_in_epoch}", flush=True
+            )
             return 0
         epoch += 1
-        record = {"train_loss": run_loss / max(run_count, 1), "step": step,
-                  "samples_per_s": seen / train_time if train_time > 0 else None,
-                  "train_cpu_s": train_cpu}
+        record = {
+            "train_loss": run_loss / max(run_count, 1),
+            "step": step,
+            "samples_per_s": seen / train_time if train_time > 0 else None,
+            "train_cpu_s": train_cpu,
+        }
         batch_in_epoch, run_loss, run_count = 0, 0.0, 0
         if epoch % args.eval_every == 0 or epoch == args.epochs:
-            metrics, records = evaluate(model, val, val_seq, args, epoch, device, rep.run_dir / "viz")
+            metrics, records = evaluate(
+                model, val, val_seq, args, epoch, device, rep.run_dir / "viz"
+            )
             record.update(metrics)
             rep.write_eval(f"epoch_{epoch:06d}", records)
-            print(f"epoch {epoch}: " + ", ".join(
-                f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)), flush=True)
+            print(
+                f"epoch {epoch}: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)),
+                flush=True,
+            )
         rep.log(epoch=epoch, **record)
         checkpoint()
         if rep.should_stop:

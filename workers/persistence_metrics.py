@@ -40,11 +40,15 @@ def attention_received(attn: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         0 for padded keys.
     """
     q = valid.to(attn.dtype)  # [B, L]
-    per_head = (attn * q[:, None, :, None]).sum(2) / q.sum(1).clamp(min=1)[:, None, None]  # [B, H, S]
+    per_head = (attn * q[:, None, :, None]).sum(2) / q.sum(1).clamp(min=1)[
+        :, None, None
+    ]  # [B, H, S]
     return per_head.mean(1) * valid.to(attn.dtype)
 
 
-def persistent_transient_attention(received: np.ndarray, labels: np.ndarray) -> tuple[float, float | None]:
+def persistent_transient_attention(
+    received: np.ndarray, labels: np.ndarray
+) -> tuple[float, float | None]:
     """(mean a_j over persistent keys, mean over transient keys or None when there are none).
 
     received, labels: [S] over one clip's valid tokens (label 1 persistent, 0 transient).
@@ -54,8 +58,9 @@ def persistent_transient_attention(received: np.ndarray, labels: np.ndarray) -> 
     return p, t
 
 
-def summarize_attention(persistent: np.ndarray, transient: np.ndarray, *, n_resamples: int = 2000,
-                        seed: int = 0) -> dict[str, float | int | None]:
+def summarize_attention(
+    persistent: np.ndarray, transient: np.ndarray, *, n_resamples: int = 2000, seed: int = 0
+) -> dict[str, float | int | None]:
     """Race metrics from per-clip mean attention (clips without transients already removed).
 
     Args:
@@ -72,9 +77,14 @@ def summarize_attention(persistent: np.ndarray, transient: np.ndarray, *, n_resa
     t = np.asarray(transient, dtype=np.float64)
     n = len(p)
     out: dict[str, float | int | None] = {
-        "attention_ratio": None, "attention_ratio_ci_low": None, "attention_ratio_ci_high": None,
-        "consistency": None, "separation_p": None, "effect_size_dz": None,
-        "frac_ratio_above_1": None, "n_ratio_samples": n,
+        "attention_ratio": None,
+        "attention_ratio_ci_low": None,
+        "attention_ratio_ci_high": None,
+        "consistency": None,
+        "separation_p": None,
+        "effect_size_dz": None,
+        "frac_ratio_above_1": None,
+        "n_ratio_samples": n,
     }
     if n == 0:
         return out
@@ -86,8 +96,13 @@ def summarize_attention(persistent: np.ndarray, transient: np.ndarray, *, n_resa
     out["frac_ratio_above_1"] = float(np.mean(r > 1.0))
     finite = np.isfinite(log_r).all()
     if n >= 3 and finite and np.ptp(log_r) > 0:
-        ci = stats.bootstrap((log_r,), np.mean, n_resamples=n_resamples, method="percentile",
-                             rng=np.random.default_rng(seed)).confidence_interval
+        ci = stats.bootstrap(
+            (log_r,),
+            np.mean,
+            n_resamples=n_resamples,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        ).confidence_interval
         out["attention_ratio_ci_low"] = float(np.exp(ci.low))
         out["attention_ratio_ci_high"] = float(np.exp(ci.high))
         out["effect_size_dz"] = float(log_r.mean() / log_r.std(ddof=1))
@@ -138,7 +153,9 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, 
     }
 
 
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> float:
+def expected_calibration_error(
+    confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10
+) -> float:
     """ECE: sum over equal-width confidence bins of (bin weight) x |accuracy - mean confidence|."""
     confidence = np.asarray(confidence, dtype=np.float64)
     correct = np.asarray(correct, dtype=np.float64)

@@ -46,7 +46,9 @@ class AttentionEncoderLayer(nn.Module):
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(
-            nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(dim, int(dim * mlp_ratio)),
+            nn.GELU(),
+            nn.Dropout(dropout),
             nn.Linear(int(dim * mlp_ratio), dim),
         )
         self.drop = nn.Dropout(dropout)
@@ -54,13 +56,16 @@ class AttentionEncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: float [B, L, D]; mask: bool [B, L, L] (True = may attend, from
-        build_attention_mask). Returns (x [B, L, D], attention float [B, H, L, L]; rows sum to 1)."""
+        build_attention_mask).
+
+        Returns (x [B, L, D], attention float [B, H, L, L]; rows sum to 1)."""
         b, n, _ = x.shape
         blocked = ~mask  # PyTorch: True = not allowed
         attn_mask = blocked[:, None].expand(b, self.heads, n, n).reshape(b * self.heads, n, n)
         h = self.norm1(x)
-        out, weights = self.attn(h, h, h, attn_mask=attn_mask, need_weights=True,
-                                 average_attn_weights=False)  # weights [B, H, L, L]
+        out, weights = self.attn(
+            h, h, h, attn_mask=attn_mask, need_weights=True, average_attn_weights=False
+        )  # weights [B, H, L, L]
         x = x + self.drop(out)
         x = x + self.drop(self.mlp(self.norm2(x)))
         return x, weights
@@ -69,15 +74,18 @@ class AttentionEncoderLayer(nn.Module):
 class AttentionTransformer(nn.Module):
     """A stack of AttentionEncoderLayer (2 in the race) + final LayerNorm."""
 
-    def __init__(self, dim: int, heads: int, depth: int = 2, mlp_ratio: float = 2.0,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, heads: int, depth: int = 2, mlp_ratio: float = 2.0, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
             AttentionEncoderLayer(dim, heads, mlp_ratio, dropout) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """x: [B, L, D], mask: bool [B, L, L] -> (x [B, L, D], per-layer attention [B, H, L, L])."""
         attentions = []
         for layer in self.layers:

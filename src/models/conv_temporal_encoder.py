@@ -44,7 +44,9 @@ class ConvTemporalConfig:
 class ConvTemporalEncoder(nn.Module):
     """video [B, T, C, H, W] -> per-frame features [B, T, D], pooled [B, D], attention."""
 
-    def __init__(self, cfg: ConvTemporalConfig = ConvTemporalConfig(), in_channels: int = 3) -> None:
+    def __init__(
+        self, cfg: ConvTemporalConfig = ConvTemporalConfig(), in_channels: int = 3
+    ) -> None:
         super().__init__()
         self.frame_cnn = SimpleCNNTokenizer(cfg.cnn, in_channels)
         self.in_proj = nn.Linear(cfg.cnn.dim, cfg.dim)
@@ -55,7 +57,9 @@ class ConvTemporalEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.cfg = cfg
 
-    def forward(self, video: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, video: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Encode clips.
 
         Args:

@@ -25,15 +25,20 @@ from .conv_temporal_encoder import ConvTemporalConfig, ConvTemporalEncoder
 class EarlyPersistenceClassifier(nn.Module):
     """crops [B, T, 3, P, P] -> logits [B, T, 2], confidence [B, T, 1], attention [B, H, T, T]."""
 
-    def __init__(self, cfg: ConvTemporalConfig = ConvTemporalConfig.tiny(causal=True)) -> None:
+    def __init__(self, cfg: ConvTemporalConfig | None = None) -> None:
         super().__init__()
+        cfg = cfg if cfg is not None else ConvTemporalConfig.tiny(causal=True)
         if not cfg.causal:
-            raise ValueError("the early persistence classifier needs a causal encoder (causal=True)")
+            raise ValueError(
+                "the early persistence classifier needs a causal encoder (causal=True)"
+            )
         self.encoder = ConvTemporalEncoder(cfg)
         self.cls_head = nn.Linear(cfg.dim, 2)
         self.conf_head = nn.Linear(cfg.dim, 1)
 
-    def forward(self, crops: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, crops: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """crops: float [B, T, 3, P, P] in [0, 1]; valid: bool [B, T] (padding at the end).
 
         Returns dict: logits [B, T, 2] (class 1 = persistent), confidence [B, T, 1] in (0, 1),
@@ -48,8 +53,13 @@ class EarlyPersistenceClassifier(nn.Module):
         }
 
 
-def early_decision(logits: torch.Tensor, confidence: torch.Tensor, valid: torch.Tensor,
-                   threshold: float, early_window: int) -> dict[str, torch.Tensor]:
+def early_decision(
+    logits: torch.Tensor,
+    confidence: torch.Tensor,
+    valid: torch.Tensor,
+    threshold: float,
+    early_window: int,
+) -> dict[str, torch.Tensor]:
     """Take each track's decision at the first confident frame within the early window.
 
     Args:
@@ -93,8 +103,9 @@ class ComputeGate:
     early_window: int = 4
     budgets: tuple[tuple[str, float], ...] = (("persistent", 1.0), ("transient", 0.25))
 
-    def frames_to_process(self, logits: torch.Tensor, confidence: torch.Tensor,
-                          valid: torch.Tensor) -> torch.Tensor:
+    def frames_to_process(
+        self, logits: torch.Tensor, confidence: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
         """long [B]: frames each track is processed for (>= 1), under the gate.
 
         A track stops after frame f (processing f+1 frames) when it is predicted transient with

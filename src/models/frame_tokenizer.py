@@ -49,7 +49,9 @@ class SimpleCNNTokenizer(nn.Module):
             )
 
         self.net = nn.Sequential(
-            block(in_channels, w, 1), block(w, 2 * w, 2), block(2 * w, 2 * w, 2),
+            block(in_channels, w, 1),
+            block(w, 2 * w, 2),
+            block(2 * w, 2 * w, 2),
             nn.AdaptiveAvgPool2d(cfg.grid),
         )
         self.proj = nn.Linear(2 * w * cfg.grid * cfg.grid, cfg.dim)

@@ -47,7 +47,9 @@ class PersistenceTokenModel(nn.Module):
     (or the tokenizer, for pretrained features) differs between them.
     """
 
-    def __init__(self, tokenizer: nn.Module, cfg: PersistenceModelConfig = PersistenceModelConfig()) -> None:
+    def __init__(
+        self, tokenizer: nn.Module, cfg: PersistenceModelConfig = PersistenceModelConfig()
+    ) -> None:
         super().__init__()
         d = cfg.dim
         self.tokenizer = tokenizer
@@ -59,8 +61,14 @@ class PersistenceTokenModel(nn.Module):
         self.duration_head = nn.Linear(d, 1)
         self.cfg = cfg
 
-    def forward(self, crops: torch.Tensor, frame: torch.Tensor, centre: torch.Tensor,
-                valid: torch.Tensor, context: str = "clip") -> dict[str, torch.Tensor | list]:
+    def forward(
+        self,
+        crops: torch.Tensor,
+        frame: torch.Tensor,
+        centre: torch.Tensor,
+        valid: torch.Tensor,
+        context: str = "clip",
+    ) -> dict[str, torch.Tensor | list]:
         """Classify every token of a padded batch of clips.
 
         Args:
@@ -82,7 +90,11 @@ class PersistenceTokenModel(nn.Module):
         b, n = valid.shape
         tok = crops.new_zeros(b, n, self.tokenizer.dim)
         tok[valid] = self.tokenizer(crops[valid])  # only real tokens: [K, 3, P, P] -> [K, D_tok]
-        x = self.in_proj(tok) + self.time_emb(frame.clamp(0, self.cfg.num_frames - 1)) + self.pos_emb(centre)
+        x = (
+            self.in_proj(tok)
+            + self.time_emb(frame.clamp(0, self.cfg.num_frames - 1))
+            + self.pos_emb(centre)
+        )
         if context == "clip":
             allowed = None
         elif context == "frame":

@@ -23,8 +23,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def tiny_resnet_config() -> ResNetConfig:
     """A 4-stage basic-block ResNet with widths 16..128 (~0.2M params), random weights."""
-    return ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
-                        layer_type="basic")
+    return ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic"
+    )
 
 
 class FrozenResNetFeatures(nn.Module):
@@ -44,7 +45,9 @@ class FrozenResNetFeatures(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, input_size: int = 64, **kwargs) -> FrozenResNetFeatures:
+    def from_pretrained(
+        cls, name_or_path: str, input_size: int = 64, **kwargs
+    ) -> FrozenResNetFeatures:
         """Load e.g. ``microsoft/resnet-18`` (kwargs go to ResNetModel.from_pretrained)."""
         return cls(ResNetModel.from_pretrained(name_or_path, **kwargs), input_size)
 
@@ -61,8 +64,9 @@ class FrozenResNetFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: float [N, 3, h, w] in [0, 1] -> float [N, C]."""
-        x = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
-                          align_corners=False)  # [N, 3, S, S]
+        x = F.interpolate(
+            images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False
+        )  # [N, 3, S, S]
         x = (x - self.mean) / self.std
         return self.backbone(pixel_values=x).pooler_output.flatten(1)  # [N, C, 1, 1] -> [N, C]
 

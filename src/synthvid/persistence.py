@@ -92,7 +92,9 @@ class PersistenceConfig:
         if self.max_persistent < 1 or self.max_transient < 1:
             raise ValueError("clips need at least one persistent and one transient object")
         if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) <= 0:
-            raise ValueError(f"split fractions must be positive and sum to 1: {self.split_fractions}")
+            raise ValueError(
+                f"split fractions must be positive and sum to 1: {self.split_fractions}"
+            )
 
     def fingerprint(self) -> str:
         """Short hash of the arguments and format version (the cache key)."""
@@ -290,8 +292,13 @@ def cache_matches(out_dir: Path, cfg: PersistenceConfig) -> bool:
     return all((out_dir / s).exists() for s in meta["shards"])
 
 
-def generate_dataset(out_dir: str | os.PathLike[str], cfg: PersistenceConfig, *,
-                     progress: bool = True, force: bool = False) -> Path:
+def generate_dataset(
+    out_dir: str | os.PathLike[str],
+    cfg: PersistenceConfig,
+    *,
+    progress: bool = True,
+    force: bool = False,
+) -> Path:
     """Generate the dataset into ``out_dir`` (or reuse it when it already matches ``cfg``).
 
     Returns:
@@ -322,14 +329,16 @@ def generate_dataset(out_dir: str | os.PathLike[str], cfg: PersistenceConfig, *,
         o = clip["objects"]
         n_t = int((o["obj_kind"] == 0).sum())
         strata.append(f"{clip['trajectory']}/{n_t}")
-        samples.append({
-            "sample_id": sample_id(i),
-            "shard": len(shards),
-            "index": len(clips),
-            "trajectory": clip["trajectory"],
-            "n_persistent": int(o["obj_kind"].sum()),
-            "n_transient": n_t,
-        })
+        samples.append(
+            {
+                "sample_id": sample_id(i),
+                "shard": len(shards),
+                "index": len(clips),
+                "trajectory": clip["trajectory"],
+                "n_persistent": int(o["obj_kind"].sum()),
+                "n_transient": n_t,
+            }
+        )
         clips.append(clip)
         if len(clips) == cfg.shard_size or i == cfg.num_samples - 1:
             name = f"shard_{len(shards):04d}.npz"
@@ -386,7 +395,9 @@ def load_manifest(data_dir: str | os.PathLike[str]) -> dict:
     return json.loads(path.read_text())
 
 
-def load_split(data_dir: str | os.PathLike[str], split: str, limit: int | None = None) -> PersistenceSplit:
+def load_split(
+    data_dir: str | os.PathLike[str], split: str, limit: int | None = None
+) -> PersistenceSplit:
     """Load split ``split`` (train/val/test), optionally its first ``limit`` clips.
 
     Raises:
@@ -542,8 +553,12 @@ def extract_track_sequences(split: PersistenceSplit, crop_size: int = 16) -> Tra
     crops = np.where(valid[..., None, None, None], crops, 0).astype(np.uint8)
     return TrackSequences(
         crops=np.ascontiguousarray(crops.transpose(0, 1, 4, 2, 3)),
-        valid=valid, visible=visible, label=o["obj_kind"].astype(np.int64),
-        duration=vis.sum(1).astype(np.int64), onset=onset.astype(np.int64),
-        clip=o["obj_sample"].astype(np.int64), track=o["obj_id"].astype(np.int64),
+        valid=valid,
+        visible=visible,
+        label=o["obj_kind"].astype(np.int64),
+        duration=vis.sum(1).astype(np.int64),
+        onset=onset.astype(np.int64),
+        clip=o["obj_sample"].astype(np.int64),
+        track=o["obj_id"].astype(np.int64),
         sample_ids=list(split.sample_ids),
     )
