@@ -133,7 +133,8 @@ def trainer_and_wrapper(live: Any) -> tuple[psutil.Process | None, psutil.Proces
 # -- kill -9 of a worker ----------------------------------------------------------------------
 
 
-WORKER_KILL_TRIALS = 20
+WORKER_KILL_TRIALS = 20  # the trainer killed (what the OOM killer does)
+WRAPPER_KILL_TRIALS = 6  # the launch wrapper killed instead: the trainer becomes an orphan
 PASS_EPOCH = 9  # acc = 0.1 * epoch passes acc >= 0.9 first at epoch 9
 
 
@@ -141,18 +142,21 @@ PASS_EPOCH = 9  # acc = 0.1 * epoch passes acc >= 0.9 first at epoch 9
 def test_worker_kill9_at_random_moments_resumes_and_races_correctly(
     repo: Path, leak_check: str
 ) -> None:
-    """20 trials: SIGKILL the would-be winner's trainer (as the OOM killer would) or its launch
-    wrapper at a random moment before it passes. Each time it is retried with ORCH_RESUME=1,
-    resumes from its checkpoint, and wins at exactly the epoch an undisturbed run wins at; the
-    history the criteria saw holds every epoch once."""
+    """20 trials: SIGKILL the would-be winner's trainer (as the OOM killer would) at a random
+    moment before it passes. Each time it is retried with ORCH_RESUME=1, resumes from its
+    checkpoint, and wins at exactly the epoch an undisturbed run wins at; the history the
+    criteria saw holds every epoch once. 6 more trials kill its launch wrapper instead: the
+    orphaned trainer is stopped (SIGTERM, it checkpoints) before the retry starts."""
     rng = rng_for("worker-kill")
-    orphan_wins = late = trial = done = 0
-    while done < WORKER_KILL_TRIALS:
+    orphan_wins = late = trial = 0
+    todo = ["trainer"] * WORKER_KILL_TRIALS + ["wrapper"] * WRAPPER_KILL_TRIALS
+    rng.shuffle(todo)
+    while todo:
         trial += 1
         assert late <= WORKER_KILL_TRIALS // 2, f"{late} kills came too late: machine too loaded"
         kill_after = rng.randint(1, PASS_EPOCH - 2)  # metric lines written before the kill
         jitter = rng.uniform(0, FAST)
-        target = rng.choice(["trainer", "wrapper"])
+        target = todo[-1]
         results = repo / f"results-{trial}"
         plan = write_plan(
             repo,
@@ -193,7 +197,7 @@ def test_worker_kill9_at_random_moments_resumes_and_races_correctly(
         if victim is None or written_at_kill >= PASS_EPOCH:
             late += 1  # this thread was starved: the race was already won; not a trial
             continue
-        done += 1
+        todo.pop()
         rec = state.run("race", "a")
         history = race.live("a").history.records
         epochs = contiguous(history)
@@ -223,8 +227,9 @@ def test_worker_kill9_at_random_moments_resumes_and_races_correctly(
         assert state.run("race", "b").state == RunState.stopped, what
         assert marked_processes(leak_check) == [], what
     print(
-        f"worker kills: {WORKER_KILL_TRIALS} trials, {orphan_wins} won by an orphaned trainer "
-        f"before its retry started; {late} kills too late (not counted)"
+        f"worker kills: {WORKER_KILL_TRIALS} trainers and {WRAPPER_KILL_TRIALS} launch wrappers "
+        f"killed; {orphan_wins} orphaned trainers won before their retry started; {late} kills "
+        "too late (not counted)"
     )
 
 
@@ -310,19 +315,45 @@ def test_controller_kill9_at_random_moments_then_run_again(repo: Path, leak_chec
     want = state_of(repo / "reference").experiments["race"]
     assert (want.winner, want.winner_epoch) == ("a", 6)
     reattached = strays = ended_meanwhile = no_live = 0
+    phases = {"start-up": 0, "mid-race": 0, "decided": 0}
     for trial in range(CONTROLLER_KILL_TRIALS):
-        delay = rng.uniform(0.5, 3.5)
+        # the moment, relative to the race (so a loaded machine does not skew it): during
+        # start-up, mid-race after a random epoch of a, or right after the decision (while the
+        # losers are being stopped); plus a random jitter
+        phase = rng.choice(["start-up", "mid-race", "mid-race", "decided"])
+        epoch = rng.randint(1, 4)
+        jitter = rng.uniform(0, 0.3)
         name = f"trial-{trial}"
         plan = plan_for(name)
+        started = time.monotonic()
         proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator", "run", str(plan), "--plain"],
             cwd=repo,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(delay)
+        if phase == "mid-race":
+            wait_for(
+                lambda n=name, e=epoch, p=proc: (
+                    ((s := _try_state(repo / n)) and (s.run("race", "a").epoch or 0) >= e)
+                    or p.poll() is not None
+                ),
+                timeout=60,
+            )
+        elif phase == "decided":
+            wait_for(
+                lambda n=name, p=proc: (
+                    ((s := _try_state(repo / n)) and s.experiments["race"].winner)
+                    or p.poll() is not None
+                ),
+                timeout=60,
+                interval=0.005,
+            )
+        time.sleep(jitter)
+        delay = time.monotonic() - started
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        phases[phase] += 1
         before = _try_state(repo / name)
         alive_before = {
             k: r.pid
@@ -330,7 +361,10 @@ def test_controller_kill9_at_random_moments_then_run_again(repo: Path, leak_chec
             if r.state == RunState.running and r.pid and psutil.pid_exists(r.pid)
         }
         again = run_cli("run", str(plan), "--plain", cwd=repo)
-        what = f"trial {trial} (controller killed after {delay:.2f}s; running then: {alive_before})"
+        what = (
+            f"trial {trial} (controller killed {phase} after {delay:.2f}s; "
+            f"running then: {alive_before})"
+        )
         assert again.returncode == 0, what + again.stdout + again.stderr
         state = state_of(repo / name)
         got = state.experiments["race"]
@@ -369,7 +403,7 @@ def test_controller_kill9_at_random_moments_then_run_again(repo: Path, leak_chec
         f"controller kills: {CONTROLLER_KILL_TRIALS} trials; {reattached} live runs re-attached, "
         f"{ended_meanwhile} ended between the kill and the rerun, {no_live} trials with no live "
         f"run at the kill (before the launch or after the end), {strays} untracked attempts "
-        "(launched, pid not yet saved) stopped"
+        f"(launched, pid not yet saved) stopped; kill moments: {phases}"
     )
 
 
