@@ -8,10 +8,13 @@ so executors differ in one module (local processes here; Ray in ray_executor.py)
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+REFRESH_INTERVAL_S = 1.0
 
 from .gpus import Slot
 from .paths import RunPaths
@@ -86,6 +89,7 @@ class LocalRunHandle(RunHandle):
     tree: ProcessTree
     exit_status: Path
     _cpu: dict[int, float] = field(default_factory=dict)
+    _next_refresh: float = 0.0
 
     @property
     def pid(self) -> int:  # type: ignore[override]
@@ -103,16 +107,23 @@ class LocalRunHandle(RunHandle):
         return read_exit_status(self.exit_status)
 
     def refresh(self) -> None:
-        self.tree.refresh()
+        """Record descendants and their CPU time, at most once a second: with many runs, a
+        process-table walk per run on every tick would delay decisions."""
+        now = time.monotonic()
+        if now < self._next_refresh:
+            return
+        self._next_refresh = now + REFRESH_INTERVAL_S
         leader = self.tree.leader_process()
         if leader is None:
             return
         try:
-            procs = [leader, *leader.children(recursive=True)]
+            children = leader.children(recursive=True)
         except psutil.NoSuchProcess:
             return
-        for p in procs:
+        for p in (leader, *children):
             try:
+                if p is not leader:
+                    self.tree.seen.setdefault(p.pid, p.create_time())
                 t = p.cpu_times()
                 self._cpu[p.pid] = t.user + t.system
             except psutil.Error:

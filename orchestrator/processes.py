@@ -325,9 +325,12 @@ def stop_trees(
             _signal([leader], signal.SIGTERM)
     # Phase 1: the leaders get grace_s to checkpoint and exit.
     deadline = start + grace_s
+    next_refresh = 0.0
     while time.monotonic() < deadline and any(_leader_running(t) for t in trees):
-        for t in trees:
-            t.refresh()
+        if time.monotonic() >= next_refresh:  # new descendants; a walk per tree is costly
+            for t in trees:
+                t.refresh()
+            next_refresh = time.monotonic() + 0.5
         time.sleep(poll_s)
     # Phase 2: SIGTERM everything else of each tree (group, descendants, tagged).
     members = snapshot(trees, scan_env=True)
