@@ -51,6 +51,8 @@ RACE = f"rayrace-{uuid.uuid4().hex[:8]}"
 def local_ray() -> Any:
     """One local Ray instance (2 CPUs, no GPU) for the module; skips without Ray."""
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
+    if ray.is_initialized():  # an earlier test's call may have auto-started one
+        ray.shutdown()
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
