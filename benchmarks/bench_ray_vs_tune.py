@@ -45,6 +45,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_WORKER = ROOT / "tests" / "fake_worker.py"
 THRESHOLD = 0.65  # worker 0: acc = 0.05 * epoch -> passes at epoch 13
+# The experiment's name, unique to this benchmark process: the orphan check matches the run-id
+# tag (ORCH_RUN_ID=<experiment>/<worker>/...) of every process of this user, on any cwd.
+EXPERIMENT = f"race-{os.getpid()}"
 WAYS = ("local", "ray", "tune")
 
 
@@ -78,7 +81,7 @@ def write_plan(repo: Path, name: str, *, workers: int, interval_s: float,
     plan: dict[str, Any] = {
         "gpus": "none", "results_dir": f"results-{name}", "dashboard": f"PROGRESS-{name}.md",
         "grace_s": 5, "max_retries": 0,
-        "experiments": [{"name": "race", "criteria": [f"acc >= {THRESHOLD}"],
+        "experiments": [{"name": EXPERIMENT, "criteria": [f"acc >= {THRESHOLD}"],
                          "max_epochs": 100000, "workers": entries}],
     }
     if ray_address is not None:
@@ -126,16 +129,15 @@ def run_driver(argv: list[str], *, cwd: Path, env: dict[str, str], timeout_s: fl
     return wall, peak / 2**20, text
 
 
-def leftovers(repo: Path, wait_s: float = 10.0) -> int:
+def leftovers(wait_s: float = 10.0) -> int:
     """Processes still tagged with a run of this benchmark ``wait_s`` after the controller
     exited (orphans: should be 0); they are killed so the next run starts clean."""
     deadline = time.monotonic() + wait_s
     while True:
         found = []
-        for proc in psutil.process_iter(["cwd"]):
+        for proc in psutil.process_iter():
             try:
-                if str(repo) in (proc.info["cwd"] or "") and \
-                        proc.environ().get("ORCH_RUN_ID", "").startswith("race/"):
+                if proc.environ().get("ORCH_RUN_ID", "").startswith(f"{EXPERIMENT}/"):
                     found.append(proc)
             except (psutil.Error, OSError):
                 continue
@@ -155,10 +157,10 @@ def run_ours(plan: Path, repo: Path, env: dict[str, str], timeout_s: float) -> d
         [sys.executable, "-m", "orchestrator", "run", str(plan), "--plain", "--fresh"],
         cwd=repo, env=env, timeout_s=timeout_s,
     )
-    orphans = leftovers(repo)
+    orphans = leftovers()
     state = json.loads((repo / f"results-{plan.stem.removeprefix('plan-')}" / "state.json")
                        .read_text())
-    race = state["experiments"]["race"]
+    race = state["experiments"][EXPERIMENT]
     return {"wall_s": wall, "decision_s": race["decision_latency_s"], "peak_rss_mib": rss,
             "winner": race["winner"], "winner_epoch": race["winner_epoch"], "orphans": orphans}
 
