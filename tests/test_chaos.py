@@ -25,7 +25,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -36,7 +35,7 @@ import psutil
 import pytest
 import yaml
 from conftest import FAKE_WORKER, fake, git, marked_processes, run_cli, wait_for, write_plan
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from orchestrator import cli
@@ -1066,43 +1065,39 @@ def _apply(plan: dict[str, Any], what: str, value: Any) -> Any:
     return plan
 
 
-_plan_repo: dict[str, Path] = {}
-
-
-def _shared_repo() -> Path:
+@pytest.fixture(scope="module")
+def plan_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One git repository for all generated plans (nothing may ever be created in it)."""
-    if "path" not in _plan_repo:
-        path = Path(tempfile.mkdtemp(prefix="chaos plans ")) / "repo"
-        path.mkdir()
-        git(path, "init", "-q", "-b", "main")
-        git(
-            path,
-            "-c",
-            "user.email=t@e",
-            "-c",
-            "user.name=t",
-            "commit",
-            "-q",
-            "--allow-empty",
-            "-m",
-            "init",
-        )
-        _plan_repo["path"] = path
-    return _plan_repo["path"]
+    path = tmp_path_factory.mktemp("chaos plans") / "repo"
+    path.mkdir()
+    git(path, "init", "-q", "-b", "main")
+    git(
+        path,
+        "-c",
+        "user.email=t@e",
+        "-c",
+        "user.name=t",
+        "commit",
+        "-q",
+        "--allow-empty",
+        "-m",
+        "init",
+    )
+    return path
 
 
 @settings(
     max_examples=200,
     deadline=None,
-    derandomize=False,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
+@seed(SEED)
 @given(mutations=st.lists(_mutations(), min_size=1, max_size=3))
 def test_malformed_plans_give_one_clear_error_and_create_nothing(
-    mutations: list[tuple[str, Any]], capsys: pytest.CaptureFixture[str]
+    mutations: list[tuple[str, Any]], plan_repo: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    repo = _shared_repo()
+    repo = plan_repo
     doc: Any = json.loads(json.dumps(BASE_PLAN))
     raw: str | None = None
     for what, value in mutations:
