@@ -118,7 +118,16 @@ class ProcessTree:
                 self.returncode = rc
         if self.returncode is not None:
             return False
-        return self.leader_process() is not None
+        if self.leader_process() is not None:
+            return True
+        if self.popen is not None:
+            # It exited between the poll above and the check (a zombie now): reap it, so its
+            # return code is known and no un-waited Popen is left behind.
+            try:
+                self.returncode = self.popen.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+        return False
 
     def refresh(self) -> None:
         """Record the leader's current descendants (called on every poll while it runs)."""
