@@ -157,6 +157,7 @@ class Controller:
         self._dirty = True
         self._dashboard_failed = False
         self._replay: dict[str, list[dict[str, Any]]] = {}
+        self._retired: list[RunHandle] = []  # released handles whose process is not reaped yet
         self._stopper = ThreadPoolExecutor(max_workers=4, thread_name_prefix="stop")
         # GPU slots whose last run's memory is not yet confirmed released (slot index -> wait).
         self._slot_holds: dict[int, tuple[LiveRun, Future[Any]]] = {}
@@ -398,6 +399,7 @@ class Controller:
         self._read_control()
         if self.subreaper:
             reap_orphans({})
+        self._retired = [h for h in self._retired if h.poll() is None]
         exits: dict[str, int] = {}
         for live in list(self.runs.values()):
             if live.stopping is not None:
@@ -459,10 +461,18 @@ class Controller:
             self._flush(force=True)
             return 130
         self._wait_for_stops()
+        self._reap_retired()
         self.state.finished = True
         self._flush(force=True)
         selected = self._selected_experiments()
         return 0 if all(e.status == ExperimentStatus.succeeded for e in selected) else 1
+
+    def _reap_retired(self, timeout_s: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self._retired and time.monotonic() < deadline:
+            self._retired = [h for h in self._retired if h.poll() is None]
+            if self._retired:
+                time.sleep(0.02)
 
     def _wait_for_stops(self) -> None:
         for live in self.runs.values():
@@ -742,6 +752,8 @@ class Controller:
         rec.ended_at = now
         rec.pid = None
         rec.create_time = None
+        if live.handle is not None and live.handle.poll() is None:
+            self._retired.append(live.handle)  # keep polling it until it is reaped
         live.handle = None
         live.slot = None
         worktrees.unlock_worktree(self.plan.repo, self._worktree(live))
@@ -800,15 +812,26 @@ class Controller:
             ),
             key=lambda r: (r.worker.priority, order[id(r.worker)]),
         )
-        for live, slot in zip(waiting, free):
+        free_iter = iter(free)
+        for live in waiting:
+            if live.record.state != RunState.pending:
+                continue  # cancelled: its race was decided while we were launching
+            if self.state.experiments[live.experiment.name].status != ExperimentStatus.running:
+                continue
+            slot = next(free_iter, None)
+            if slot is None:
+                break
             self._start(live, slot)
+            # Launching many runs takes a while: decide on records written meanwhile, so a
+            # worker that passes early is not kept waiting behind the launch queue.
+            self._ingest([r for r in self.runs.values() if r.handle is not None])
 
     def _start(self, live: LiveRun, slot: Slot) -> None:
         rec = live.record
         rec.transition(RunState.preparing, why="slot free")
         live.slot = slot
         rec.slot = slot.label()
-        self._flush(force=True)
+        self._save_state()
         try:
             wt = self._worktree(live)
             worktrees.ensure_worktree(
@@ -853,7 +876,7 @@ class Controller:
         )
         self._watch(live)
         self._dirty = True
-        self._flush(force=True)
+        self._save_state()  # pid + create time on disk before anything else: re-attach needs them
 
     def _worktree(self, live: LiveRun) -> Path:
         return self.plan.worktree_path(live.worker, live.experiment)

@@ -129,6 +129,8 @@ def ensure_worktree(
             exist, or git fails (the message carries git's stderr).
     """
     path = path.resolve()
+    if not fresh and _checked_out_here(repo_path, path, branch):
+        return path  # the common case on every launch after the first: no git process
     with open_repo(repo_path) as repo:
         with repo.git.custom_environment(**_git_env()):
             try:
@@ -184,6 +186,26 @@ def ensure_worktree(
                     f"git {' '.join(map(str, e.command[1:]))} failed: {_stderr(e)}"
                 ) from None
     return path
+
+
+def _checked_out_here(repo_path: Path, path: Path, branch: str) -> bool:
+    """True if ``path`` is a linked worktree of ``repo_path`` with ``branch`` checked out,
+    read from git's on-disk layout (``<path>/.git`` -> ``gitdir: <repo>/.git/worktrees/<id>``,
+    whose ``HEAD`` names the branch and ``gitdir`` points back at ``<path>/.git``). Anything
+    unexpected returns False and the caller asks git."""
+    try:
+        text = (path / ".git").read_text().strip()
+        if not text.startswith("gitdir: "):
+            return False
+        admin = Path(text.removeprefix("gitdir: ")).resolve()
+        main_git = (repo_path / ".git").resolve()
+        if admin.parent != main_git / "worktrees":
+            return False
+        head = (admin / "HEAD").read_text().strip()
+        back = Path((admin / "gitdir").read_text().strip()).resolve()
+    except OSError:
+        return False
+    return head == f"ref: refs/heads/{branch}" and back == (path / ".git").resolve()
 
 
 def lock_worktree(repo_path: Path, path: Path, reason: str) -> None:
