@@ -142,7 +142,8 @@ class Controller:
         self.echo = echo or (lambda line: None)
         self.paths = ResultsPaths(plan.results_dir)
         self.slots = make_slots(
-            plan.gpus,
+            # With Ray, Ray assigns GPUs on its nodes: the controller only caps concurrency.
+            "none" if plan.executor == "ray" else plan.gpus,
             workers_per_gpu=plan.workers_per_gpu,
             max_parallel=plan.max_parallel,
             cpu_slots=sum(len(e.workers) for e in plan.experiments),

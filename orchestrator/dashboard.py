@@ -367,7 +367,8 @@ class Dashboard:
     ) -> str | None:
         signature = tuple((k, len(h.records)) for k, h in sorted(histories.items()))
         have = self.progress_path.exists()
-        throttle = max(10.0, 4 * self.plan.dashboard_interval_s)
+        # ~0.9 CPU-s a render (4 panels): once every 30 s keeps it near 3% of a core.
+        throttle = max(30.0, 4 * self.plan.dashboard_interval_s)
         if signature == self._plot_signature or (not force and now - self._last_plot < throttle):
             return self.progress_path.name if have else None
         if not any(h.records for h in histories.values()):
