@@ -218,8 +218,11 @@ def test_worker_kill9_at_random_moments_resumes_and_races_correctly(
         written = [json.loads(line) for line in paths.metrics.read_text().splitlines()]
         last_of_first = max(r["epoch"] for r in written if r["resumed"] == 0)
         stdout = paths.stdout.read_text()
-        assert "resumed at epoch " in stdout, what + stdout + "\n".join(race.controller.events)
-        resumed_at = int(stdout.split("resumed at epoch ")[1].split()[0])
+        if "resumed at epoch " in stdout:
+            resumed_at = int(stdout.split("resumed at epoch ")[1].split()[0])
+        else:  # killed before its first checkpoint was written: nothing to resume, start over
+            assert last_of_first == 1, what + stdout
+            resumed_at = 1
         assert last_of_first >= kill_after, what
         assert resumed_at in (last_of_first, last_of_first + 1), what
         assert all(r["resumed"] == (r["epoch"] >= resumed_at) for r in history), what
