@@ -164,6 +164,8 @@ def _run_in_background(plan: Plan, args: argparse.Namespace) -> int:
         argv += ["--only", *args.only]
     if args.fresh:
         argv.append("--fresh")
+    if args.leave_running:
+        argv.append("--leave-running")
     with open(log, "ab") as fh:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
