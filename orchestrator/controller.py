@@ -278,7 +278,11 @@ class Controller:
         whose launch wrapper died. They would otherwise run next to the attempt replacing them.
         """
         allowed = {
-            str(live.paths.run_dir): ({live.record.run_id} if live.handle is not None else set())
+            str(live.paths.run_dir): (
+                {live.record.run_id}
+                if live.handle is not None and live.record.run_id is not None
+                else set()
+            )
             for live in self.runs.values()
         }
         for run_dir, procs in find_strays(allowed).items():

@@ -89,7 +89,9 @@ def make_slots(
     Returns:
         Slots in scheduling order (GPU-major, so runs spread over GPUs first).
     """
-    indices = detect_gpus() if gpus == "auto" else ([] if gpus == "none" else list(gpus))
+    indices: list[int] = (
+        detect_gpus() if gpus == "auto" else ([] if gpus == "none" else [int(g) for g in gpus])
+    )
     slots: list[Slot] = []
     if indices:
         for share in range(workers_per_gpu):

@@ -387,7 +387,7 @@ class MetricHistory:
         for r in self.records:
             v = r.get(metric)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
-                xs.append(r.get("epoch", r.get("step", 0)))
+                xs.append(int(r.get("epoch", r.get("step", 0)) or 0))
                 ys.append(float(v))
         return xs, ys
 

@@ -193,9 +193,9 @@ def snapshot(trees: list[ProcessTree], *, scan_env: bool) -> list[list[psutil.Pr
             uids = proc.info["uids"]
             if uids is None or uids.real != uid:
                 continue
-            i = by_group.get(os.getpgid(proc.pid))
-            if i is not None:
-                add(i, proc)
+            owner = by_group.get(os.getpgid(proc.pid))
+            if owner is not None:
+                add(owner, proc)
                 continue
             if scan_env and (proc.info["create_time"] or 0) >= oldest:
                 tag = proc.environ().get(RUN_ID_ENV)
