@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from .config import Plan, describe, expand, load_plan
@@ -349,7 +348,7 @@ def _wait_for_stop(paths: ResultsPaths, workers: list[str], timeout_s: float = 6
 
 def cmd_rerun(args: argparse.Namespace) -> int:
     from . import worktrees
-    from .controller import ControllerLock, _base_env
+    from .controller import ControllerLock, placeholder_values, worker_env
     from .state import ExperimentRecord, RunRecord
 
     plan = load_plan(args.plan)
@@ -382,26 +381,12 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         rec.transition(RunState.running, why="rerun")
         rec.pid, rec.started_at, rec.stop_reason, rec.error = os.getpid(), time.time(), None, None
         state.save(paths.state)
-        values = {
-            "repo": str(plan.repo), "worktree": str(wt), "run_dir": str(run_paths.run_dir),
-            "results_dir": str(plan.results_dir), "experiment": exp.name, "worker": worker.name,
-            "plan": str(plan.source), "viz_dir": str(paths.success_viz_dir(exp.name)),
-            "checkpoint": str(run_paths.latest_checkpoint), "attempt": str(rec.attempt),
-        }
+        values = placeholder_values(plan, exp, worker, run_paths, wt, rec.attempt)
         argv = expand(worker.command, values, shell=worker.shell)
-        env = _base_env()
-        env.update(
-            ORCH_RUN_DIR=str(run_paths.run_dir), ORCH_EXPERIMENT=exp.name,
-            ORCH_WORKER=worker.name, ORCH_ATTEMPT=str(rec.attempt),
-            ORCH_RESUME="1" if args.resume else "0",
-            ORCH_MAX_EPOCHS=str(exp.max_epochs_for(worker)),
-            PYTHONPATH=os.pathsep.join([str(wt / "src"), str(wt)]),
-            PYTHONUNBUFFERED="1",
+        env = worker_env(
+            exp, worker, run_paths, wt, rec.attempt, resume=args.resume,
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""), values=values,
         )
-        env.setdefault("CUDA_VISIBLE_DEVICES", "")
-        from .config import _fill
-
-        env.update({k: _fill(v, values) for k, v in worker.env.items()})
         print(f"rerun {key} attempt {rec.attempt} in {wt}: {' '.join(argv)}", flush=True)
         try:
             code = subprocess.call(argv, cwd=wt, env=env)

@@ -889,44 +889,19 @@ class Controller:
     def _placeholders(
         self, exp: ExperimentConfig, live: LiveRun | None, worktree: Path | None = None
     ) -> dict[str, str]:
-        values = {
-            "repo": str(self.plan.repo),
-            "results_dir": str(self.plan.results_dir),
-            "experiment": exp.name,
-            "plan": str(self.plan.source),
-            "viz_dir": str(self.paths.success_viz_dir(exp.name)),
-        }
-        if live is not None:
-            values.update(
-                worker=live.worker.name,
-                run_dir=str(live.paths.run_dir),
-                worktree=str(worktree or self._worktree(live)),
-                checkpoint=str(live.paths.latest_checkpoint),
-                attempt=str(live.record.attempt),
-            )
-        return values
+        if live is None:
+            return placeholder_values(self.plan, exp)
+        return placeholder_values(
+            self.plan, exp, live.worker, live.paths,
+            worktree or self._worktree(live), live.record.attempt,
+        )
 
     def _env(self, live: LiveRun, slot: Slot, wt: Path, values: dict[str, str]) -> dict[str, str]:
         rec = live.record
-        env = _base_env()
-        pythonpath = [str(wt / "src"), str(wt)]
-        if env.get("PYTHONPATH"):
-            pythonpath.append(env["PYTHONPATH"])
-        env.update(
-            ORCH_RUN_DIR=str(live.paths.run_dir),
-            ORCH_EXPERIMENT=rec.experiment,
-            ORCH_WORKER=rec.worker,
-            ORCH_ATTEMPT=str(rec.attempt),
-            ORCH_RESUME="1" if rec.resume else "0",
-            ORCH_MAX_EPOCHS=str(live.max_epochs),
-            CUDA_VISIBLE_DEVICES=slot.cuda_visible_devices,
-            PYTHONPATH=os.pathsep.join(pythonpath),
-            PYTHONUNBUFFERED="1",
+        return worker_env(
+            live.experiment, live.worker, live.paths, wt, rec.attempt,
+            resume=rec.resume, cuda_visible_devices=slot.cuda_visible_devices, values=values,
         )
-        from .config import _fill
-
-        env.update({k: _fill(v, values) for k, v in live.worker.env.items()})
-        return env
 
     # -- on_success / failure hooks ---------------------------------------------------------
 
@@ -1068,6 +1043,68 @@ class Controller:
             if not self._dashboard_failed:
                 self._dashboard_failed = True
                 self.event(f"dashboard cannot be rendered: {e!r}")
+
+
+def placeholder_values(
+    plan: Plan,
+    exp: ExperimentConfig,
+    worker: WorkerConfig | None = None,
+    run_paths: RunPaths | None = None,
+    worktree: Path | None = None,
+    attempt: int = 0,
+) -> dict[str, str]:
+    """Values of the plan's {placeholders} for an experiment (and one of its workers)."""
+    values = {
+        "repo": str(plan.repo),
+        "results_dir": str(plan.results_dir),
+        "experiment": exp.name,
+        "plan": str(plan.source),
+        "viz_dir": str(ResultsPaths(plan.results_dir).success_viz_dir(exp.name)),
+    }
+    if worker is not None and run_paths is not None and worktree is not None:
+        values.update(
+            worker=worker.name,
+            run_dir=str(run_paths.run_dir),
+            worktree=str(worktree),
+            checkpoint=str(run_paths.latest_checkpoint),
+            attempt=str(attempt),
+        )
+    return values
+
+
+def worker_env(
+    exp: ExperimentConfig,
+    worker: WorkerConfig,
+    run_paths: RunPaths,
+    worktree: Path,
+    attempt: int,
+    *,
+    resume: bool,
+    cuda_visible_devices: str,
+    values: dict[str, str],
+) -> dict[str, str]:
+    """The complete environment of a worker attempt (the worker contract in DESIGN.md):
+    this process's environment without ORCH_* leftovers, the ORCH_* variables, the GPU
+    assignment, PYTHONPATH=<worktree>/src:<worktree>, and the plan's env (placeholders filled)."""
+    from .config import _fill
+
+    env = _base_env()
+    pythonpath = [str(worktree / "src"), str(worktree)]
+    if env.get("PYTHONPATH"):
+        pythonpath.append(env["PYTHONPATH"])
+    env.update(
+        ORCH_RUN_DIR=str(run_paths.run_dir),
+        ORCH_EXPERIMENT=exp.name,
+        ORCH_WORKER=worker.name,
+        ORCH_ATTEMPT=str(attempt),
+        ORCH_RESUME="1" if resume else "0",
+        ORCH_MAX_EPOCHS=str(exp.max_epochs_for(worker)),
+        CUDA_VISIBLE_DEVICES=cuda_visible_devices,
+        PYTHONPATH=os.pathsep.join(pythonpath),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update({k: _fill(v, values) for k, v in worker.env.items()})
+    return env
 
 
 def _default_launcher(plan: Plan) -> Launcher:
