@@ -61,11 +61,14 @@ def rng_for(name: str) -> random.Random:
 class RaceThread:
     """An in-process Controller running its race on a thread, so the test can inject faults."""
 
+    started: list[RaceThread] = []  # stopped after every test by ``_stop_abandoned_races``
+
     def __init__(self, plan_path: Path, **kw: Any) -> None:
         self.controller = Controller(load_plan(plan_path), **kw)
         self.code: int | None = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
+        RaceThread.started.append(self)
 
     def _run(self) -> None:
         try:
@@ -95,6 +98,18 @@ class RaceThread:
         """The worker's current run handle, or None (not loaded, not started, ended)."""
         live = self.controller.runs.get(f"race/{worker}")
         return None if live is None else live.handle
+
+
+@pytest.fixture(autouse=True)
+def _stop_abandoned_races() -> Any:
+    """A test that fails mid-race leaves its controller thread running: stop it (and so its
+    workers) before the next test starts, or it would relaunch workers into that test."""
+    yield
+    while RaceThread.started:
+        race = RaceThread.started.pop()
+        if race.thread.is_alive():
+            race.controller.request_interrupt()
+            race.thread.join(60)
 
 
 def contiguous(records: list[dict[str, Any]]) -> list[int]:
@@ -632,9 +647,9 @@ def _mount_tmpfs(path: Path, size: str) -> None:
 
 
 def _fill(path: Path) -> Path:
-    """Write a file until the file system is full (ENOSPC)."""
+    """Append to a file until the file system is full (ENOSPC); again to top it up."""
     filler = path / "filler.bin"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         for size in (1 << 16, 4096, 1):
             try:
@@ -686,14 +701,27 @@ def test_full_disk_keeps_last_good_state_and_dashboard_and_keeps_racing(
         wait_for(
             lambda: (s := _try_state(results)) and (s.run("race", "a").epoch or 0) >= 3, timeout=60
         )
+        # A progress plot being written while the disk fills would fail and delete its temp
+        # file, handing its pages back to the next small write: fill only once the first plot
+        # is on disk (the next is at least 30 s away), and top up once more after a moment.
+        dash = race.controller.dashboard
+        wait_for(
+            lambda: dash.progress_path.exists()
+            and dash._plot_future is not None
+            and dash._plot_future.done(),
+            timeout=60,
+        )
         filler = _fill(results)
+        time.sleep(0.1)
+        _fill(results)
+        errors_at_fill = dash.write_errors
         full_at = race.live("a").record.epoch
         time.sleep(0.5)  # several failed writes of each kind
         good_state = (results / "state.json").read_bytes()
         good_dash = (results / "PROGRESS.md").read_bytes()
         # still racing: the controller follows the workers while nothing can be written
         wait_for(lambda: (race.live("a").record.epoch or 0) >= full_at + 10, timeout=60)
-        assert race.controller.dashboard.write_errors >= 4
+        assert dash.write_errors - errors_at_fill >= 4, capfd.readouterr().err
         assert (results / "state.json").read_bytes() == good_state  # the last good version
         assert (results / "PROGRESS.md").read_bytes() == good_dash
         assert json.loads(good_state)["runs"]["race/a"]["state"] == "running"  # whole, parseable
