@@ -150,3 +150,40 @@ def test_lm_and_tokenizer_load_offline(tmp_path, tokenizer):
     assert ids.tolist() == [tokenizer(CAPTIONS[0])["input_ids"]]
     with torch.no_grad():
         torch.testing.assert_close(lm2(input_ids=ids).logits, lm(input_ids=ids).logits)
+
+
+_TRAIN_IN_A_PROCESS = """
+import sys
+from models.fvlm_tokenizer import train_caption_tokenizer
+captions = [line for line in sys.stdin.read().splitlines() if line]
+print(train_caption_tokenizer(captions).backend_tokenizer.to_str())
+"""
+
+
+def test_training_the_tokenizer_is_deterministic_across_processes():
+    """Two processes (two workers of a race, or a run and its resumed attempt) must get the same
+    vocabulary and merges: hash-map order differs between processes, so this runs in two."""
+    import random
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rng = random.Random(0)
+    words = "red green blue cyan circle square star ring moves bounces left right up down".split()
+    captions = [
+        f"a {' '.join(rng.choice(words) for _ in range(rng.randint(3, 9)))}." for _ in range(60)
+    ]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    outs = [
+        subprocess.run(
+            [sys.executable, "-c", _TRAIN_IN_A_PROCESS],
+            input="\n".join(captions), capture_output=True, text=True, check=True,
+            env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
+        ).stdout
+        for _ in range(3)
+    ]
+    assert outs[0] and outs[0] == outs[1] == outs[2]
+    tok = train_caption_tokenizer(captions)
+    for c in captions[:10]:
+        ids = tok(c, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids and tok.decode(ids) == c  # lossless round trip

@@ -15,7 +15,14 @@ BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 
 
 def train_caption_tokenizer(captions: Iterable[str], vocab_size: int = 256):
-    """Train a whitespace-split BPE on ``captions``; returns a PreTrainedTokenizerFast.
+    """Train a BPE on ``captions``; returns a PreTrainedTokenizerFast.
+
+    Words are split SentencePiece-style (``Metaspace``: a word-initial piece carries "▁"), then
+    punctuation is split off. Deterministic: the same captions give the same vocabulary, ids and
+    merges in every process. (A ``continuing_subword_prefix`` such as "##" would not be: the
+    trainer numbers those tokens in hash-map order, which changes from run to run, and the ids
+    break ties between merges; huggingface/tokenizers#1794.) Two workers of one race, or a run and
+    its resumed attempt, therefore tokenize the captions identically.
 
     Raises:
         ValueError: if no caption is given.
@@ -26,14 +33,13 @@ def train_caption_tokenizer(captions: Iterable[str], vocab_size: int = 256):
     captions = [c for c in captions if c.strip()]
     if not captions:
         raise ValueError("cannot train a tokenizer on zero captions")
-    tok = Tokenizer(models.BPE(unk_token=UNK, continuing_subword_prefix="##"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()]
+    )
+    tok.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[PAD, BOS, EOS, UNK],
-        continuing_subword_prefix="##",
-        show_progress=False,
+        vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS, UNK], show_progress=False
     )
     tok.train_from_iterator(captions, trainer=trainer)
     return PreTrainedTokenizerFast(
