@@ -34,12 +34,10 @@ import argparse
 import math
 import os
 import sys
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from models.frame_tokenizer import SimpleCNNConfig, SimpleCNNTokenizer
 from models.persistence_token_model import PersistenceModelConfig, PersistenceTokenModel
@@ -51,6 +49,7 @@ from workers.persistence_metrics import (
     summarize_attention,
     track_predictions,
 )
+from workers.training_loop import train_epochs, warmup_cosine
 
 APPROACHES = ("attention_supervised", "pretrained_features", "contrastive", "multitask")
 PRESETS = {  # model size and optimisation per preset; flags override
@@ -417,13 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
     total_steps, warmup = args.epochs * steps_per_epoch, steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            min(1.0, (s + 1) / warmup)
-            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps))))
-        ),
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total_steps))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     print(
         f"{args.approach}: {sum(p.numel() for p in params):,} trainable params, "
@@ -432,98 +425,29 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
-    epoch, batch_in_epoch, step, run_loss, run_count = 0, 0, 0, 0.0, 0
-    if rep.resume and (ckpt := rep.latest_checkpoint()) is not None:
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"])
-        epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
-        run_loss, run_count = state["run_loss"], state["run_count"]
-        print(f"resumed from {ckpt.name}: epoch {epoch}, batch {batch_in_epoch}", flush=True)
+    def batch_loss(clips: torch.Tensor) -> torch.Tensor:
+        b = train.batch(clips)
+        with autocast:
+            out = model(b["inputs"], b["frame"], b["centre"], b["valid"], context=args.context)
+            loss, _ = compute_loss(args, out, b, num_frames)
+        return loss
 
-    def checkpoint() -> None:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-            "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch,
-            "step": step,
-            "run_loss": run_loss,
-            "run_count": run_count,
-            "args": vars(args),
-        }
-        rep.save_checkpoint(lambda p: torch.save(state, p), epoch=epoch, step=step)
-
-    model.train()
-    while epoch < args.epochs:
-        order = torch.randperm(
-            len(train), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-        )
-        batches = list(torch.split(order, args.batch_size))
-        t0, cpu0, seen = time.perf_counter(), time.process_time(), 0
-        bar = tqdm(
-            batches[batch_in_epoch:],
-            desc=f"epoch {epoch + 1}/{args.epochs}",
-            leave=False,
-            disable=args.no_progress,
-            initial=batch_in_epoch,
-            total=len(batches),
-        )
-        for clips in bar:
-            b = train.batch(clips)
-            with autocast:
-                out = model(b["inputs"], b["frame"], b["centre"], b["valid"], context=args.context)
-                loss, _ = compute_loss(args, out, b, num_frames)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            step, batch_in_epoch, seen = step + 1, batch_in_epoch + 1, seen + len(clips)
-            run_loss, run_count = run_loss + loss.item() * len(clips), run_count + len(clips)
-            bar.set_postfix(loss=f"{run_loss / run_count:.4f}")
-            if args.stop_after_steps is not None and step >= args.stop_after_steps:
-                rep.request_stop()
-            if rep.should_stop:
-                break
-        train_time, train_cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        if rep.should_stop and batch_in_epoch < len(batches):
-            checkpoint()  # mid-epoch: resume skips the batches already done
-            print(
-                f"stop requested: checkpoint at epoch {epoch}, batch {batch_in_epoch}", flush=True
-            )
-            return 0
-        epoch += 1
-        record = {
-            "train_loss": run_loss / max(run_count, 1),
-            "step": step,
-            "samples_per_s": seen / train_time if train_time > 0 else None,
-            "train_cpu_s": train_cpu,
-            "lr": sched.get_last_lr()[0],
-        }
-        batch_in_epoch, run_loss, run_count = 0, 0.0, 0
-        if epoch % args.eval_every == 0 or epoch == args.epochs:
-            metrics, records = evaluate(model, val, args, num_frames, epoch)
-            record.update(metrics)
-            rep.write_eval(f"epoch_{epoch:06d}", records)
-            print(
-                f"epoch {epoch}: "
-                + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)),
-                flush=True,
-            )
-        rep.log(epoch=epoch, **record)
-        checkpoint()
-        if rep.should_stop:
-            print(f"stop requested: checkpoint at epoch {epoch}", flush=True)
-            return 0
-    return 0
+    return train_epochs(
+        rep=rep,
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        num_samples=len(train),
+        batch_loss=batch_loss,
+        evaluate=lambda epoch: evaluate(model, val, args, num_frames, epoch),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        args=vars(args),
+        stop_after_steps=args.stop_after_steps,
+        show_progress=not args.no_progress,
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from tqdm import tqdm
 
 from models.conv_temporal_encoder import ConvTemporalConfig
 from models.early_persistence import ComputeGate, EarlyPersistenceClassifier, early_decision
@@ -42,6 +41,7 @@ from models.frame_tokenizer import SimpleCNNConfig
 from orchestrator.reporting import Reporter
 from synthvid.persistence import TrackSequences, extract_track_sequences, load_split
 from workers.persistence_metrics import classification_metrics, expected_calibration_error
+from workers.training_loop import train_epochs, warmup_cosine
 
 PRESETS = {
     "tiny": {"dim": 64, "heads": 4, "cnn_width": 16, "batch_size": 64, "lr": 2e-3, "token_size": 8},
@@ -315,103 +315,36 @@ def main(argv: list[str] | None = None) -> int:
     m_train = len(train["label"])
     steps_per_epoch = math.ceil(m_train / args.batch_size)
     total = args.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            min(1.0, (s + 1) / steps_per_epoch)
-            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
-        ),
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps_per_epoch, total))
     print(
         f"baseline: {sum(p.numel() for p in params):,} trainable params, {m_train} train / "
         f"{len(val['label'])} val tracks, device {device}",
         flush=True,
     )
-    epoch, batch_in_epoch, step, run_loss, run_count = 0, 0, 0, 0.0, 0
-    if rep.resume and (ckpt := rep.latest_checkpoint()) is not None:
-        st = torch.load(ckpt, map_location=device, weights_only=False)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        torch.set_rng_state(st["rng_cpu"])
-        epoch, batch_in_epoch, step = st["epoch"], st["batch_in_epoch"], st["step"]
-        run_loss, run_count = st["run_loss"], st["run_count"]
-        print(f"resumed from {ckpt.name}: epoch {epoch}, batch {batch_in_epoch}", flush=True)
 
-    def checkpoint() -> None:
-        st = {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch,
-            "step": step,
-            "run_loss": run_loss,
-            "run_count": run_count,
-            "args": vars(args),
-        }
-        rep.save_checkpoint(lambda p: torch.save(st, p), epoch=epoch, step=step)
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        x = train["crops"][idx].to(device).float() / 255.0
+        v, lab = train["valid"][idx].to(device), train["label"][idx].to(device)
+        return losses(model(x, v), lab, v)[0]
 
-    model.train()
-    while epoch < args.epochs:
-        order = torch.randperm(
-            m_train, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-        )
-        batches = list(torch.split(order, args.batch_size))
-        t0, cpu0, seen = time.perf_counter(), time.process_time(), 0
-        for idx in tqdm(
-            batches[batch_in_epoch:],
-            desc=f"epoch {epoch + 1}/{args.epochs}",
-            leave=False,
-            disable=args.no_progress,
-        ):
-            x = train["crops"][idx].to(device).float() / 255.0
-            v, lab = train["valid"][idx].to(device), train["label"][idx].to(device)
-            loss, _ = losses(model(x, v), lab, v)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            step, batch_in_epoch, seen = step + 1, batch_in_epoch + 1, seen + len(idx)
-            run_loss, run_count = run_loss + loss.item() * len(idx), run_count + len(idx)
-            if args.stop_after_steps is not None and step >= args.stop_after_steps:
-                rep.request_stop()
-            if rep.should_stop:
-                break
-        train_time, train_cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        if rep.should_stop and batch_in_epoch < len(batches):
-            checkpoint()
-            print(
-                f"stop requested: checkpoint at epoch {epoch}, batch {batch_in_epoch}", flush=True
-            )
-            return 0
-        epoch += 1
-        record = {
-            "train_loss": run_loss / max(run_count, 1),
-            "step": step,
-            "samples_per_s": seen / train_time if train_time > 0 else None,
-            "train_cpu_s": train_cpu,
-        }
-        batch_in_epoch, run_loss, run_count = 0, 0.0, 0
-        if epoch % args.eval_every == 0 or epoch == args.epochs:
-            metrics, records = evaluate(
-                model, val, val_seq, args, epoch, device, rep.run_dir / "viz"
-            )
-            record.update(metrics)
-            rep.write_eval(f"epoch_{epoch:06d}", records)
-            print(
-                f"epoch {epoch}: "
-                + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)),
-                flush=True,
-            )
-        rep.log(epoch=epoch, **record)
-        checkpoint()
-        if rep.should_stop:
-            print(f"stop requested: checkpoint at epoch {epoch}", flush=True)
-            return 0
-    return 0
+    return train_epochs(
+        rep=rep,
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        num_samples=m_train,
+        batch_loss=batch_loss,
+        evaluate=lambda epoch: evaluate(
+            model, val, val_seq, args, epoch, device, rep.run_dir / "viz"
+        ),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        args=vars(args),
+        stop_after_steps=args.stop_after_steps,
+        show_progress=not args.no_progress,
+    )
 
 
 if __name__ == "__main__":
