@@ -11,142 +11,80 @@
   them carries key material. ``LinkDownError`` (and subclasses) are the transient ones.
 
 paramiko is imported inside functions so that ``import orchestrator.sync`` stays cheap.
+
+This module holds the live session (``SshSession``, ``open_session``, ``classify_sftp_error``) and
+re-exports the rest: errors from ``ssh_errors``, targets, options, ssh-config resolution and host
+keys from ``ssh_hosts``; connecting through ProxyCommand/ProxyJump is in ``ssh_connect``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
-import logging
-import os
 import posixpath
 import shlex
 import socket
 import stat
-import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import SyncError
+from .ssh_connect import ProxyProcess, connect_chain
+from .ssh_errors import (
+    AuthError,
+    HostKeyMismatchError,
+    HostKeyUnknownError,
+    HostNotFoundError,
+    LinkDownError,
+    RemoteDiskFullError,
+    RemoteIOError,
+    RemotePathError,
+    RemotePermissionError,
+    one_line,
+)
+from .ssh_hosts import (
+    DEFAULT_KNOWN_HOSTS,
+    DEFAULT_SSH_CONFIG,
+    ConnectOptions,
+    Endpoint,
+    SshTarget,
+    host_key_name,
+    parse_jump,
+    parse_target,
+    resolve,
+)
 
 if TYPE_CHECKING:
     import paramiko
 
-log = logging.getLogger(__name__)
-
-DEFAULT_SSH_CONFIG = Path("~/.ssh/config")
-DEFAULT_KNOWN_HOSTS = Path("~/.ssh/known_hosts")
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class LinkDownError(SyncError):
-    """The network path is down or slow (refused, timed out, reset): retry with backoff."""
-
-
-class HostNotFoundError(LinkDownError):
-    """The host name does not resolve (typo, or DNS down while the laptop roams)."""
-
-
-class HostKeyUnknownError(SyncError):
-    """The host is not in known_hosts; ``fingerprint`` is the key it presented (SHA256:...)."""
-
-    def __init__(self, message: str, fingerprint: str, hint: str | None = None) -> None:
-        super().__init__(message, hint)
-        self.fingerprint = fingerprint
-
-
-class HostKeyMismatchError(SyncError):
-    """The host presented a different key than known_hosts records: refused, never retried."""
-
-    def __init__(self, message: str, fingerprint: str, expected_fingerprint: str, hint: str):
-        super().__init__(message, hint)
-        self.fingerprint = fingerprint
-        self.expected_fingerprint = expected_fingerprint
+__all__ = [
+    "DEFAULT_KNOWN_HOSTS",
+    "DEFAULT_SSH_CONFIG",
+    "AuthError",
+    "ConnectOptions",
+    "Endpoint",
+    "HostKeyMismatchError",
+    "HostKeyUnknownError",
+    "HostNotFoundError",
+    "LinkDownError",
+    "RemoteDiskFullError",
+    "RemoteIOError",
+    "RemotePathError",
+    "RemotePermissionError",
+    "SshSession",
+    "SshTarget",
+    "check_relative",
+    "classify_sftp_error",
+    "host_key_name",
+    "open_session",
+    "parse_jump",
+    "parse_target",
+    "resolve",
+]
 
 
-class AuthError(SyncError):
-    """No offered key was accepted (or the only key needs a passphrase): never retried."""
-
-
-class RemotePathError(SyncError):
-    """A remote path is malformed or would leave the target directory."""
-
-
-class RemotePermissionError(SyncError):
-    """The remote account may not create or write a path under the target directory."""
-
-
-class RemoteDiskFullError(SyncError):
-    """The remote file system has no space left for the upload."""
-
-
-class RemoteIOError(SyncError):
-    """Any other failed SFTP operation (missing directory, read-only file system, ...)."""
-
-
-# --------------------------------------------------------------------------- targets
-
-
-@dataclass(frozen=True)
-class SshTarget:
-    """A parsed ``[user@]host:path``; ``host`` may be an ssh-config alias, ``path`` as written."""
-
-    host: str
-    user: str | None
-    path: str
-
-    def __str__(self) -> str:
-        user = f"{self.user}@" if self.user else ""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{user}{host}:{self.path}"
-
-    @property
-    def sftp_path(self) -> str:
-        """The path as SFTP and a login shell see it: ``~/x`` and ``x`` are relative to home."""
-        if self.path in ("", "~", "~/"):
-            return "."
-        if self.path.startswith("~/"):
-            return self.path[2:]
-        return self.path
-
-
-def parse_target(text: str) -> SshTarget:
-    """Split ``user@host:path``, ``host:path``, ``alias:path`` or ``user@[::1]:path``.
-
-    Raises:
-        ValueError: with a sentence naming the expected form (pydantic turns it into a
-            config error; the watch CLI into a RemotePathError).
-    """
-    form = "expected user@host:path or ssh-config-alias:path"
-    if any(ch in text for ch in "\0\n\r"):
-        raise ValueError(f"target {text!r} contains a control character; {form}")
-    user: str | None = None
-    rest = text
-    at, colon = text.find("@"), text.find(":")
-    if at != -1 and (colon == -1 or at < colon):
-        user, rest = text[:at], text[at + 1 :]
-        if not user:
-            raise ValueError(f"target {text!r} has an empty user name; {form}")
-    if rest.startswith("["):
-        host, sep, tail = rest[1:].partition("]")
-        if not sep or not tail.startswith(":"):
-            raise ValueError(f"target {text!r} has an unterminated [ipv6] host; {form}")
-        path = tail[1:]
-    else:
-        host, sep, path = rest.partition(":")
-        if not sep:
-            raise ValueError(f"target {text!r} has no ':path' part; {form}")
-    if not host or host.startswith("-") or any(c.isspace() for c in host):
-        raise ValueError(f"target {text!r} has no valid host; {form}")
-    if path.startswith("~") and not (path == "~" or path.startswith("~/")):
-        raise ValueError(f"target {text!r}: ~user paths are not supported; use ~/path or /abs")
-    return SshTarget(host=host, user=user, path=path)
+# --------------------------------------------------------------------------- remote paths
 
 
 def check_relative(rel: str) -> str:
@@ -169,368 +107,7 @@ def _inside(path: str, root: str) -> bool:
     return root == "/" or path == root or path.startswith(root.rstrip("/") + "/")
 
 
-# --------------------------------------------------------------------------- connecting
-
-
-@dataclass(frozen=True)
-class ConnectOptions:
-    """How to reach a target. ``None`` means: take it from ~/.ssh/config, then the default."""
-
-    port: int | None = None
-    key_file: Path | None = None
-    known_hosts: Path | None = None
-    accept_new_host_key: bool = False
-    ssh_config: Path | None = None
-    connect_timeout_s: float = 10.0
-    op_timeout_s: float = 30.0
-    keepalive_s: float = 15.0
-    allow_agent: bool = True
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """A target after ssh-config resolution: what paramiko actually connects to."""
-
-    hostname: str
-    port: int
-    user: str
-    key_files: tuple[str, ...]
-    known_hosts: Path
-    label: str = field(default="")  # user@host:port for messages (no secrets)
-    proxy_jump: str | None = None  # ProxyJump from ssh config: "[user@]host[:port],..."
-    proxy_command: str | None = None  # ProxyCommand from ssh config, tokens expanded
-
-
-def resolve(target: SshTarget, options: ConnectOptions) -> Endpoint:
-    """Apply ~/.ssh/config (``Host`` alias: HostName, User, Port, IdentityFile, UserKnownHostsFile).
-
-    Explicit options win over ssh config, ssh config wins over defaults.
-
-    Raises:
-        SyncError: if the ssh config cannot be read.
-    """
-    import getpass
-
-    import paramiko
-
-    config_path = (options.ssh_config or DEFAULT_SSH_CONFIG).expanduser()
-    host_config: dict[str, Any] = {}
-    if config_path.is_file():
-        try:
-            host_config = dict(paramiko.SSHConfig.from_path(str(config_path)).lookup(target.host))
-        except (OSError, paramiko.ConfigParseError) as exc:
-            raise SyncError(f"cannot read ssh config {config_path}: {exc}") from exc
-    elif options.ssh_config is not None:
-        raise SyncError(f"ssh config {config_path} does not exist")
-    proxy_jump = str(host_config.get("proxyjump") or "") or None
-    proxy_command = str(host_config.get("proxycommand") or "") or None
-    if proxy_jump and proxy_jump.lower() == "none":
-        proxy_jump = None
-    if proxy_command and proxy_command.lower() == "none":
-        proxy_command = None
-    hostname = str(host_config.get("hostname", target.host))
-    port = options.port or int(host_config.get("port", 22))
-    user = target.user or str(host_config.get("user") or getpass.getuser())
-    key_files: list[str] = []
-    if options.key_file is not None:
-        key_file = options.key_file.expanduser()
-        if not key_file.is_file():
-            raise AuthError(f"key file {key_file} does not exist")
-        key_files.append(str(key_file))
-    key_files += [os.path.expanduser(p) for p in host_config.get("identityfile", [])]
-    if options.known_hosts is not None:
-        known_hosts = options.known_hosts.expanduser()
-    elif host_config.get("userknownhostsfile"):
-        known_hosts = Path(str(host_config["userknownhostsfile"]).split()[0]).expanduser()
-    else:
-        known_hosts = DEFAULT_KNOWN_HOSTS.expanduser()
-    return Endpoint(
-        hostname=hostname,
-        port=port,
-        user=user,
-        key_files=tuple(k for k in key_files if os.path.isfile(k)),
-        known_hosts=known_hosts,
-        label=f"{user}@{hostname}:{port}",
-        proxy_jump=proxy_jump,
-        proxy_command=None if proxy_jump else proxy_command,
-    )
-
-
-def parse_jump(hop: str) -> tuple[SshTarget, int | None]:
-    """Split one ProxyJump hop, ``[user@]host[:port]`` (``[v6]:port`` for IPv6).
-
-    Raises:
-        SyncError: if the hop is malformed.
-    """
-    text = hop.strip().removeprefix("ssh://")
-    user, _, rest = text.rpartition("@")
-    if rest.startswith("["):
-        host, _, tail = rest[1:].partition("]")
-        port_text = tail.removeprefix(":")
-    else:
-        host, _, port_text = rest.partition(":")
-    if not host or (port_text and not port_text.isdigit()):
-        raise SyncError(f"cannot parse ProxyJump hop {hop!r}; expected [user@]host[:port]")
-    return SshTarget(host=host, user=user or None, path=""), int(port_text) if port_text else None
-
-
-def host_key_name(hostname: str, port: int) -> str:
-    """The name known_hosts stores a key under (OpenSSH's ``[host]:port`` for non-22 ports)."""
-    return hostname if port == 22 else f"[{hostname}]:{port}"
-
-
-class _HostKeyPolicy:
-    """paramiko MissingHostKeyPolicy: refuse unknown keys, or append them when told to.
-
-    Duck-typed (paramiko calls ``missing_host_key`` without an isinstance check) so that this
-    module does not import paramiko at import time.
-    """
-
-    def __init__(self, known_hosts: Path, accept_new: bool) -> None:
-        self.known_hosts = known_hosts
-        self.accept_new = accept_new
-        self.accepted_fingerprint: str | None = None
-
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: Any) -> None:
-        fingerprint = key.fingerprint
-        if not self.accept_new:
-            raise HostKeyUnknownError(
-                f"host {hostname} is not in {self.known_hosts}; it presented the "
-                f"{key.get_name()} key {fingerprint}",
-                fingerprint=fingerprint,
-                hint="compare that fingerprint with the server's (ssh-keygen -lf "
-                "/etc/ssh/ssh_host_ed25519_key.pub on it), then connect once with "
-                "--accept-new-host-key (or accept_unknown_host: true in the plan's sync section)",
-            )
-        client.get_host_keys().add(hostname, key.get_name(), key)
-        self.known_hosts.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(self.known_hosts, "a+b") as fh:
-            fh.seek(0, os.SEEK_END)
-            if fh.tell() > 0:
-                fh.seek(-1, os.SEEK_END)
-                if fh.read(1) != b"\n":
-                    fh.write(b"\n")  # never glue our line onto an unterminated last line
-            fh.write(f"{hostname} {key.get_name()} {key.get_base64()}\n".encode("ascii"))
-        self.accepted_fingerprint = fingerprint
-        log.warning(
-            "added host %s (%s %s) to %s", hostname, key.get_name(), fingerprint, self.known_hosts
-        )
-
-
-def _connect_client(
-    endpoint: Endpoint,
-    options: ConnectOptions,
-    on_client: Callable[[paramiko.SSHClient], None] | None = None,
-    sock: Any = None,
-) -> tuple[paramiko.SSHClient, str | None]:
-    """Connect and authenticate; returns the client and the fingerprint of a newly accepted
-    host key (None when the key was already known). Every failure is a SyncError subclass.
-
-    ``on_client`` receives the client before connecting (so a deadline timer can close it).
-    """
-    import paramiko
-
-    client = paramiko.SSHClient()
-    if on_client is not None:
-        on_client(client)
-    if endpoint.known_hosts.is_file():
-        try:
-            client.load_host_keys(str(endpoint.known_hosts))
-        except (OSError, paramiko.SSHException) as exc:
-            raise SyncError(f"cannot read known_hosts {endpoint.known_hosts}: {exc}") from exc
-    policy = _HostKeyPolicy(endpoint.known_hosts, options.accept_new_host_key)
-    client.set_missing_host_key_policy(policy)  # type: ignore[arg-type]
-    where = endpoint.label
-    try:
-        client.connect(
-            endpoint.hostname,
-            port=endpoint.port,
-            username=endpoint.user,
-            password=None,
-            key_filename=list(endpoint.key_files) or None,
-            allow_agent=options.allow_agent,
-            look_for_keys=True,
-            timeout=options.connect_timeout_s,
-            banner_timeout=options.connect_timeout_s,
-            auth_timeout=options.connect_timeout_s,
-            channel_timeout=options.op_timeout_s,
-            sock=sock,
-        )
-    except SyncError:  # raised by _HostKeyPolicy
-        client.close()
-        raise
-    except paramiko.BadHostKeyException as exc:
-        client.close()
-        name = host_key_name(endpoint.hostname, endpoint.port)
-        raise HostKeyMismatchError(
-            f"HOST KEY MISMATCH for {name}: it presented {exc.key.get_name()} "
-            f"{exc.key.fingerprint}, but {endpoint.known_hosts} records "
-            f"{exc.expected_key.fingerprint}; refusing to connect (possible man-in-the-middle)",
-            fingerprint=exc.key.fingerprint,
-            expected_fingerprint=exc.expected_key.fingerprint,
-            hint=f"if the server was reinstalled, verify the new key, then run "
-            f"ssh-keygen -R '{name}' -f {endpoint.known_hosts}",
-        ) from exc
-    except paramiko.PasswordRequiredException as exc:
-        client.close()
-        raise AuthError(
-            f"authentication to {where} failed: the key needs a passphrase",
-            hint="load the key into ssh-agent (ssh-add); passphrases and passwords are never "
-            "read from the plan",
-        ) from exc
-    except paramiko.AuthenticationException as exc:
-        client.close()
-        raise AuthError(
-            f"authentication to {where} failed: no offered key was accepted ({exc})",
-            hint="load your key into ssh-agent, pass --key-file (key_file: in the plan), or set "
-            "IdentityFile in ~/.ssh/config; passwords are not used",
-        ) from exc
-    except socket.gaierror as exc:
-        client.close()
-        raise HostNotFoundError(f"unknown host {endpoint.hostname!r}: {exc.strerror}") from exc
-    except paramiko.ssh_exception.NoValidConnectionsError as exc:
-        client.close()
-        raise LinkDownError(
-            f"connection to {where} refused", hint="is sshd running there, and is the port right?"
-        ) from exc
-    except TimeoutError as exc:
-        client.close()
-        raise LinkDownError(
-            f"connection to {where} timed out after {options.connect_timeout_s:g} s"
-        ) from exc
-    except (OSError, EOFError, paramiko.SSHException) as exc:
-        client.close()
-        if "No authentication methods available" in str(exc):
-            raise AuthError(
-                f"authentication to {where} failed: no key to offer",
-                hint="pass --key-file, set IdentityFile in ~/.ssh/config or start ssh-agent",
-            ) from exc
-        raise LinkDownError(f"connection to {where} failed: {_one_line(exc)}") from exc
-    transport = client.get_transport()
-    assert transport is not None
-    transport.set_keepalive(max(1, int(options.keepalive_s)))
-    return client, policy.accepted_fingerprint
-
-
-class _ProxyProcess:
-    """Owns a ProxyCommand's process: ``close()`` ends it, reaps it and closes its pipes.
-
-    paramiko's ProxyCommand.close() only sends SIGTERM (and raises if the process was already
-    reaped), so the socket handed to paramiko is a subclass whose close() is idempotent; the
-    session calls this ``close()`` after the transport thread has finished reading.
-    """
-
-    def __init__(self, command: str) -> None:
-        import paramiko
-
-        class _IdempotentProxyCommand(paramiko.ProxyCommand):  # type: ignore[misc]
-            def close(self) -> None:
-                if self.process.poll() is None:
-                    self.process.terminate()
-
-        self.sock = _IdempotentProxyCommand(command)
-
-    def close(self) -> None:
-        process = self.sock.process
-        if process.poll() is None:
-            process.terminate()
-        try:
-            process.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        for pipe in (process.stdin, process.stdout, process.stderr):
-            if pipe is not None:
-                pipe.close()
-
-
-def _connect_chain(
-    endpoint: Endpoint,
-    options: ConnectOptions,
-    on_client: Callable[[paramiko.SSHClient], None],
-) -> tuple[paramiko.SSHClient, str | None, list[paramiko.SSHClient]]:
-    """Connect to ``endpoint`` directly, through its ProxyCommand, or hop by hop through its
-    ProxyJump hosts (each a direct-tcpip channel of the previous one, as OpenSSH's -J does).
-
-    Returns:
-        (client, newly accepted host key fingerprint or None, what to close after the client:
-        the jump hosts' clients and ProxyCommand processes).
-    """
-
-    if not endpoint.proxy_jump and not endpoint.proxy_command:
-        client, new_key = _connect_client(endpoint, options, on_client)
-        return client, new_key, []
-    closers: list[Any] = []
-    try:
-        if endpoint.proxy_command:
-            proxy = _start_proxy(endpoint)
-            closers.append(proxy)
-            client, new_key = _connect_client(endpoint, options, on_client, sock=proxy.sock)
-            return client, new_key, closers
-        client, new_key = _connect_jumps(endpoint, options, on_client, closers)
-    except BaseException:
-        for closer in reversed(closers):
-            closer.close()
-        raise
-    return client, new_key, closers
-
-
-def _start_proxy(endpoint: Endpoint) -> _ProxyProcess:
-    import paramiko
-
-    assert endpoint.proxy_command
-    try:
-        return _ProxyProcess(endpoint.proxy_command)
-    except (OSError, paramiko.SSHException) as exc:
-        raise LinkDownError(f"ProxyCommand for {endpoint.label} failed: {exc}") from exc
-
-
-def _connect_jumps(
-    endpoint: Endpoint,
-    options: ConnectOptions,
-    on_client: Callable[[paramiko.SSHClient], None],
-    closers: list[Any],
-) -> tuple[paramiko.SSHClient, str | None]:
-    """Connect through ``endpoint.proxy_jump``; appends every hop's client to ``closers``."""
-    import paramiko
-
-    assert endpoint.proxy_jump
-    hop_options = dataclasses.replace(options, port=None)
-    hops: list[Endpoint] = []
-    for hop in endpoint.proxy_jump.split(","):
-        hop_target, hop_port = parse_jump(hop)
-        hop_endpoint = resolve(hop_target, dataclasses.replace(hop_options, port=hop_port))
-        if hop_endpoint.proxy_jump and hops:
-            raise SyncError(f"ProxyJump host {hop_target.host} has its own ProxyJump: unsupported")
-        hops.append(dataclasses.replace(hop_endpoint, proxy_jump=None))
-    sock: Any = None
-    for hop_endpoint, next_endpoint in zip(hops, [*hops[1:], endpoint], strict=True):
-        if sock is None and hop_endpoint.proxy_command:
-            proxy = _start_proxy(hop_endpoint)
-            closers.append(proxy)
-            sock = proxy.sock
-        client, _ = _connect_client(hop_endpoint, hop_options, on_client, sock=sock)
-        closers.append(client)
-        transport = client.get_transport()
-        assert transport is not None
-        try:
-            sock = transport.open_channel(
-                "direct-tcpip",
-                (next_endpoint.hostname, next_endpoint.port),
-                ("127.0.0.1", 0),
-                timeout=options.connect_timeout_s,
-            )
-        except (OSError, EOFError, paramiko.SSHException) as exc:
-            raise LinkDownError(
-                f"jump host {hop_endpoint.label} cannot reach {next_endpoint.label}: "
-                f"{_one_line(exc)}"
-            ) from exc
-    return _connect_client(endpoint, options, on_client, sock=sock)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
+# --------------------------------------------------------------------------- sessions
 
 
 def classify_sftp_error(
@@ -552,7 +129,7 @@ def classify_sftp_error(
     if isinstance(exc, (TimeoutError, socket.timeout)):
         return LinkDownError(f"{op} {path} on {where} timed out")
     if isinstance(exc, (EOFError, paramiko.SSHException)):
-        return LinkDownError(f"{op} {path} on {where}: connection lost ({_one_line(exc)})")
+        return LinkDownError(f"{op} {path} on {where}: connection lost ({one_line(exc)})")
     if isinstance(exc, OSError):
         code = exc.errno
         if code in (errno.EACCES, errno.EPERM):
@@ -565,15 +142,15 @@ def classify_sftp_error(
         if code == errno.ENOENT:
             return RemoteIOError(f"cannot {op} {path} on {where}: no such file or directory")
         if code is not None or session is None or not session.alive:
-            return LinkDownError(f"{op} {path} on {where}: connection lost ({_one_line(exc)})")
+            return LinkDownError(f"{op} {path} on {where}: connection lost ({one_line(exc)})")
         free_bytes = session.free_bytes(posixpath.dirname(path) or ".")
         if free_bytes is not None and free_bytes < 64 * 1024:
             return RemoteDiskFullError(
                 f"remote disk full: cannot {op} {path} on {where} ({free_bytes} bytes free)",
                 hint="free space on the remote machine; the push resumes by itself",
             )
-        return RemoteIOError(f"cannot {op} {path} on {where}: {_one_line(exc)}")
-    return RemoteIOError(f"cannot {op} {path} on {where}: {_one_line(exc)}")
+        return RemoteIOError(f"cannot {op} {path} on {where}: {one_line(exc)}")
+    return RemoteIOError(f"cannot {op} {path} on {where}: {one_line(exc)}")
 
 
 class SshSession:
@@ -626,7 +203,7 @@ class SshSession:
             self.deadline_fired = True
             self.client.close()
             for closer in self.closers:
-                if not isinstance(closer, _ProxyProcess):  # no waiting in a timer thread
+                if not isinstance(closer, ProxyProcess):  # no waiting in a timer thread
                     closer.close()
 
         timer = threading.Timer(seconds, fire)
@@ -748,7 +325,7 @@ class SshSession:
             status = stdout.channel.recv_exit_status()
         except (TimeoutError, EOFError, OSError, paramiko.SSHException) as exc:
             raise LinkDownError(
-                f"remote command {argv[0]} on {self.endpoint.label} failed: {_one_line(exc)}"
+                f"remote command {argv[0]} on {self.endpoint.label} failed: {one_line(exc)}"
             ) from exc
         return status, out, err
 
@@ -784,7 +361,7 @@ def open_session(
         timer.daemon = True
         timer.start()
     try:
-        client, new_host_key, closers = _connect_chain(endpoint, options, clients.append)
+        client, new_host_key, closers = connect_chain(endpoint, options, clients.append)
         try:
             session = SshSession(client, endpoint, options.op_timeout_s)
             session.new_host_key = new_host_key
@@ -794,7 +371,7 @@ def open_session(
             for closer in reversed(closers):
                 closer.close()
             raise LinkDownError(
-                f"cannot open SFTP on {endpoint.label}: {_one_line(exc)}",
+                f"cannot open SFTP on {endpoint.label}: {one_line(exc)}",
                 hint="the remote sshd must enable the sftp subsystem",
             ) from exc
         try:
