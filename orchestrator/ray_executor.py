@@ -41,43 +41,60 @@ returns None and the restarted controller resumes them from the checkpoints it h
 
 References: Ray actors and runtime environments (docs.ray.io, "Actors", "Runtime environments");
 Ray Tune's function trainables do the same job in-process (see benchmarks/bench_ray_vs_tune.py).
+
+Layout: this module is the controller side (``RayLauncher``, ``RayRunHandle``); the actor and
+what it runs on the node are in ray_node.py (``RunActor``, ``NodeSpec``, ``Pull``), the sentinel
+in ray_sentinel.py. Their public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import logging
 import os
 import re
-import select
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
-
-import psutil
+from typing import TYPE_CHECKING, Any
 
 from .errors import LaunchError
-from .launchers import Launcher, LaunchSpec, RunHandle, read_exit_status
+from .launchers import Launcher, LaunchSpec, RunHandle
 from .paths import RunPaths
-from .processes import RUN_ID_ENV, ProcessKey, ProcessTree, StopReport, launch, stop_trees
-from .reporting import (
-    CHECKPOINT_DIR,
-    LATEST,
-    METRICS_FILE,
-    atomic_write_bytes,
-    atomic_write_json,
+from .processes import StopReport
+from .ray_node import (
+    APPEND_SUFFIXES,
+    DEAD_ACTOR_CODE,
+    MAX_CHUNK_BYTES,
+    RESCAN_S,
+    NodeSpec,
+    Pull,
+    RunActor,
+    is_append_only,
 )
+from .reporting import LATEST, atomic_write_bytes
 
 if TYPE_CHECKING:
     from .config import Plan
+
+__all__ = [
+    "APPEND_SUFFIXES",
+    "DEAD_ACTOR_CODE",
+    "MAX_CHUNK_BYTES",
+    "NAMESPACE",
+    "RESCAN_S",
+    "SHIP_ENV",
+    "WORKING_DIR_EXCLUDES",
+    "NodeSpec",
+    "Pull",
+    "RayLauncher",
+    "RayRunHandle",
+    "RunActor",
+    "is_append_only",
+]
 
 NAMESPACE = "orchestrator"
 SHIP_ENV = "ORCH_RAY_SHIP"  # "1": ship worktrees, "0": use them in place; unset: auto
@@ -85,338 +102,6 @@ WORKING_DIR_EXCLUDES = [
     ".git", ".worktrees/", "results/", "runs/", "data/", "__pycache__/", "*.pyc", ".venv/",
     ".mypy_cache/", ".pytest_cache/", ".ruff_cache/",
 ]
-APPEND_SUFFIXES = (".jsonl", ".log", ".csv")
-DEAD_ACTOR_CODE = -9  # what poll() returns for a run whose actor or node died
-MAX_CHUNK_BYTES = 8 << 20  # per file and pull, so one pull never carries a whole huge log
-RESCAN_S = 0.25  # how often a pull looks for new append-only files in the node run directory
-
-
-def is_append_only(rel: str) -> bool:
-    """Whether a run-directory file grows by appends (streamed as new bytes, not whole)."""
-    name = rel.rsplit("/", 1)[-1]
-    return name.endswith(APPEND_SUFFIXES) or name.startswith("events.out.tfevents")
-
-
-def _is_temp(rel: str) -> bool:
-    name = rel.rsplit("/", 1)[-1]
-    return name.startswith(".") or name.endswith(".tmp")
-
-
-def _is_latest_checkpoint(rel: str) -> bool:
-    return rel.startswith(f"{CHECKPOINT_DIR}/{LATEST}.")
-
-
-# -- the node side --------------------------------------------------------------------------
-
-
-@dataclass
-class NodeSpec:
-    """What an actor needs to start one attempt on its node (picklable, no Ray types).
-
-    ``files`` (shipped mode) seeds the node run directory: relative path -> bytes.
-    """
-
-    argv: list[str]
-    env: dict[str, str]
-    cwd: str  # the controller's worktree
-    run_dir: str  # the controller's run directory
-    run_id: str
-    attempt: int
-    header: str
-    shipped: bool
-    controller_python: str
-    checkpoint_sync_s: float
-    files: dict[str, bytes] = field(default_factory=dict)
-
-
-@dataclass
-class Pull:
-    """One pull's answer: new bytes of append-only files, whole changed files, and the exit."""
-
-    appends: dict[str, bytes]
-    snapshots: dict[str, bytes]
-    returncode: int | None
-    cpu_s: float
-
-
-class RunActor:
-    """The Ray actor of one attempt (created with ``max_concurrency`` > 1: pull and stop overlap).
-
-    Not decorated here so that importing this module never imports Ray; ``RayLauncher`` wraps
-    it with ``ray.remote``. Also usable without Ray (tests of the node side).
-    """
-
-    def __init__(self, spec: NodeSpec) -> None:
-        self.spec = spec
-        self._lock = threading.Lock()
-        self._tree: ProcessTree | None = None
-        self._sentinel: IO[bytes] | None = None
-        self._stopped = False
-        self._closed = False
-        self._offsets: dict[str, int] = {}
-        self._sent: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) already sent
-        self._last_ckpt_sync = time.monotonic()
-        self._cpu: dict[int, float] = {}
-        self._cpu_at = 0.0
-        self._known_appends = {METRICS_FILE, "stdout.log", "stderr.log"}
-        self._scanned_at = 0.0
-        if spec.shipped:
-            safe = spec.run_id.replace("/", "__")
-            self.run_dir = Path(tempfile.gettempdir()) / "orch-ray" / safe
-            self.cwd = Path.cwd()  # Ray made the shipped worktree our working directory
-        else:
-            self.run_dir = Path(spec.run_dir)
-            self.cwd = Path(spec.cwd)
-        self.paths = RunPaths(self.run_dir)
-
-    def start(self) -> dict[str, Any]:
-        """Start the worker (and its sentinel). Returns pid, create_time, node and mode.
-
-        Raises:
-            LaunchError: the working directory is missing or the interpreter cannot start.
-        """
-        spec = self.spec
-        with self._lock:
-            if self._stopped:
-                return {"pid": -1, "create_time": 0.0, "node": _node_ip(), "started": False}
-            self.paths.ensure()
-            for rel, data in spec.files.items():
-                path = self.run_dir / rel
-                atomic_write_bytes(path, data)
-                st = path.stat()
-                if is_append_only(rel):
-                    self._offsets[rel] = st.st_size
-                else:
-                    self._sent[rel] = (st.st_size, st.st_mtime_ns)
-            argv, env = self._node_command()
-            # The sentinel first: if this actor dies at any point from here on, it cleans up.
-            self._sentinel = self._start_sentinel()
-            try:
-                self._tree = launch(
-                    argv,
-                    cwd=self.cwd,
-                    env=env,
-                    stdout=self.paths.stdout,
-                    stderr=self.paths.stderr,
-                    exit_status=self.paths.exit_status(spec.attempt),
-                    run_id=spec.run_id,
-                    header=spec.header,
-                )
-            except BaseException:
-                self._tell_sentinel("done")
-                raise
-            leader = self._tree.leader
-            self._tell_sentinel(f"leader {leader.pid} {leader.create_time!r}")
-        return {"pid": leader.pid, "create_time": leader.create_time, "node": _node_ip(),
-                "started": True, "run_dir": str(self.run_dir), "cwd": str(self.cwd)}
-
-    def _node_command(self) -> tuple[list[str], dict[str, str]]:
-        """The command and environment on this node (paths rewritten when shipped)."""
-        spec = self.spec
-        swaps: list[tuple[str, str]] = []
-        if spec.shipped:
-            swaps = sorted(
-                [(spec.run_dir, str(self.run_dir)), (spec.cwd, str(self.cwd))],
-                key=lambda s: -len(s[0]),
-            )
-
-        def rewrite(text: str) -> str:
-            for old, new in swaps:
-                text = text.replace(old, new)
-            return text
-
-        argv = [rewrite(a) for a in spec.argv]
-        if spec.shipped and argv and argv[0] == spec.controller_python:
-            argv[0] = sys.executable
-        env = dict(os.environ) if spec.shipped else {}
-        env.update({k: rewrite(v) for k, v in spec.env.items()})
-        # Ray decides which GPUs this actor holds; the controller's slot means nothing here.
-        env["CUDA_VISIBLE_DEVICES"] = _ray_gpu_ids()
-        env.pop(RUN_ID_ENV, None)
-        return argv, env
-
-    def _start_sentinel(self) -> IO[bytes]:
-        """Start the sentinel that stops this run's processes if the actor dies.
-
-        It detaches itself (double fork: Ray kills an exiting actor's direct children) and
-        reads our messages from a pipe; end-of-file on that pipe means this actor is gone.
-        Returns the pipe's write end (see ``_sentinel_main`` for the messages).
-        """
-        argv = [sys.executable, "-m", "orchestrator.ray_executor", "sentinel",
-                "--watch-pid", str(os.getpid()), "--run-id", self.spec.run_id]
-        argv += ["--exit-status", str(self.paths.exit_status(self.spec.attempt))]
-        if self.spec.shipped:
-            argv += ["--remove", str(self.run_dir)]
-        env = {k: v for k, v in os.environ.items() if k != RUN_ID_ENV}
-        pkg_root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH", "")) if p)
-        with open(self.paths.stderr, "ab") as log:  # its errors land in the run's stderr.log
-            proc = subprocess.Popen(
-                argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                stderr=log, start_new_session=True, close_fds=True,
-            )
-        proc.wait()  # the first fork exits at once; the sentinel lives on, detached
-        assert proc.stdin is not None
-        return proc.stdin
-
-    def _tell_sentinel(self, message: str) -> None:
-        pipe = self._sentinel
-        if pipe is None or pipe.closed:
-            return
-        try:
-            pipe.write(message.encode() + b"\n")
-            pipe.flush()
-            if message == "done":
-                pipe.close()
-        except OSError:  # the sentinel is gone already
-            pass
-
-    def _returncode(self) -> int | None:
-        with self._lock:
-            tree = self._tree
-            if tree is None:
-                return 0 if self._stopped else None
-        if tree.alive():
-            return None
-        exit_file = self.paths.exit_status(self.spec.attempt)
-        if tree.returncode is not None and not exit_file.exists():
-            return tree.returncode
-        return read_exit_status(exit_file)
-
-    def pull(self, wait_s: float = 1.0) -> Pull:
-        """Wait up to ``wait_s`` for new bytes or the exit, then return what is new.
-
-        After the worker has exited, the answer holds every changed file of the run directory
-        and the node copy is removed (shipped mode): it is the last pull.
-        """
-        deadline = time.monotonic() + wait_s
-        while True:
-            rc = self._returncode()
-            appends = self._read_appends()
-            if appends or rc is not None or time.monotonic() >= deadline:
-                break
-            time.sleep(0.01)
-        snapshots: dict[str, bytes] = {}
-        if rc is not None:
-            for rel, data in self._read_appends(rescan=True).items():  # written just before exit
-                appends[rel] = appends.get(rel, b"") + data
-            snapshots = self._read_snapshots(only_latest=False)
-            self.close()
-        elif time.monotonic() - self._last_ckpt_sync >= self.spec.checkpoint_sync_s:
-            snapshots = self._read_snapshots(only_latest=True)
-            self._last_ckpt_sync = time.monotonic()
-        return Pull(appends, snapshots, rc, self._cpu_seconds())
-
-    def _files(self) -> list[str]:
-        if not self.spec.shipped or not self.run_dir.is_dir():
-            return []  # in place: the controller reads the files itself
-        out = []
-        for path in self.run_dir.rglob("*"):
-            rel = path.relative_to(self.run_dir).as_posix()
-            if path.is_file() and not _is_temp(rel):
-                out.append(rel)
-        return sorted(out)
-
-    def _read_appends(self, *, rescan: bool = False) -> dict[str, bytes]:
-        """New bytes of the append-only files. Known files are checked on every call (a stat
-        each); the folder is walked for new ones every RESCAN_S, or when ``rescan``."""
-        if not self.spec.shipped:
-            return {}
-        now = time.monotonic()
-        if rescan or now - self._scanned_at >= RESCAN_S:
-            self._scanned_at = now
-            self._known_appends.update(r for r in self._files() if is_append_only(r))
-        out: dict[str, bytes] = {}
-        for rel in sorted(self._known_appends):
-            offset = self._offsets.get(rel, 0)
-            try:
-                if os.stat(self.run_dir / rel).st_size == offset:
-                    continue
-                with open(self.run_dir / rel, "rb") as f:
-                    f.seek(0, os.SEEK_END)
-                    if f.tell() < offset:  # truncated on the node: start over
-                        offset = 0
-                    f.seek(offset)
-                    data = f.read(MAX_CHUNK_BYTES)
-            except OSError:
-                continue
-            if data:
-                out[rel] = data
-                self._offsets[rel] = offset + len(data)
-        return out
-
-    def _read_snapshots(self, *, only_latest: bool) -> dict[str, bytes]:
-        out: dict[str, bytes] = {}
-        for rel in self._files():
-            if is_append_only(rel) or (only_latest and not _is_latest_checkpoint(rel)):
-                continue
-            path = self.run_dir / rel
-            try:
-                st = path.stat()
-                key = (st.st_size, st.st_mtime_ns)
-                if self._sent.get(rel) == key:
-                    continue
-                out[rel] = path.read_bytes()
-                self._sent[rel] = key
-            except OSError:
-                continue
-        return out
-
-    def _cpu_seconds(self) -> float:
-        tree = self._tree
-        if tree is None or time.monotonic() - self._cpu_at < 1.0:
-            return sum(self._cpu.values())
-        self._cpu_at = time.monotonic()
-        for p in tree.members(scan_env=False):
-            try:
-                t = p.cpu_times()
-                self._cpu[p.pid] = t.user + t.system
-            except psutil.Error:
-                continue
-        return sum(self._cpu.values())
-
-    def stop(self, grace_s: float) -> StopReport:
-        """Stop the worker's process tree on this node (processes.stop_trees, in phases)."""
-        with self._lock:
-            self._stopped = True
-            tree = self._tree
-        if tree is None:
-            return StopReport()
-        return stop_trees([tree], grace_s=grace_s)[0]
-
-    def close(self) -> None:
-        """Dismiss the sentinel; remove the node copy of the run directory (shipped mode)."""
-        if self._closed:
-            return
-        self._closed = True
-        self._tell_sentinel("done")
-        if self.spec.shipped:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-
-    def node_pids(self) -> list[int]:
-        """Pids of the worker's live processes on this node (tests and debugging)."""
-        tree = self._tree
-        return [] if tree is None else sorted(p.pid for p in tree.members(scan_env=True))
-
-
-def _node_ip() -> str:
-    try:
-        import ray
-
-        return str(ray.util.get_node_ip_address())
-    except Exception:  # not inside Ray (node-side unit tests)
-        return "localhost"
-
-
-def _ray_gpu_ids() -> str:
-    """The GPUs Ray gave this actor, as CUDA_VISIBLE_DEVICES ("" outside Ray: no GPUs)."""
-    try:
-        import ray
-    except ImportError:
-        return ""
-    if not ray.is_initialized():  # get_gpu_ids() would start a whole Ray instance
-        return ""
-    return ",".join(str(g) for g in ray.get_gpu_ids())
 
 
 # -- the controller side --------------------------------------------------------------------
@@ -783,103 +468,9 @@ def _first_line(e: BaseException) -> str:
     return (errors[-1] if errors else lines[0])[:300]
 
 
-# -- the sentinel: stops the worker's tree when its actor dies ------------------------------
+if __name__ == "__main__":  # the sentinel's former entry point (now orchestrator.ray_sentinel)
+    from .ray_sentinel import _sentinel_main
 
-
-def _sentinel_main(argv: list[str]) -> int:
-    """Stop a run's processes on this node once its actor process is gone.
-
-    Ray kills an actor's process with SIGKILL (``ray.kill``, node OOM, a crash) and, on exit,
-    its direct children, but not the worker's descendants (their own session). The sentinel is
-    started before the worker, detaches at once (double fork, so it is nobody's direct child)
-    and reads lines from stdin, a pipe from the actor:
-
-    - ``leader PID CREATE_TIME``: the worker's launch wrapper, once started;
-    - ``done``: the run is over and collected; exit quietly.
-
-    End-of-file without ``done`` (or the actor's pid gone) means the actor died: stop the tree
-    (processes.stop_trees: group, descendants and the ORCH_RUN_ID tag), or, if the wrapper was
-    never reported, every process carrying the tag; then delete the node run directory.
-    """
-    p = argparse.ArgumentParser(prog="python -m orchestrator.ray_executor sentinel")
-    p.add_argument("--watch-pid", type=int, required=True, help="the actor's pid")
-    p.add_argument("--run-id", required=True, help="ORCH_RUN_ID of the worker's processes")
-    p.add_argument("--exit-status", type=Path, default=None,
-                   help="the attempt's exit status file, marked -9 when the actor died")
-    p.add_argument("--remove", default=None, help="node run directory to delete afterwards")
-    p.add_argument("--grace-s", type=float, default=5.0)
-    p.add_argument("--interval-s", type=float, default=0.1)
-    args = p.parse_args(argv)
-    try:
-        actor = ProcessKey.of(psutil.Process(args.watch_pid))
-    except psutil.NoSuchProcess:
-        actor = None
-    if os.fork() > 0:
-        os._exit(0)
-    leader: ProcessKey | None = None
-    buffer = b""
-    actor_died = True
-    while actor is not None and actor.process() is not None:
-        ready, _, _ = select.select([0], [], [], args.interval_s)
-        if ready:
-            chunk = os.read(0, 4096)
-            if not chunk:
-                break  # the actor's end of the pipe closed: it died
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                words = line.decode().split()
-                if words == ["done"]:
-                    return 0
-                if len(words) == 3 and words[0] == "leader":
-                    leader = ProcessKey(int(words[1]), float(words[2]))
-        if leader is not None and leader.process() is None:
-            # The wrapper ended: normally after the worker (nothing is left; the actor will
-            # say done), but Ray may have killed it as the actor's child, leaving the worker.
-            if ProcessTree(leader, args.run_id).members(scan_env=False):
-                actor_died = False
-                break
-    if leader is not None:
-        stop_trees([ProcessTree(leader, args.run_id)], grace_s=args.grace_s)
-    else:
-        _stop_tagged(args.run_id, args.grace_s)
-    if actor_died and args.exit_status is not None:
-        # The wrapper wrote 0 if the worker obeyed SIGTERM; but this attempt was cut short,
-        # so a controller that reads this file after a restart must resume it, not end it.
-        atomic_write_json(args.exit_status, {
-            "returncode": DEAD_ACTOR_CODE, "signal": -DEAD_ACTOR_CODE,
-            "end_time_s": round(time.time(), 3), "error": "its Ray actor died"})
-    if args.remove and (actor is None or actor.process() is None):
-        shutil.rmtree(args.remove, ignore_errors=True)
-    return 0
-
-
-def _stop_tagged(run_id: str, grace_s: float) -> None:
-    """SIGTERM every process of this user tagged ORCH_RUN_ID=run_id, SIGKILL after grace_s."""
-
-    def tagged() -> list[psutil.Process]:
-        found = []
-        for proc in psutil.process_iter(["uids"]):
-            try:
-                uids = proc.info["uids"]  # None when psutil may not read it
-                if proc.pid != os.getpid() and uids is not None and uids.real == os.getuid() \
-                        and proc.environ().get(RUN_ID_ENV) == run_id:
-                    found.append(proc)
-            except (psutil.Error, OSError):
-                continue
-        return found
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        procs = tagged()
-        for proc in procs:
-            try:
-                proc.send_signal(sig)
-            except psutil.Error:
-                pass
-        psutil.wait_procs(procs, timeout=grace_s if sig == signal.SIGTERM else 5.0)
-
-
-if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "sentinel":
         sys.exit(_sentinel_main(sys.argv[2:]))
     print("usage: python -m orchestrator.ray_executor sentinel --watch-pid PID ...",
