@@ -10,15 +10,19 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Plan, describe, expand, load_plan
 from .errors import ConfigError, OrchestratorError, StateError
 from .paths import ResultsPaths
 from .state import PlanState, RunState, controller_alive
+
+if TYPE_CHECKING:
+    from .controller import Controller
 
 EXIT_USAGE = 2
 
@@ -114,8 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
 # -- run ----------------------------------------------------------------------------------------
 
 
+def install_signal_handlers(controller: Controller, *, leave_running: bool = False) -> None:
+    """SIGINT/SIGTERM stop the race cleanly (or, with ``leave_running``, detach and leave the
+    workers running for a later re-attach); SIGHUP (a dropped SSH session) is ignored."""
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if controller.interrupted:
+            return
+        controller.request_interrupt("interrupted", detach=leave_running)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from .controller import Controller, install_signal_handlers
+    from .controller import Controller
 
     plan = load_plan(args.plan)
     _check_only(plan, args.only)
@@ -292,7 +310,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
         print(f"asked controller pid {state.controller['pid']} to stop {what}")
         return _wait_for_stop(paths, args.workers)
     # No controller: stop the runs ourselves, under the controller lock.
-    from .controller import ControllerLock
+    from .lock import ControllerLock
 
     lock = ControllerLock(paths.lock)
     lock.acquire()
@@ -348,7 +366,8 @@ def _wait_for_stop(paths: ResultsPaths, workers: list[str], timeout_s: float = 6
 
 def cmd_rerun(args: argparse.Namespace) -> int:
     from . import worktrees
-    from .controller import ControllerLock, placeholder_values, worker_env
+    from .environment import placeholder_values, worker_env
+    from .lock import ControllerLock
     from .state import ExperimentRecord, RunRecord
 
     plan = load_plan(args.plan)
@@ -415,7 +434,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_clean(args: argparse.Namespace) -> int:
     from . import worktrees
-    from .controller import ControllerLock
+    from .lock import ControllerLock
 
     plan = load_plan(args.plan)
     paths = ResultsPaths(plan.results_dir)

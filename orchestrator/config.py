@@ -28,7 +28,6 @@ from pydantic import (
 
 from .criteria import Criterion
 from .errors import ConfigError, CriteriaError
-
 from .sync_config import SyncConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"

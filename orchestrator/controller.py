@@ -8,103 +8,41 @@ every process of the stopped run is gone. State is saved atomically after every 
 
 from __future__ import annotations
 
-import fcntl
-import os
 import shutil
-import signal
-import subprocess
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from . import worktrees
-from .config import ExperimentConfig, Plan, WorkerConfig, expand
-from .criteria import Criterion, all_pass
+from .config import ExperimentConfig, Plan, expand
+from .criteria import all_pass
 from .dashboard import Dashboard
-from .errors import LaunchError, OrchestratorError, StateError, WorktreeError
-from .gpus import Slot, make_slots, wait_gpu_memory_released
-from .launchers import LaunchSpec, Launcher, LocalLauncher, RunHandle
-from .metrics import MetricHistory, MetricSource, make_source
-from .paths import ResultsPaths, RunPaths
+from .environment import placeholder_values, worker_env
+from .errors import LaunchError, WorktreeError
+from .file_events import FileWatcher
+from .gpus import Slot, SlotHolds, make_slots
+from .hooks import HookRunner, last_line, run_setup, tail_lines
+from .launchers import Launcher, LaunchSpec, LocalLauncher, RunHandle
+from .lock import ControllerLock
+from .metrics import write_order_keys
+from .paths import ResultsPaths
 from .processes import find_strays, reap_orphans, stop_processes
+from .runs import LiveRun, live_runs
 from .state import (
     ExperimentRecord,
     ExperimentStatus,
     PlanState,
-    RunRecord,
     RunState,
     append_event,
-    controller_alive,
     controller_identity,
 )
 
 STDERR_TAIL_LINES = 20
-METRIC_PROBLEM_REPORT_S = 60.0  # report growing metric-file problems at most this often a run
-
-
-@dataclass
-class LiveRun:
-    """A run the controller is tracking in this process."""
-
-    record: RunRecord
-    experiment: ExperimentConfig
-    worker: WorkerConfig
-    paths: RunPaths
-    source: MetricSource
-    history: MetricHistory = field(default_factory=MetricHistory)
-    handle: RunHandle | None = None
-    slot: Slot | None = None
-    stopping: Future[Any] | None = None  # a stop in flight on a worker thread
-    stop_state: RunState | None = None  # state to enter once the stop completes
-    problems_reported_at: float | None = None  # last event about metric-file problems
-
-    @property
-    def criteria(self) -> tuple[Criterion, ...]:
-        return self.experiment.criteria_for(self.worker)
-
-    @property
-    def max_epochs(self) -> int:
-        return self.experiment.max_epochs_for(self.worker)
-
-
-class ControllerLock:
-    """An exclusive flock on results/controller.lock: one controller per plan at a time."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fh: IO[str] | None = None
-
-    def acquire(self) -> None:
-        """Raises StateError if another controller holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            raise StateError(
-                f"another controller ({holder}) is running this plan",
-                hint="watch it with `python -m orchestrator status`, or stop it first",
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}")
-        fh.flush()
-        self._fh = fh
-
-    def release(self) -> None:
-        if self._fh is not None:
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
 
 
 class Controller:
@@ -151,7 +89,7 @@ class Controller:
         self.state = PlanState(plan=str(plan.source))
         self.runs: dict[str, LiveRun] = {}
         self.events: deque[str] = deque(maxlen=30)
-        self.hooks: dict[str, subprocess.Popen[bytes]] = {}
+        self.hooks = HookRunner()
         self.wake = threading.Event()
         self.interrupted: str | None = None  # "interrupted" once Ctrl-C/SIGTERM arrived
         self.detach = False
@@ -160,13 +98,10 @@ class Controller:
         self._replay: dict[str, list[dict[str, Any]]] = {}
         self._retired: list[RunHandle] = []  # released handles whose process is not reaped yet
         self._stopper = ThreadPoolExecutor(max_workers=4, thread_name_prefix="stop")
-        # GPU slots whose last run's memory is not yet confirmed released (slot index -> wait).
-        self._slot_holds: dict[int, tuple[LiveRun, Future[Any]]] = {}
-        self._gpu_waits = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gpu-release")
-        self._cancel_waits = threading.Event()
-        self.gpu_release_timeout_s = 30.0
+        # GPU slots whose last run's memory is not yet confirmed released.
+        self.slot_holds = SlotHolds(self.wake, timeout_s=30.0)
         self._lock = ControllerLock(self.paths.lock)
-        self._observer: Any = None
+        self._files = FileWatcher(self.wake)
         self.dashboard = Dashboard(plan, self.paths)
 
     # -- setup ------------------------------------------------------------------------------
@@ -181,22 +116,8 @@ class Controller:
                 self.state.plan = str(self.plan.source)
         self.state.controller = controller_identity()
         self.state.finished = False
-        for exp, worker in self.plan.workers():
-            key = f"{exp.name}/{worker.name}"
-            rec = self.state.runs.get(key)
-            if rec is None:
-                rec = RunRecord(exp.name, worker.name, worker.branch)
-                self.state.runs[key] = rec
-            rec.max_epochs = exp.max_epochs_for(worker)
-            paths = self.paths.run(exp.name, worker.name)
-            source = make_source(
-                worker.metrics.source,
-                run_dir=paths.run_dir,
-                path=worker.metrics.path,
-                pattern=worker.metrics.pattern,
-            )
-            live = LiveRun(rec, exp, worker, paths, source)
-            self.runs[key] = live
+        self.runs = live_runs(self.plan, self.state, self.paths)
+        for key, live in self.runs.items():
             self._replay[key] = self._read_source(live)  # history already on disk (resume)
         for exp in self.plan.experiments:
             if exp.name not in self.state.experiments:
@@ -247,7 +168,7 @@ class Controller:
         for key, records in self._replay.items():
             live = self.runs[key]
             decide = not live.record.state.terminal
-            batch += [(t, i, live, r, decide) for i, (t, r) in enumerate(_ordered(records))]
+            batch += [(t, i, live, r, decide) for i, (t, r) in enumerate(write_order_keys(records))]
         self._replay.clear()
         for _, _, live, record, decide in sorted(batch, key=lambda b: (b[0], b[1])):
             self._accept(live, record, decide=decide and live.stopping is None)
@@ -336,24 +257,12 @@ class Controller:
             if not any(self._selected(r) for r in self.runs.values() if r.experiment is exp):
                 continue
             argv = expand(exp.setup, self._placeholders(exp, None))
-            log = self.paths.experiment_dir(exp.name) / "setup.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
             self.event(f"{exp.name}: setup: {' '.join(argv)}")
             self._flush(force=True)
-            with open(log, "ab") as fh:
-                try:
-                    rc = subprocess.run(
-                        argv, cwd=self.plan.repo, stdout=fh, stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL, env=_base_env(),
-                    ).returncode
-                except OSError as e:
-                    raise LaunchError(f"{exp.name}: setup cannot start: {e}") from None
-            if rc != 0:
-                tail = _tail(log, 5)
-                raise LaunchError(
-                    f"{exp.name}: setup command exited with {rc}: {tail.splitlines()[-1] if tail else ''}",
-                    hint=f"see {log}",
-                )
+            run_setup(
+                exp.name, argv, cwd=self.plan.repo,
+                log=self.paths.experiment_dir(exp.name) / "setup.log",
+            )
             erec.setup_done = True
 
     # -- the loop ---------------------------------------------------------------------------
@@ -383,10 +292,9 @@ class Controller:
                 self.wake.clear()
             return self._shutdown()
         finally:
-            self._stop_watching()
+            self._files.stop()
             self._stopper.shutdown(wait=True)
-            self._cancel_waits.set()
-            self._gpu_waits.shutdown(wait=True)
+            self.slot_holds.close()
             self.dashboard.close()
             self.launcher.close()
             self._lock.release()
@@ -434,7 +342,7 @@ class Controller:
         self._flush()
 
     def _finished(self) -> bool:
-        if self.hooks or any(r.stopping is not None for r in self.runs.values()):
+        if self.hooks.running or any(r.stopping is not None for r in self.runs.values()):
             return False
         for r in self.runs.values():
             if not self._selected(r):
@@ -493,33 +401,18 @@ class Controller:
         batch = []
         for n, live in enumerate(lives):
             new = self._read_source(live)
-            batch += [(t, n, i, live, r) for i, (t, r) in enumerate(_ordered(new))]
+            batch += [(t, n, i, live, r) for i, (t, r) in enumerate(write_order_keys(new))]
         for _, _, _, live, record in sorted(batch, key=lambda b: b[:3]):
             self._accept(live, record, decide=live.stopping is None and live.handle is not None)
 
     def _read_source(self, live: LiveRun) -> list[dict[str, Any]]:
-        """New records of one run. A metric source never crashes the controller: a failed read
-        is counted and reported, and what the source could not use (garbage lines, non-numeric
-        values, a replaced file) is counted in the run's ``metric_problems``."""
-        try:
-            new = live.source.read_new()
-        except Exception as e:  # a corrupt file, a permission error, a missing package
-            live.source.stats.read_errors += 1
-            error = f"metrics: {e}"
-            if live.record.error != error:
-                live.record.error = error
-                self.event(f"{live.record.key}: cannot read metrics: {e}")
-            new = []
-        problems = live.source.stats.as_dict()
-        if problems != live.record.metric_problems:
-            live.record.metric_problems = problems
+        """New records of one run (see LiveRun.read_new: never raises)."""
+        before = live.record.metric_problems
+        new, events = live.read_new(self.clock())
+        for text in events:
+            self.event(text)
+        if live.record.metric_problems != before:
             self._dirty = True
-            now = self.clock()
-            last = live.problems_reported_at
-            if last is None or now - last >= METRIC_PROBLEM_REPORT_S:
-                live.problems_reported_at = now
-                what = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in problems.items())
-                self.event(f"{live.record.key}: metric file problems (counted, skipped): {what}")
         return new
 
     def _accept(self, live: LiveRun, record: dict[str, Any], *, decide: bool) -> None:
@@ -620,7 +513,7 @@ class Controller:
         now = self.clock()
         self._release(live, now)
         rec.exit_code = code
-        rec.stderr_tail = _tail(live.paths.stderr, STDERR_TAIL_LINES)
+        rec.stderr_tail = tail_lines(live.paths.stderr, STDERR_TAIL_LINES)
         if code == 0:
             rec.transition(self._ended_state(live), why="exited 0")
             self.event(f"{rec.key}: exited 0 at epoch {rec.epoch} ({rec.state.value})")
@@ -629,14 +522,14 @@ class Controller:
             rec.transition(RunState.pending, why="crashed, will retry")
             rec.retry_at = now + delay
             rec.resume = True
-            rec.error = _last_line(rec.stderr_tail) or f"exit {code}"
+            rec.error = last_line(rec.stderr_tail) or f"exit {code}"
             self.event(
                 f"{rec.key}: crashed (exit {code}) on attempt {rec.attempt}; "
                 f"retrying with resume in {delay:.0f}s"
             )
         else:
             rec.transition(RunState.failed, why="out of retries")
-            rec.error = _last_line(rec.stderr_tail) or f"exit {code}"
+            rec.error = last_line(rec.stderr_tail) or f"exit {code}"
             self.event(f"{rec.key}: FAILED (exit {code}) after {rec.attempt} attempts: {rec.error}")
         self._dirty = True
 
@@ -751,7 +644,7 @@ class Controller:
         if live.handle is not None:
             rec.cpu_s += live.handle.cpu_seconds()
             if live.slot is not None and live.slot.gpu is not None:
-                self._hold_gpu_slot(live, live.slot, live.handle.pids())
+                self.slot_holds.hold(live.slot, live.handle.pids(), live)
         if rec.started_at is not None:
             rec.busy_s += max(0.0, now - rec.started_at)
         rec.ended_at = now
@@ -763,29 +656,12 @@ class Controller:
         live.slot = None
         worktrees.unlock_worktree(self.plan.repo, self._worktree(live))
 
-    def _hold_gpu_slot(self, live: LiveRun, slot: Slot, pids: set[int]) -> None:
-        """Keep ``slot`` from the next run until NVML shows none of ``pids`` holding memory on
-        its GPU (bounded by ``gpu_release_timeout_s``; no wait where NVML is unavailable)."""
-        assert slot.gpu is not None
-        if not pids:
-            return
-        future = self._gpu_waits.submit(
-            wait_gpu_memory_released, slot.gpu, set(pids),
-            timeout_s=self.gpu_release_timeout_s, cancel=self._cancel_waits,
-        )
-        future.add_done_callback(lambda _f: self.wake.set())
-        self._slot_holds[slot.index] = (live, future)
-
     def _check_slot_holds(self) -> None:
-        for index, (live, future) in list(self._slot_holds.items()):
-            if not future.done():
+        for index, live, outcome in self.slot_holds.finished():
+            if isinstance(outcome, BaseException):  # NVML misbehaving must not kill the race
+                self.event(f"{live.record.key}: GPU memory check failed: {outcome!r}")
                 continue
-            del self._slot_holds[index]
-            try:
-                held, waited = future.result()
-            except Exception as e:  # NVML misbehaving must not kill the race
-                self.event(f"{live.record.key}: GPU memory check failed: {e!r}")
-                continue
+            held, waited = outcome
             slot = self.slots[index]
             if held:
                 live.record.gpu_release = (
@@ -802,7 +678,7 @@ class Controller:
     def _schedule(self, now: float) -> None:
         self._check_slot_holds()
         busy = {r.slot.index for r in self.runs.values() if r.slot is not None}
-        busy |= set(self._slot_holds)
+        busy |= self.slot_holds.held()
         free = [s for s in self.slots if s.index not in busy]
         if not free or self.interrupted:
             return
@@ -916,28 +792,18 @@ class Controller:
             live = self.runs.get(f"{exp.name}/{best}") if best else None
             if live is None:
                 return
-        values = self._placeholders(exp, live)
-        argv = expand(exp.on_success, values)
+        argv = expand(exp.on_success, self._placeholders(exp, live))
         log = self.paths.experiment_dir(exp.name) / "on_success.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as fh:
-            try:
-                self.hooks[exp.name] = subprocess.Popen(
-                    argv, cwd=self.plan.repo, stdout=fh, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, env=_base_env(),
-                )
-            except OSError as e:
-                self.event(f"{exp.name}: on_success hook cannot start: {e}")
-                return
+        try:
+            self.hooks.start(exp.name, argv, cwd=self.plan.repo, log=log)
+        except OSError as e:
+            self.event(f"{exp.name}: on_success hook cannot start: {e}")
+            return
         self.state.experiments[exp.name].hook = "running"
         self.event(f"{exp.name}: on_success hook started: {' '.join(argv)}")
 
     def _check_hooks(self) -> None:
-        for name, proc in list(self.hooks.items()):
-            rc = proc.poll()
-            if rc is None:
-                continue
-            del self.hooks[name]
+        for name, rc in self.hooks.finished():
             self.state.experiments[name].hook = "ok" if rc == 0 else f"exit {rc}"
             self.event(f"{name}: on_success hook finished ({'ok' if rc == 0 else f'exit {rc}'})")
             self._dirty = True
@@ -972,47 +838,15 @@ class Controller:
     # -- file events, state and dashboard ---------------------------------------------------
 
     def _start_watching(self) -> None:
-        try:
-            from watchdog.events import FileSystemEventHandler
-            from watchdog.observers import Observer
-        except ImportError:
-            return
-        wake = self.wake
-
-        class Handler(FileSystemEventHandler):
-            def on_any_event(self, event: Any) -> None:
-                wake.set()
-
-        self._observer = Observer()
-        self._observer.daemon = True
-        self._watched: set[Path] = set()
-        self._handler = Handler()
-        self._observer.start()
-        self.paths.control_dir.mkdir(parents=True, exist_ok=True)
-        self._schedule_watch(self.paths.control_dir)
+        self._files.start()
+        self._files.watch(self.paths.control_dir)
         for live in self.runs.values():
             if live.handle is not None:
                 self._watch(live)
 
     def _watch(self, live: LiveRun) -> None:
         for folder in live.source.watch_paths():
-            self._schedule_watch(folder)
-
-    def _schedule_watch(self, folder: Path) -> None:
-        if self._observer is None or folder in self._watched:
-            return
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
-            self._observer.schedule(self._handler, str(folder), recursive=False)
-            self._watched.add(folder)
-        except OSError:  # inotify watch limit: polling still works
-            pass
-
-    def _stop_watching(self) -> None:
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout=2)
-            self._observer = None
+            self._files.watch(folder)
 
     def event(self, text: str) -> None:
         """Record an event: recent-events list, events.jsonl and the terminal."""
@@ -1045,140 +879,9 @@ class Controller:
                 self.event(f"dashboard cannot be rendered: {e!r}")
 
 
-def placeholder_values(
-    plan: Plan,
-    exp: ExperimentConfig,
-    worker: WorkerConfig | None = None,
-    run_paths: RunPaths | None = None,
-    worktree: Path | None = None,
-    attempt: int = 0,
-) -> dict[str, str]:
-    """Values of the plan's {placeholders} for an experiment (and one of its workers)."""
-    values = {
-        "repo": str(plan.repo),
-        "results_dir": str(plan.results_dir),
-        "experiment": exp.name,
-        "plan": str(plan.source),
-        "viz_dir": str(ResultsPaths(plan.results_dir).success_viz_dir(exp.name)),
-    }
-    if worker is not None and run_paths is not None and worktree is not None:
-        values.update(
-            worker=worker.name,
-            run_dir=str(run_paths.run_dir),
-            worktree=str(worktree),
-            checkpoint=str(run_paths.latest_checkpoint),
-            attempt=str(attempt),
-        )
-    return values
-
-
-def worker_env(
-    exp: ExperimentConfig,
-    worker: WorkerConfig,
-    run_paths: RunPaths,
-    worktree: Path,
-    attempt: int,
-    *,
-    resume: bool,
-    cuda_visible_devices: str,
-    values: dict[str, str],
-) -> dict[str, str]:
-    """The complete environment of a worker attempt (the worker contract in DESIGN.md):
-    this process's environment without ORCH_* leftovers, the ORCH_* variables, the GPU
-    assignment, PYTHONPATH=<worktree>/src:<worktree>, and the plan's env (placeholders filled)."""
-    from .config import _fill
-
-    env = _base_env()
-    pythonpath = [str(worktree / "src"), str(worktree)]
-    if env.get("PYTHONPATH"):
-        pythonpath.append(env["PYTHONPATH"])
-    env.update(
-        ORCH_RUN_DIR=str(run_paths.run_dir),
-        ORCH_EXPERIMENT=exp.name,
-        ORCH_WORKER=worker.name,
-        ORCH_ATTEMPT=str(attempt),
-        ORCH_RESUME="1" if resume else "0",
-        ORCH_MAX_EPOCHS=str(exp.max_epochs_for(worker)),
-        CUDA_VISIBLE_DEVICES=cuda_visible_devices,
-        PYTHONPATH=os.pathsep.join(pythonpath),
-        PYTHONUNBUFFERED="1",
-    )
-    env.update({k: _fill(v, values) for k, v in worker.env.items()})
-    return env
-
-
 def _default_launcher(plan: Plan) -> Launcher:
     if plan.executor == "ray":
         from .ray_executor import RayLauncher  # imports ray only when the plan asks for it
 
         return RayLauncher(plan)
     return LocalLauncher()
-
-
-def _base_env() -> dict[str, str]:
-    env = dict(os.environ)
-    for key in list(env):
-        if key.startswith("ORCH_") and key != "ORCH_FAKE_GPUS":
-            del env[key]
-    return env
-
-
-def _ordered(records: list[dict[str, Any]]) -> list[tuple[float, dict[str, Any]]]:
-    """(sort key, record) for one run's new records, in file order.
-
-    Records of different runs are decided in the order they were written (their ``time_s``);
-    records of one run must keep their file order whatever their ``time_s`` says (missing, not
-    a number, or going back after the file was replaced), so the key is the running maximum.
-    """
-    out = []
-    key = 0.0
-    for record in records:
-        value = record.get("time_s")
-        if isinstance(value, (int, float)) and value > key:
-            key = float(value)
-        out.append((key, record))
-    return out
-
-
-def _tail(path: Path, lines: int) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 8192))
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _last_line(text: str | None) -> str | None:
-    if not text:
-        return None
-    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("====")]
-    return lines[-1].strip()[:300] if lines else None
-
-
-def install_signal_handlers(controller: Controller, *, leave_running: bool = False) -> None:
-    """SIGINT/SIGTERM stop the race cleanly (or, with ``leave_running``, detach and leave the
-    workers running for a later re-attach); SIGHUP (a dropped SSH session) is ignored."""
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        if controller.interrupted:
-            return
-        controller.request_interrupt("interrupted", detach=leave_running)
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-
-
-def check_no_live_controller(paths: ResultsPaths) -> dict[str, Any] | None:
-    """The live controller's identity from the state file, or None if none runs."""
-    if not paths.state.exists():
-        return None
-    try:
-        state = PlanState.load(paths.state)
-    except OrchestratorError:
-        return None
-    return state.controller if controller_alive(state.controller) else None

@@ -12,7 +12,9 @@ import shutil
 import subprocess
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -175,3 +177,55 @@ def wait_gpu_memory_released(
             cancel.wait(min(poll_s, max(0.0, timeout_s - waited)))
         else:
             time.sleep(min(poll_s, max(0.0, timeout_s - waited)))
+
+
+class SlotHolds:
+    """GPU slots kept from the next run until the last run's memory is released.
+
+    ``hold`` starts a bounded wait (``wait_gpu_memory_released``, on a small thread pool) for a
+    stopped run's pids; the slot counts as busy (``held``) until ``finished`` has handed the
+    wait's outcome back. ``wake`` is set whenever a wait ends, so the controller's loop acts at
+    once. ``owner`` is whatever the caller wants back with the outcome (the run).
+    """
+
+    def __init__(self, wake: threading.Event, timeout_s: float = 30.0) -> None:
+        self.timeout_s = timeout_s
+        self._wake = wake
+        self._holds: dict[int, tuple[Any, Future[tuple[list[int], float]]]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gpu-release")
+        self._cancel = threading.Event()
+
+    def hold(self, slot: Slot, pids: set[int], owner: Any) -> None:
+        """Keep ``slot`` (a GPU slot) until none of ``pids`` holds memory on its GPU, at most
+        ``timeout_s`` seconds (no wait where NVML is unavailable)."""
+        assert slot.gpu is not None
+        if not pids:
+            return
+        future = self._pool.submit(
+            wait_gpu_memory_released, slot.gpu, set(pids),
+            timeout_s=self.timeout_s, cancel=self._cancel,
+        )
+        future.add_done_callback(lambda _f: self._wake.set())
+        self._holds[slot.index] = (owner, future)
+
+    def held(self) -> set[int]:
+        """Indices of the slots still held."""
+        return set(self._holds)
+
+    def finished(self) -> list[tuple[int, Any, tuple[list[int], float] | BaseException]]:
+        """The waits that ended since the last call, as (slot index, owner, (pids still
+        holding memory, seconds waited) or the exception the NVML query raised); their slots
+        are free again."""
+        out: list[tuple[int, Any, tuple[list[int], float] | BaseException]] = []
+        for index, (owner, future) in list(self._holds.items()):
+            if not future.done():
+                continue
+            del self._holds[index]
+            error = future.exception()
+            out.append((index, owner, error if error is not None else future.result()))
+        return out
+
+    def close(self) -> None:
+        """Give up every wait and join the pool."""
+        self._cancel.set()
+        self._pool.shutdown(wait=True)

@@ -347,6 +347,24 @@ class TensorBoardSource(MetricSource):
         return [self.folder]
 
 
+def write_order_keys(records: list[dict[str, Any]]) -> list[tuple[float, dict[str, Any]]]:
+    """(sort key, record) for one run's new records, in file order (the controller merges
+    the records of all runs by these keys).
+
+    Records of different runs are decided in the order they were written (their ``time_s``);
+    records of one run must keep their file order whatever their ``time_s`` says (missing, not
+    a number, or going back after the file was replaced), so the key is the running maximum.
+    """
+    out = []
+    key = 0.0
+    for record in records:
+        value = record.get("time_s")
+        if isinstance(value, (int, float)) and value > key:
+            key = float(value)
+        out.append((key, record))
+    return out
+
+
 def x_key(record: Record) -> str:
     """The ordering key of a record: ``step`` when present (finer), else ``epoch``."""
     return "step" if "step" in record else "epoch"

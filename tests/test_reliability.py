@@ -125,7 +125,7 @@ def _gpu_race(
         max_parallel=1,
     )
     controller = Controller(load_plan(plan))
-    controller.gpu_release_timeout_s = timeout_s
+    controller.slot_holds.timeout_s = timeout_s
     done: list[int] = []
     thread = threading.Thread(target=lambda: done.append(controller.run()), daemon=True)
     thread.start()
