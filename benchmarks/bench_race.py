@@ -85,7 +85,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--repeats", type=int, default=20, help="races of --workers workers")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--large", type=int, default=64, help="workers in the large race (0: skip)")

@@ -303,9 +303,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
     names = {w.name for _, w in plan.workers()}
     unknown = [w for w in args.workers if w not in names]
     if unknown:
-        raise ConfigError(f"unknown worker(s) {', '.join(unknown)}; workers: {', '.join(sorted(names))}")
+        raise ConfigError(
+            f"unknown worker(s) {', '.join(unknown)}; workers: {', '.join(sorted(names))}"
+        )
     if controller_alive(state.controller):
-        atomic_write_json(paths.stop_request, {"workers": args.workers, "requested_at": time.time()})
+        request = {"workers": args.workers, "requested_at": time.time()}
+        atomic_write_json(paths.stop_request, request)
         what = ", ".join(args.workers) if args.workers else "the whole plan"
         print(f"asked controller pid {state.controller['pid']} to stop {what}")
         return _wait_for_stop(paths, args.workers)

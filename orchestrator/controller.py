@@ -752,7 +752,7 @@ class Controller:
         rec.stalled = False
         rec.error = None
         self.event(
-            f"{rec.key}: started attempt {rec.attempt} on {slot.label()} (pid {rec.pid}"
+            f"{rec.key}: started attempt {rec.attempt} on {slot.label()} ({live.handle.where()}"
             f"{', resuming' if rec.resume else ''})"
         )
         self._watch(live)

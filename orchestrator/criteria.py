@@ -186,7 +186,7 @@ def _validate(node: ast.AST, text: str, names: set[str]) -> None:
 def _eval(node: ast.AST, metrics: Mapping[str, Any]) -> Any:
     if isinstance(node, ast.Compare):
         left = _eval(node.left, metrics)
-        for op, comp in zip(node.ops, node.comparators):
+        for op, comp in zip(node.ops, node.comparators, strict=True):
             right = _eval(comp, metrics)
             if not _COMPARE[type(op)](left, right):
                 return False

@@ -74,7 +74,8 @@ def missing_text(criteria: Sequence[Criterion], metrics: Mapping[str, Any]) -> l
         if c.threshold is not None:
             value = metrics.get(c.threshold.metric)
             out.append(
-                f"{c.threshold.metric} {fmt(value)} (need {c.threshold.op} {fmt(c.threshold.value)})"
+                f"{c.threshold.metric} {fmt(value)} "
+                f"(need {c.threshold.op} {fmt(c.threshold.value)})"
             )
         else:
             out.append(f"`{c.source}`")
@@ -179,7 +180,8 @@ def render_markdown(
     status = "finished" if state.finished else "running"
     out.append("# Parallel progress")
     out.append("")
-    out.append(f"Last update: **{stamp}** · {status} for {elapsed} · plan `{Path(state.plan).name}`")
+    plan_name = Path(state.plan).name
+    out.append(f"Last update: **{stamp}** · {status} for {elapsed} · plan `{plan_name}`")
     if sync_line:
         out.append(f"Sync: {sync_line}")
     out.append("")

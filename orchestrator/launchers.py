@@ -14,11 +14,11 @@ from pathlib import Path
 
 import psutil
 
-REFRESH_INTERVAL_S = 1.0
-
 from .gpus import Slot
 from .paths import RunPaths
 from .processes import ProcessTree, StopReport, attach, launch, stop_trees
+
+REFRESH_INTERVAL_S = 1.0  # seconds between two descendant scans of a running attempt
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,10 @@ class RunHandle:
         """Every pid this attempt is known to have had (leader and descendants seen), for
         matching against NVML's list of processes holding GPU memory. Empty if unknown."""
         return set()
+
+    def where(self) -> str:
+        """Where the attempt runs, for events and logs ("pid 1234")."""
+        return f"pid {self.pid}"
 
 
 class Launcher:

@@ -269,7 +269,9 @@ class CsvSource(MetricSource):
                 self.stats.bad_lines += 1
                 continue
             cells = {
-                k: v for k, v in row.items() if isinstance(k, str) and k and isinstance(v, str) and v
+                k: v
+                for k, v in row.items()
+                if isinstance(k, str) and k and isinstance(v, str) and v
             }
             record = clean_record(cells, self.stats)
             if record is None:

@@ -45,7 +45,7 @@ def render_progress(
     rows = (len(panels) + cols - 1) // cols
     fig = Figure(figsize=(6.0 * cols, 3.2 * rows), dpi=dpi, layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, (exp, metric, threshold) in zip(axes, panels):
+    for ax, (exp, metric, threshold) in zip(axes, panels, strict=False):
         for w in exp.workers:
             hist = histories.get(f"{exp.name}/{w.name}")
             if hist is None:

@@ -343,7 +343,7 @@ def stop_trees(
         time.sleep(poll_s)
     # Phase 2: SIGTERM everything else of each tree (group, descendants, tagged).
     members = snapshot(trees, scan_env=True)
-    for t, procs in zip(trees, members):
+    for t, procs in zip(trees, members, strict=True):
         _signal_group(t.leader.pid, signal.SIGTERM)
         _signal(procs, signal.SIGTERM)
     phase2_deadline = time.monotonic() + min(term_wait_s, max(grace_s, 0.05))

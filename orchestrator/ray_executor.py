@@ -131,6 +131,11 @@ class RayRunHandle(RunHandle):
     def poll(self) -> int | None:
         return self._returncode if self.done.is_set() else None
 
+    def where(self) -> str:
+        if self.pid is None or self.pid < 0:
+            return "a Ray actor, starting"
+        return f"pid {self.pid} on node {self.node or '?'}"
+
     def refresh(self) -> None:
         """Nothing to do per tick: the launcher's pump thread appends new bytes as they arrive
         (which wakes the controller through its file watcher)."""

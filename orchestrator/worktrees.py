@@ -150,7 +150,8 @@ def ensure_worktree(
                         raise WorktreeError(
                             f"worktree {path} has {mine.branch or 'a detached HEAD'} checked out, "
                             f"not {branch!r}",
-                            hint="run `python -m orchestrator clean PLAN` to remove stale worktrees",
+                            hint="run `python -m orchestrator clean PLAN` to remove stale "
+                            "worktrees",
                         )
                     if not fresh:
                         return path
