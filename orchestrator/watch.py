@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import OrchestratorError, SyncError
+from .reporting import atomic_write_bytes
 from .ssh import (
     ConnectOptions,
     LinkDownError,
@@ -146,23 +147,38 @@ def _atomic_download(session: SshSession, remote: str, local: Path) -> None:
 class DashboardFetcher:
     """Mirrors the dashboard and its images from ``session``'s root into ``out_dir``.
 
-    Remote (size, mtime) per file is remembered, so unchanged files are not downloaded again.
+    The page is read every round (it is small, and read anyway for its image links) and written
+    locally whenever its bytes differ. Images are downloaded when their remote (size, mtime)
+    changes. SFTP gives mtime in whole seconds, so an image rewritten within the same second with
+    the same size keeps its key: as git does with "racily clean" index entries, a file whose key
+    was taken less than RACY_S ago is downloaded once more later, when any rewrite in that second
+    is necessarily on disk, and only then trusted.
     """
+
+    RACY_S = 1.5  # > 1 s (mtime granularity) plus time for the stat and download themselves
 
     def __init__(self, out_dir: Path, dashboard_rel: str = DASHBOARD) -> None:
         self.out_dir = out_dir
         self.dashboard_rel = check_relative(dashboard_rel)
-        self._seen: dict[str, tuple[int | None, int | None]] = {}
+        # rel -> ((size, mtime), monotonic time it was downloaded, verified after RACY_S)
+        self._seen: dict[str, tuple[tuple[int | None, int | None], float, bool]] = {}
 
     def _fetch_if_changed(self, session: SshSession, rel: str) -> bool | None:
         """Download ``rel`` if changed: True if downloaded, False if unchanged, None if absent."""
         remote = session.remote_path(rel)
+        now = time.monotonic()
         try:
             attrs = session.sftp.stat(remote)
             key = (attrs.st_size, attrs.st_mtime)
             local = self.out_dir / rel
-            if self._seen.get(rel) == key and local.exists():
-                return False
+            seen = self._seen.get(rel)
+            if seen is not None and seen[0] == key and local.exists():
+                if seen[2] or now - seen[1] < self.RACY_S:
+                    return False
+                before = local.read_bytes()
+                _atomic_download(session, remote, local)
+                self._seen[rel] = (key, seen[1], True)
+                return local.read_bytes() != before
             _atomic_download(session, remote, local)
         except OSError as exc:
             if exc.errno == errno.ENOENT:
@@ -170,7 +186,7 @@ class DashboardFetcher:
             raise classify_sftp_error(exc, op="read", path=remote, session=session) from exc
         except Exception as exc:  # noqa: BLE001 (classified and re-raised)
             raise classify_sftp_error(exc, op="read", path=remote, session=session) from exc
-        self._seen[rel] = key
+        self._seen[rel] = (key, now, False)
         return True
 
     def fetch(self, session: SshSession) -> FetchResult:
@@ -178,13 +194,14 @@ class DashboardFetcher:
         remote_page = session.remote_path(self.dashboard_rel)
         try:
             with session.sftp.open(remote_page, "r") as fh:
-                text = fh.read().decode("utf-8", "replace")
+                data = fh.read()
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 return FetchResult(dashboard=None)
             raise classify_sftp_error(exc, op="read", path=remote_page, session=session) from exc
         except Exception as exc:  # noqa: BLE001
             raise classify_sftp_error(exc, op="read", path=remote_page, session=session) from exc
+        text = data.decode("utf-8", "replace")
         result = FetchResult(dashboard=text)
         base = posixpath.dirname(self.dashboard_rel)
         for ref in image_references(text):
@@ -194,7 +211,14 @@ class DashboardFetcher:
                 result.missing.append(rel)
             elif got:
                 result.fetched.append(rel)
-        if self._fetch_if_changed(session, self.dashboard_rel):
+        page = self.out_dir / self.dashboard_rel
+        try:
+            unchanged = page.read_bytes() == data
+        except OSError:
+            unchanged = False
+        if not unchanged:
+            page.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(page, data)
             result.fetched.append(self.dashboard_rel)
         return result
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import sshd_fixture
 from sshd_fixture import SshServer
 
+from orchestrator.ssh import open_session, parse_target
 from orchestrator.sync import image_references
-from orchestrator.watch import local_image_links
+from orchestrator.watch import DashboardFetcher, local_image_links
 
 sshd = sshd_fixture.sshd  # the fixture: a started SshServer
 
@@ -197,7 +198,13 @@ def test_watch_live_survives_link_drop_and_exits_on_ctrl_c(sshd: SshServer, tmp_
         assert proc.poll() is None, proc.communicate()
         sshd.start()
         # a read on the dead session can hang until the op timeout (10 s), then backoff
-        wait_for(lambda: "9/50" in page.read_text(), 60, "the fetch after the link came back")
+        try:
+            wait_for(lambda: "9/50" in page.read_text(), 60, "the fetch after the link came back")
+        except AssertionError as e:
+            proc.kill()
+            out, err = proc.communicate()
+            detail = f"watch stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+            raise AssertionError(f"{e}\n{detail}") from None
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=10)
     finally:
@@ -217,3 +224,35 @@ def test_local_image_links_point_at_fetched_copies(tmp_path: Path) -> None:
     uri = (page_dir / "figs" / "p 1.png").resolve().as_uri()
     assert out == f"![p]({uri}) ![m](missing.png) ![w](https://x.org/a.png)"
     assert "%20" in uri  # spaces quoted
+
+
+def test_a_same_second_same_size_rewrite_is_still_fetched(
+    sshd: SshServer, tmp_path: Path
+) -> None:
+    """SFTP mtimes are whole seconds: a page or image rewritten within the second it was
+    fetched, with the same size, has the same (size, mtime). The page is compared by content;
+    an image is downloaded once more once its key is RACY_S old."""
+    remote = make_remote(tmp_path / "project")
+    out = tmp_path / "dash"
+    fetcher = DashboardFetcher(out)
+    session = open_session(parse_target(sshd.target(remote)), sshd.options())
+    try:
+        first = fetcher.fetch(session)
+        assert {"PARALLEL_PROGRESS.md", "progress.png"} <= set(first.fetched)
+        page, image = remote / "PARALLEL_PROGRESS.md", remote / "progress.png"
+        stamps = {p: p.stat().st_mtime_ns for p in (page, image)}
+        page.write_text(DASHBOARD.replace("7/50", "9/50"))  # same size
+        new_image = os.urandom(30_000)
+        image.write_bytes(new_image)
+        for p, ns in stamps.items():
+            os.utime(p, ns=(ns, ns))  # and the same mtime, as within one second
+        second = fetcher.fetch(session)
+        assert "9/50" in (out / "PARALLEL_PROGRESS.md").read_text()  # by content, at once
+        assert "progress.png" not in second.fetched  # its key is too fresh to trust or redo yet
+        time.sleep(DashboardFetcher.RACY_S)
+        third = fetcher.fetch(session)
+        assert "progress.png" in third.fetched
+        assert (out / "progress.png").read_bytes() == new_image
+        assert fetcher.fetch(session).fetched == []  # verified: nothing more to fetch
+    finally:
+        session.close()
