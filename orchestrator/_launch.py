@@ -55,6 +55,11 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     returncode = child.wait()
+    # The worker is gone: a stop signal from now on (the controller signals the whole process
+    # group) must not kill this wrapper before, or while, it records the exit (Python resets
+    # its handlers to SIG_DFL during shutdown).
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     _write_status(status_path, returncode)
     return returncode if returncode >= 0 else 128 - returncode
 

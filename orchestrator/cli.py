@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -120,12 +121,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def install_signal_handlers(controller: Controller, *, leave_running: bool = False) -> None:
     """SIGINT/SIGTERM stop the race cleanly (or, with ``leave_running``, detach and leave the
-    workers running for a later re-attach); SIGHUP (a dropped SSH session) is ignored."""
+    workers running for a later re-attach); SIGHUP (a dropped SSH session) is ignored.
+
+    The handler only sets the controller's flags. It runs between two bytecodes of the main
+    thread, possibly while that thread holds the lock inside ``controller.wake`` (a
+    threading.Event it waits on and clears), so waking the loop from the handler could deadlock.
+    A relay thread does it instead, fed by ``signal.set_wakeup_fd`` (written by the C-level
+    handler, which is async-signal-safe)."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def relay() -> None:
+        while os.read(read_fd, 512):
+            controller.wake.set()
+
+    threading.Thread(target=relay, name="signal-relay", daemon=True).start()
 
     def on_signal(signum: int, _frame: Any) -> None:
-        if controller.interrupted:
-            return
-        controller.request_interrupt("interrupted", detach=leave_running)
+        if not controller.interrupted:
+            controller.interrupted = "interrupted"
+            controller.detach = leave_running
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)

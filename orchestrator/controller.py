@@ -300,7 +300,9 @@ class Controller:
             self._lock.release()
 
     def request_interrupt(self, reason: str = "interrupted", *, detach: bool = False) -> None:
-        """Ask the loop to stop (signal handlers call this). ``detach`` leaves workers running."""
+        """Ask the loop to stop; ``detach`` leaves workers running. From code on any thread
+        (signal handlers set ``interrupted`` and ``detach`` themselves: see
+        cli.install_signal_handlers)."""
         self.interrupted = reason
         self.detach = detach
         self.wake.set()

@@ -29,6 +29,7 @@ branches, other machines and other Python environments import it.
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -88,6 +89,15 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
 
 
+def _ignore_sigterm_while_exiting() -> None:
+    """At exit, ignore SIGTERM. The controller signals a stopped run more than once (the launch
+    wrapper forwards its SIGTERM, then the process group gets one), and Python resets its own
+    handlers to SIG_DFL while the interpreter shuts down (after atexit): a SIGTERM arriving
+    during that teardown would kill a worker that already checkpointed and returned 0, and its
+    exit would read as death by signal (-15). SIGKILL still ends a worker that hangs here."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class Reporter:
     """Writes a worker's metrics, checkpoints and eval records where the controller reads them.
 
@@ -118,11 +128,16 @@ class Reporter:
         self.checkpoint_dir = self.run_dir / CHECKPOINT_DIR
         self.evals_dir = self.run_dir / EVALS_DIR
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._stop = threading.Event()
+        # A plain flag, not a threading.Event: the signal handler runs between two bytecodes of
+        # the main thread, possibly inside Event.set() of the previous signal (the controller
+        # sends a stopped run SIGTERM twice), and Event.set() takes a non-reentrant lock.
+        self._stop_requested = False
         self._lock = threading.Lock()
         if handle_signals and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
+            atexit.unregister(_ignore_sigterm_while_exiting)  # once, however many reporters
+            atexit.register(_ignore_sigterm_while_exiting)
 
     @classmethod
     def from_env(
@@ -150,18 +165,18 @@ class Reporter:
     # -- stopping ---------------------------------------------------------------------------
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self._stop.is_set() and signum == signal.SIGINT:
+        if self._stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C means "now"
-        self._stop.set()
+        self._stop_requested = True
 
     @property
     def should_stop(self) -> bool:
         """True once SIGTERM/SIGINT arrived: checkpoint at the next safe point and exit 0."""
-        return self._stop.is_set()
+        return self._stop_requested
 
     def request_stop(self) -> None:
         """Set ``should_stop`` from code (tests, time budgets such as --max-hours)."""
-        self._stop.set()
+        self._stop_requested = True
 
     # -- metrics ----------------------------------------------------------------------------
 

@@ -96,3 +96,70 @@ def test_reporter_writes_what_the_tailer_reads(tmp_path: Path) -> None:
     assert rep.latest_checkpoint().read_bytes() == b"x"
     assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["epoch"] == 1
     assert ckpt.name == "epoch_000001.pt"
+
+
+LATE_SIGTERM_WORKER = """
+import os, signal, sys, time
+from orchestrator.reporting import Reporter
+rep = Reporter(sys.argv[1])
+class LateSignal:
+    def __del__(self):  # runs while the interpreter tears __main__ down, after atexit
+        os.kill(os.getpid(), signal.SIGTERM)  # the process group's SIGTERM, arriving late
+        time.sleep(0.2)
+late = LateSignal()
+os.kill(os.getpid(), signal.SIGTERM)  # the stop request (the launch wrapper's forward)
+assert rep.should_stop
+"""
+
+
+def test_a_second_sigterm_while_the_worker_exits_does_not_kill_it(tmp_path: Path) -> None:
+    """Python resets signal handlers to SIG_DFL during shutdown: without the Reporter's atexit
+    guard, this worker (stopped cleanly, exit 0) would die of the second SIGTERM (-15)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", LATE_SIGTERM_WORKER, str(tmp_path / "run")],
+        env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+
+
+BUSY_WORKER = """
+import sys, time
+from orchestrator.reporting import Reporter
+rep = Reporter(sys.argv[1])
+print("ready", flush=True)
+end = time.monotonic() + 1.0
+while time.monotonic() < end:
+    pass
+print("ok", rep.should_stop, flush=True)
+"""
+
+
+def test_the_stop_handler_survives_a_burst_of_sigterms(tmp_path: Path) -> None:
+    """The controller sends a stopped run SIGTERM more than once; a handler that takes a lock
+    (threading.Event.set) deadlocks when the next signal lands inside it. A burst of signals
+    hangs such a worker every time; the Reporter's handler must take none."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BUSY_WORKER, str(tmp_path / "run")],
+        env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            os.kill(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0 and out.strip() == "ok True", (proc.returncode, out)

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import fake, git, marked_processes, run_cli, wait_for, write_plan
 
 from orchestrator.config import load_plan
@@ -201,6 +200,40 @@ def test_sigint_stops_every_worker_and_leaves_resumable_state(repo: Path, leak_c
     rec = _state(repo).run("race", "a")
     assert rec.state == RunState.stopped and rec.stop_reason == "interrupted"
     assert marked_processes(leak_check) == []
+
+
+HANDLER_UNDER_LOCK = """
+import os, signal, threading, time
+from orchestrator.cli import install_signal_handlers
+from orchestrator.controller import Controller
+
+class Loop:  # what the handlers touch of a Controller
+    interrupted = None
+    detach = False
+    wake = threading.Event()
+    request_interrupt = Controller.request_interrupt
+
+loop = Loop()
+install_signal_handlers(loop)
+with loop.wake._cond:  # the main thread inside wake.wait()/clear(), where a signal may land
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)  # the handler runs here; a handler calling wake.set() would block forever
+assert loop.interrupted == "interrupted"
+assert loop.wake.wait(10), "the relay thread did not wake the loop"
+print("ok")
+"""
+
+
+def test_the_controller_signal_handler_takes_no_lock(tmp_path: Path) -> None:
+    """Signal handlers run between two bytecodes of the main thread, maybe while it holds the
+    lock of the Event the loop waits on: the handler must only set flags, and a relay thread
+    must wake the loop."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", HANDLER_UNDER_LOCK], capture_output=True, text=True, timeout=30,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_controller_killed_then_rerun_reattaches(repo: Path, leak_check: str) -> None:
