@@ -180,9 +180,9 @@ def test_training_the_tokenizer_is_deterministic_across_processes():
             input="\n".join(captions), capture_output=True, text=True, check=True,
             env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
         ).stdout
-        for _ in range(3)
+        for _ in range(2)
     ]
-    assert outs[0] and outs[0] == outs[1] == outs[2]
+    assert outs[0] and outs[0] == outs[1]
     tok = train_caption_tokenizer(captions)
     for c in captions[:10]:
         ids = tok(c, add_special_tokens=False)["input_ids"]
