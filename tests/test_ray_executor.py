@@ -82,7 +82,7 @@ def write_plan(repo: Path, workers: list[dict[str, Any]], criteria: list[str],
         "gpus": "none",
         "poll_interval_s": 0.1,
         "dashboard_interval_s": 0.5,
-        "grace_s": 2,
+        "grace_s": 5,  # a stopped fake worker exits in ms; 5 s leaves room on a loaded CI box
         "retry_backoff_s": 0.1,
         "max_retries": 2,
         "executor": "ray",
