@@ -35,7 +35,7 @@ import psutil
 import pytest
 import yaml
 from conftest import FAKE_WORKER, fake, git, marked_processes, run_cli, wait_for, write_plan
-from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import HealthCheck, example, given, seed, settings
 from hypothesis import strategies as st
 
 from orchestrator import cli
@@ -1073,7 +1073,12 @@ def _apply(plan: dict[str, Any], what: str, value: Any) -> Any:
     elif what == "branch":
         w["branch"] = value
     elif what == "same_branch":
-        workers[1]["branch"] = w["branch"]  # type: ignore[index]
+        rest = workers[1:] if isinstance(workers, list) else []
+        other = rest[0] if rest and isinstance(rest[0], dict) else None
+        if other is None or "branch" not in w:
+            plan["bogus_key"] = 1  # an earlier mutation removed what this one copies
+        else:
+            other["branch"] = w["branch"]
     elif what == "duplicate_worker":
         workers.append(dict(w))  # type: ignore[union-attr]
     elif what == "command":
@@ -1126,6 +1131,7 @@ def plan_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 )
 @seed(SEED)
 @given(mutations=st.lists(_mutations(), min_size=1, max_size=3))
+@example(mutations=[("drop", "branch"), ("same_branch", None)])  # once broke the generator
 def test_malformed_plans_give_one_clear_error_and_create_nothing(
     mutations: list[tuple[str, Any]], plan_repo: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
