@@ -422,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         if done % args.eval_every and done != args.epochs:
             save(done, 0)
             if rep.should_stop:
+                print(f"stop requested: checkpoint at epoch {done}", flush=True)
                 return 0
             continue
         val_m, records = evaluate(model, val_video, val, device, 64, autocast)
@@ -485,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         if rep.should_stop:
+            print(f"stop requested: checkpoint at epoch {done}", flush=True)
             return 0
     return 0
 
