@@ -22,6 +22,7 @@ class FileWatcher:
         self._handler: Any = None
 
     def start(self) -> None:
+        """Start the observer thread (a no-op without watchdog)."""
         try:
             from watchdog.events import FileSystemEventHandler
             from watchdog.observers import Observer
@@ -50,6 +51,7 @@ class FileWatcher:
             pass
 
     def stop(self) -> None:
+        """Stop and join the observer thread (waits at most 2 s)."""
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=2)
