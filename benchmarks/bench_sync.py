@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from sshd_fixture import SSHD, SshServer  # noqa: E402
 
-from orchestrator.ssh import open_session, parse_target  # noqa: E402
-from orchestrator.sync import NullSyncer, SftpSyncer, Syncer, upload_atomic  # noqa: E402
-from orchestrator.sync_config import SyncConfig  # noqa: E402
+from orchestrator.remote.ssh import open_session, parse_target  # noqa: E402
+from orchestrator.remote.sync import NullSyncer, SftpSyncer, Syncer, upload_atomic  # noqa: E402
+from orchestrator.remote.sync_config import SyncConfig  # noqa: E402
 
 FILES = {
     "PARALLEL_PROGRESS.md": 20_000,

@@ -17,13 +17,13 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from .config import Plan, describe, expand, load_plan
-from .errors import ConfigError, OrchestratorError, StateError
-from .paths import ResultsPaths
-from .state import PlanState, RunState, controller_alive
+from orchestrator.core.config import Plan, describe, expand, load_plan
+from orchestrator.core.state import PlanState, RunState, controller_alive
+from orchestrator.errors import ConfigError, OrchestratorError, StateError
+from orchestrator.paths import ResultsPaths
 
 if TYPE_CHECKING:
-    from .controller import Controller
+    from orchestrator.core.controller import Controller
 
 EXIT_USAGE = 2
 
@@ -102,13 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", action="store_true", help="also delete run directories and state")
     p.set_defaults(func=cmd_clean)
 
-    from .report import add_report_arguments, run_report
+    from orchestrator.views.report import add_report_arguments, run_report
 
     p = sub.add_parser("report", help="compare a plan's runs: markdown table and curves")
     add_report_arguments(p)
     p.set_defaults(func=run_report)
 
-    from .watch import add_watch_arguments, run_watch
+    from orchestrator.remote.watch import add_watch_arguments, run_watch
 
     p = sub.add_parser("watch", help="follow a remote plan's dashboard over SSH (laptop side)")
     add_watch_arguments(p)
@@ -149,19 +149,23 @@ def install_signal_handlers(controller: Controller, *, leave_running: bool = Fal
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .controller import Controller
+    from orchestrator.session import build_controller
 
     plan = load_plan(args.plan)
     _check_only(plan, args.only)
     if args.background:
         return _run_in_background(plan, args)
-    live_ui = _LiveTable(plan) if (sys.stdout.isatty() and not args.plain) else None
+    live_ui = None
+    if sys.stdout.isatty() and not args.plain:
+        from orchestrator.views.live import LiveTable
+
+        live_ui = LiveTable(plan)
     echo = None if live_ui else (lambda line: print(line, flush=True))
-    controller = Controller(
+    controller = build_controller(
         plan,
         only=args.only,
         fresh=args.fresh,
-        ui=live_ui.update if live_ui else None,
+        extra_views=[live_ui] if live_ui else None,
         subreaper=True,
         echo=echo,
     )
@@ -172,7 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         code = controller.run()
     finally:
         if live_ui:
-            live_ui.stop(controller)
+            live_ui.stop(controller.snapshot())
     _print_outcome(plan, controller.state)
     return code
 
@@ -226,63 +230,6 @@ def _print_outcome(plan: Plan, state: PlanState) -> None:
     print(f"dashboard: {plan.dashboard}")
 
 
-class _LiveTable:
-    """The rich live table shown while `run` is in the foreground of a terminal."""
-
-    def __init__(self, plan: Plan) -> None:
-        from rich.live import Live
-
-        self.plan = plan
-        self.live = Live(refresh_per_second=2, transient=False)
-
-    def start(self) -> None:
-        self.live.start()
-
-    def update(self, controller: Any) -> None:
-        self.live.update(render_table(self.plan, controller.state, list(controller.events)))
-
-    def stop(self, controller: Any) -> None:
-        self.update(controller)
-        self.live.stop()
-
-
-def render_table(plan: Plan, state: PlanState, events: list[str] | None = None) -> Any:
-    """A rich renderable of the plan's state (used by `run` and `status`)."""
-    from rich.console import Group
-    from rich.table import Table
-
-    from .dashboard import STATUS_ICON, criterion_cell
-
-    parts: list[Any] = []
-    for exp in plan.experiments:
-        erec = state.experiments.get(exp.name)
-        title = exp.name
-        if erec is not None and erec.winner:
-            title += f": {erec.winner} won at epoch {erec.winner_epoch}"
-        elif erec is not None:
-            title += f": {erec.status.value}"
-        table = Table(title=title, title_justify="left")
-        for col in ("worker", "slot", "epoch/max"):
-            table.add_column(col)
-        for c in exp.criteria:
-            table.add_column(c.threshold.metric if c.threshold else c.source)
-        table.add_column("status")
-        for w in exp.workers:
-            rec = state.runs.get(f"{exp.name}/{w.name}")
-            if rec is None:
-                continue
-            epoch = "—" if rec.epoch is None else str(rec.epoch)
-            cells = [criterion_cell(c, rec.last_metrics) for c in exp.criteria]
-            status = STATUS_ICON[rec.state] + (" ⚠ stalled" if rec.stalled else "")
-            if rec.error and rec.state in (RunState.failed, RunState.pending):
-                status += f" ({rec.error[:60]})"
-            table.add_row(w.name, rec.slot or "—", f"{epoch}/{rec.max_epochs}", *cells, status)
-        parts.append(table)
-    if events:
-        parts.append("\n".join(events[-8:]))
-    return Group(*parts)
-
-
 # -- status, stop -------------------------------------------------------------------------------
 
 
@@ -305,13 +252,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     when = time.strftime("%H:%M:%S", time.localtime(state.updated_at))
     who = f"controller pid {state.controller.get('pid')} running" if alive else "no controller"
     console.print(f"plan {plan.source} · state of {when} · {who}")
+    from orchestrator.views.live import render_table
+
     console.print(render_table(plan, state))
     return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from .launchers import LocalLauncher
-    from .reporting import atomic_write_json
+    from orchestrator.reporting import atomic_write_json
+    from orchestrator.running.launchers import LocalLauncher
 
     plan = load_plan(args.plan)
     paths = ResultsPaths(plan.results_dir)
@@ -329,7 +278,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
         print(f"asked controller pid {state.controller['pid']} to stop {what}")
         return _wait_for_stop(paths, args.workers)
     # No controller: stop the runs ourselves, under the controller lock.
-    from .lock import ControllerLock
+    from orchestrator.core.lock import ControllerLock
 
     lock = ControllerLock(paths.lock)
     lock.acquire()
@@ -384,10 +333,10 @@ def _wait_for_stop(paths: ResultsPaths, workers: list[str], timeout_s: float = 6
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    from . import worktrees
-    from .environment import placeholder_values, worker_env
-    from .lock import ControllerLock
-    from .state import ExperimentRecord, RunRecord
+    from orchestrator.core.environment import placeholder_values, worker_env
+    from orchestrator.core.lock import ControllerLock
+    from orchestrator.core.state import ExperimentRecord, RunRecord
+    from orchestrator.running import worktrees
 
     plan = load_plan(args.plan)
     matches = [
@@ -452,8 +401,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    from . import worktrees
-    from .lock import ControllerLock
+    from orchestrator.core.lock import ControllerLock
+    from orchestrator.running import worktrees
 
     plan = load_plan(args.plan)
     paths = ResultsPaths(plan.results_dir)

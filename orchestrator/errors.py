@@ -6,6 +6,10 @@ and exits non-zero; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import sys
+import time
+from collections.abc import Callable
+
 
 class OrchestratorError(Exception):
     """Base of every error the orchestrator reports to a user.
@@ -46,3 +50,35 @@ class StateError(OrchestratorError):
 
 class SyncError(OrchestratorError):
     """Pushing or pulling files over SSH failed in a way the user must fix (auth, host key)."""
+
+
+class WriteErrors:
+    """Counts failed writes (disk full, read-only folder) and warns at most once a minute per kind.
+
+    A race goes on when the dashboard or the state cannot be written; the user still hears of it.
+
+    Args:
+        clock: time source in seconds (tests may fake it).
+        interval_s: minimum seconds between two warnings of the same kind.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time, interval_s: float = 60.0) -> None:
+        self.clock = clock
+        self.interval_s = interval_s
+        self.count = 0
+        self._last: dict[str, float] = {}
+
+    def report(self, what: str, error: OSError) -> bool:
+        """Count one failed write of ``what``; print a warning unless one was printed lately.
+
+        Returns:
+            True when a warning was printed.
+        """
+        self.count += 1
+        now = self.clock()
+        last = self._last.get(what)
+        if last is not None and now - last < self.interval_s:
+            return False
+        self._last[what] = now
+        print(f"warning: cannot write {what}: {error.strerror or error}", file=sys.stderr)
+        return True

@@ -12,7 +12,8 @@ Layout under the plan's results directory::
           metrics.jsonl checkpoints/ evals/     written by the worker (orchestrator.reporting)
           stdout.log stderr.log                 appended by every attempt
           attempts/0001.exit.json               exit status written by the launch wrapper
-        success_viz/                  figures and reports of the experiment (on_success hook)
+        race_report/                  RACE_REPORT.md + figures, written at every decision/failure
+        success_viz/                  the job's own figures and reports (its on_success hook)
 
 Run directories live outside the worktrees: ``git worktree remove`` deletes ignored files.
 No other module joins path strings for these files.
@@ -23,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .reporting import CHECKPOINT_DIR, EVALS_DIR, LATEST, METRICS_FILE
+from orchestrator.reporting import CHECKPOINT_DIR, EVALS_DIR, LATEST, METRICS_FILE
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,13 @@ class ResultsPaths:
 
     def success_viz_dir(self, experiment: str) -> Path:
         return self.root / experiment / "success_viz"
+
+    def race_report_dir(self, experiment: str) -> Path:
+        """The race report of the experiment (written at every decision and failure)."""
+        return self.root / experiment / "race_report"
+
+    def race_report(self, experiment: str) -> Path:
+        return self.race_report_dir(experiment) / "RACE_REPORT.md"
 
     def run(self, experiment: str, worker: str) -> RunPaths:
         return RunPaths(self.root / experiment / worker)

@@ -4,7 +4,7 @@
     python scripts/compare_runs.py experiments/trajectory_compare.yaml \
         --metrics val_macro_f1,val_accuracy,position_error_px,params --group-by '^(.*)-seed\\d+$'
 
-A thin command line over orchestrator/report.py (also `python -m orchestrator report PLAN`).
+A thin command line over orchestrator/views/report.py (also `python -m orchestrator report PLAN`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator.report import add_report_arguments, run_report
+from orchestrator.views.report import add_report_arguments, run_report
 
 
 def main(argv: list[str] | None = None) -> int:

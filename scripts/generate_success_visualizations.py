@@ -11,7 +11,7 @@ passes the best worker's run directory, and this script says FAILURE on its own)
 
 Writes <results_dir>/<experiment>/success_viz/{SUCCESS,FAILURE}_VISUALIZATION.png (2x2, 150 dpi),
 each panel alone, and {SUCCESS,FAILURE}_REPORT.md. See docs/success_figure.md and
-orchestrator/success_report.py.
+workers/persistence_report/report.py.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--wait-s must be >= 0")
 
     from orchestrator.errors import ConfigError, OrchestratorError
-    from orchestrator.success_report import load_outcome, write_outputs
+    from workers.persistence_report.report import load_outcome, write_outputs
 
     try:
         outcome = load_outcome(

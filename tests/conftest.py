@@ -85,8 +85,33 @@ def run_cli(*args: str, cwd: Path, timeout: float = 120, **kw: Any) -> subproces
     )
 
 
-def marked_processes(marker: str) -> list[psutil.Process]:
-    """Live processes (not this one) whose environment carries ``marker``."""
+REPORT_RENDERER = "orchestrator.views.race_report"
+
+
+def marked_processes(marker: str, *, report_wait_s: float = 60.0) -> list[psutil.Process]:
+    """Live processes (not this one) whose environment carries ``marker``.
+
+    A race report renderer (the detached process a decided race starts) is waited for, up to
+    ``report_wait_s``, rather than counted: it ends on its own once the report is written. One
+    still alive after that is returned like any other leak.
+    """
+    deadline = time.monotonic() + report_wait_s
+    while True:
+        found = _marked(marker)
+        renderers = [p for p in found if _is_renderer(p)]
+        if not renderers or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def _is_renderer(proc: psutil.Process) -> bool:
+    try:
+        return REPORT_RENDERER in proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
+def _marked(marker: str) -> list[psutil.Process]:
     out = []
     for proc in psutil.process_iter():
         if proc.pid == os.getpid():

@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.ssh import ConnectOptions
+from orchestrator.remote.ssh import ConnectOptions
 
 SSHD = Path("/usr/sbin/sshd")
 

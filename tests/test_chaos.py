@@ -39,11 +39,12 @@ from hypothesis import HealthCheck, example, given, seed, settings
 from hypothesis import strategies as st
 
 from orchestrator import cli
-from orchestrator.config import load_plan
-from orchestrator.controller import Controller
+from orchestrator.core.config import load_plan
+from orchestrator.core.state import PlanState, RunState
 from orchestrator.errors import ConfigError
 from orchestrator.paths import ResultsPaths
-from orchestrator.state import PlanState, RunState
+from orchestrator.session import build_controller
+from orchestrator.views.dashboard import Dashboard
 
 pytestmark = pytest.mark.slow  # whole races, on purpose; still part of the default suite
 
@@ -64,7 +65,7 @@ class RaceThread:
     started: list[RaceThread] = []  # stopped after every test by ``_stop_abandoned_races``
 
     def __init__(self, plan_path: Path, **kw: Any) -> None:
-        self.controller = Controller(load_plan(plan_path), **kw)
+        self.controller = build_controller(load_plan(plan_path), **kw)
         self.code: int | None = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -73,6 +74,7 @@ class RaceThread:
     def _run(self) -> None:
         try:
             self.code = self.controller.run()
+            self.controller.wait_for_views()
         except BaseException as e:  # surfaced by join()
             self.error = e
 
@@ -704,24 +706,27 @@ def test_full_disk_keeps_last_good_state_and_dashboard_and_keeps_racing(
         # A progress plot being written while the disk fills would fail and delete its temp
         # file, handing its pages back to the next small write: fill only once the first plot
         # is on disk (the next is at least 30 s away), and top up once more after a moment.
-        dash = race.controller.dashboard
+        dash = next(v for v in race.controller.views if isinstance(v, Dashboard))
         wait_for(
             lambda: dash.progress_path.exists()
-            and dash._plot_future is not None
-            and dash._plot_future.done(),
+            and dash._plot_thread is not None
+            and not dash._plot_thread.is_alive(),
             timeout=60,
         )
         filler = _fill(results)
         time.sleep(0.1)
         _fill(results)
-        errors_at_fill = dash.write_errors
+        def write_errors() -> int:
+            return dash.write_errors.count + race.controller.write_errors.count
+
+        errors_at_fill = write_errors()
         full_at = race.live("a").record.epoch
         time.sleep(0.5)  # several failed writes of each kind
         good_state = (results / "state.json").read_bytes()
         good_dash = (results / "PROGRESS.md").read_bytes()
         # still racing: the controller follows the workers while nothing can be written
         wait_for(lambda: (race.live("a").record.epoch or 0) >= full_at + 10, timeout=60)
-        assert dash.write_errors - errors_at_fill >= 4, capfd.readouterr().err
+        assert write_errors() - errors_at_fill >= 4, capfd.readouterr().err
         assert (results / "state.json").read_bytes() == good_state  # the last good version
         assert (results / "PROGRESS.md").read_bytes() == good_dash
         assert json.loads(good_state)["runs"]["race/a"]["state"] == "running"  # whole, parseable

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from orchestrator.config import expand, load_plan
+from orchestrator.core.config import expand, load_plan
 from orchestrator.errors import ConfigError
 
 GOOD = """\

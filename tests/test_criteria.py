@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.criteria import Criterion, all_pass
+from orchestrator.core.criteria import Criterion, all_pass
 from orchestrator.errors import CriteriaError
 
 

@@ -8,10 +8,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.config import load_plan
-from orchestrator.metrics import MetricHistory
-from orchestrator.state import ExperimentRecord, ExperimentStatus, PlanState, RunRecord, RunState
-from orchestrator.dashboard import render_markdown
+from orchestrator.core.config import load_plan
+from orchestrator.core.state import (
+    ExperimentRecord,
+    ExperimentStatus,
+    PlanState,
+    RunRecord,
+    RunState,
+)
+from orchestrator.sources.metrics import MetricHistory
+from orchestrator.views.dashboard import render_markdown
 
 GOLDEN = Path(__file__).parent / "golden" / "dashboard.md"
 T0 = 1_800_000_000.0  # fixed clock
@@ -106,7 +112,7 @@ def test_decided_race_shows_the_winner(tmp_path: Path) -> None:
 def test_progress_plot_has_one_panel_per_criterion_metric(tmp_path: Path) -> None:
     from PIL import Image
 
-    from orchestrator.plots import render_progress
+    from orchestrator.views.plots import render_progress
 
     plan, _, histories, _ = scenario(tmp_path)
     out = tmp_path / "progress.png"

@@ -6,7 +6,13 @@ import json
 import os
 from pathlib import Path
 
-from orchestrator.metrics import CsvSource, JsonlSource, MetricHistory, RegexSource, make_source
+from orchestrator.sources.metrics import (
+    CsvSource,
+    JsonlSource,
+    MetricHistory,
+    RegexSource,
+    make_source,
+)
 
 
 def append(path: Path, text: str) -> None:

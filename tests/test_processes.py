@@ -8,10 +8,9 @@ import textwrap
 from pathlib import Path
 
 import psutil
-import pytest
 from conftest import FAKE_WORKER, marked_processes, wait_for
 
-from orchestrator.processes import attach, launch, stop_trees
+from orchestrator.running.processes import attach, launch, stop_trees
 
 DATALOADER_WORKER = textwrap.dedent(
     """

@@ -11,18 +11,20 @@ from pathlib import Path
 
 from conftest import fake, git, marked_processes, run_cli, wait_for, write_plan
 
-from orchestrator.config import load_plan
-from orchestrator.controller import Controller
-from orchestrator.metrics import JsonlSource
+from orchestrator.core.config import load_plan
+from orchestrator.core.controller import Controller
+from orchestrator.core.state import ExperimentStatus, PlanState, RunState
 from orchestrator.paths import ResultsPaths
-from orchestrator.state import ExperimentStatus, PlanState, RunState
+from orchestrator.session import build_controller
+from orchestrator.sources.metrics import JsonlSource
 
 FAST = 0.05  # seconds per fake epoch
 
 
 def race(plan_path: Path, **kw) -> tuple[int, PlanState, Controller]:
-    controller = Controller(load_plan(plan_path), **kw)
+    controller = build_controller(load_plan(plan_path), **kw)
     code = controller.run()
+    controller.wait_for_views()  # the race report renders in a detached process
     return code, PlanState.load(ResultsPaths(controller.plan.results_dir).state), controller
 
 
@@ -205,7 +207,7 @@ def test_sigint_stops_every_worker_and_leaves_resumable_state(repo: Path, leak_c
 HANDLER_UNDER_LOCK = """
 import os, signal, threading, time
 from orchestrator.cli import install_signal_handlers
-from orchestrator.controller import Controller
+from orchestrator.core.controller import Controller
 
 class Loop:  # what the handlers touch of a Controller
     interrupted = None

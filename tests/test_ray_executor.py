@@ -22,18 +22,18 @@ import psutil
 import pytest
 import yaml
 
-from orchestrator.config import load_plan
-from orchestrator.controller import Controller
-from orchestrator.launchers import LaunchSpec
-from orchestrator.processes import RUN_ID_ENV
-from orchestrator.ray_executor import (
+from orchestrator.core.config import load_plan
+from orchestrator.core.state import PlanState, RunState
+from orchestrator.ray_executor.executor import (
     NodeSpec,
     RayLauncher,
     RayRunHandle,
     RunActor,
     is_append_only,
 )
-from orchestrator.state import PlanState, RunState
+from orchestrator.running.launchers import LaunchSpec
+from orchestrator.running.processes import RUN_ID_ENV
+from orchestrator.session import build_controller
 
 pytestmark = [
     # Ray's own modules warn on import/shutdown (deprecations, unclosed sockets): not ours.
@@ -134,7 +134,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def test_core_does_not_import_ray() -> None:
-    code = ("import sys, orchestrator.controller, orchestrator.cli, orchestrator.launchers; "
+    code = ("import sys, orchestrator.core.controller, orchestrator.cli, orchestrator.running.launchers; "
             "sys.exit(1 if 'ray' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
@@ -220,7 +220,9 @@ def test_race_decides_stops_losers_and_returns_results(
     plan = load_plan(plan_path)
     launcher = RecordingLauncher(plan, ship=ship, checkpoint_sync_s=0.0)
     assert launcher.ship is ship
-    rc = Controller(plan, launcher=launcher).run()
+    controller = build_controller(plan, launcher=launcher)
+    rc = controller.run()
+    controller.wait_for_views()
 
     assert rc == 0
     state = PlanState.load(plan.results_dir / "state.json")
@@ -289,7 +291,9 @@ def test_killed_actor_is_retried_with_resume(local_ray: Any, tmp_path: Path) -> 
 
     killer = threading.Thread(target=kill_after_five_epochs, daemon=True)
     killer.start()
-    rc = Controller(plan, launcher=launcher).run()
+    controller = build_controller(plan, launcher=launcher)
+    rc = controller.run()
+    controller.wait_for_views()
     killer.join(timeout=5)
 
     assert rc == 0 and "pids" in killed

@@ -25,21 +25,22 @@ import pytest
 import yaml
 from conftest import fake, marked_processes, run_cli, wait_for, write_plan
 
-from orchestrator.config import load_plan
-from orchestrator.controller import Controller
-from orchestrator.gpus import Slot, wait_gpu_memory_released
-from orchestrator.launchers import LaunchSpec, LocalLauncher
-from orchestrator.metrics import CsvSource, JsonlSource, MetricHistory
-from orchestrator.paths import ResultsPaths
-from orchestrator.processes import find_strays
-from orchestrator.reporting import Reporter
-from orchestrator.state import (
+from orchestrator.core.config import load_plan
+from orchestrator.core.controller import Controller
+from orchestrator.core.state import (
     ExperimentRecord,
     ExperimentStatus,
     PlanState,
     RunRecord,
     RunState,
 )
+from orchestrator.paths import ResultsPaths
+from orchestrator.reporting import Reporter
+from orchestrator.running.gpus import Slot, wait_gpu_memory_released
+from orchestrator.running.launchers import LaunchSpec, LocalLauncher
+from orchestrator.running.processes import find_strays
+from orchestrator.session import build_controller
+from orchestrator.sources.metrics import CsvSource, JsonlSource, MetricHistory
 
 pytestmark = pytest.mark.slow  # whole races, on purpose; still part of the default suite
 
@@ -124,10 +125,14 @@ def _gpu_race(
         gpus=[0],
         max_parallel=1,
     )
-    controller = Controller(load_plan(plan))
+    controller = build_controller(load_plan(plan))
     controller.slot_holds.timeout_s = timeout_s
     done: list[int] = []
-    thread = threading.Thread(target=lambda: done.append(controller.run()), daemon=True)
+    def run() -> None:
+        done.append(controller.run())
+        controller.wait_for_views()
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
 
     def first_pid() -> int | None:
@@ -286,8 +291,9 @@ def test_unmodified_scripts_race_on_regex_csv_and_tensorboard_metrics(
     }
     path = repo / "plan.yaml"
     path.write_text(yaml.safe_dump(plan, sort_keys=False))
-    controller = Controller(load_plan(path))
+    controller = build_controller(load_plan(path))
     assert controller.run() == 0
+    controller.wait_for_views()
     state = state_of(repo / "results")
     # test_loss = 1 - 0.05 x: <= 0.5 first at step 10 (regex, tensorboard), at epoch 10 (csv)
     assert state.experiments["regex"].winner_epoch == 10
@@ -553,8 +559,9 @@ def test_rerun_after_controller_died_while_stopping_a_decided_race(
     )
     state.runs = {"race/a": a, "race/b": b}
     state.save(ResultsPaths(results).state)
-    controller = Controller(load_plan(plan))
+    controller = build_controller(load_plan(plan))
     assert controller.run() == 0
+    controller.wait_for_views()
     events = "\n".join(controller.events)
     assert f"race/b: re-attached to pid {handle.pid}" in events
     after = state_of(results).run("race", "b")
@@ -602,8 +609,9 @@ def test_attempt_launched_just_before_the_controller_died_is_not_run_twice(
     state.save(ResultsPaths(results).state)
     found = find_strays({str(ResultsPaths(results).run("race", "b").run_dir): set()})
     assert len(next(iter(found.values()))) >= 3  # wrapper, trainer, setsid helper
-    controller = Controller(load_plan(plan))
+    controller = build_controller(load_plan(plan))
     assert controller.run() == 1  # acc never passes: exhausted
+    controller.wait_for_views()
     events = "\n".join(controller.events)
     assert "race/b: stopping" in events and "untracked process(es)" in events
     assert events.index("untracked process(es)") < events.index("race/b: started attempt 1")

@@ -1,4 +1,4 @@
-"""orchestrator/report.py and scripts/compare_runs.py: grouping over seeds, mean +- sd, best by
+"""orchestrator/views/report.py and scripts/compare_runs.py: grouping over seeds, mean +- sd, best by
 direction, the plot, error lines, and a table over a small real run of the trajectory worker."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import sys
 from pathlib import Path
 
 from orchestrator.paths import ResultsPaths
-from orchestrator.report import (
+from orchestrator.reporting import Reporter
+from orchestrator.views.report import (
     DEFAULT_GROUP_BY,
     add_report_arguments,
     format_mean_sd,
     group_of,
     run_report,
 )
-from orchestrator.reporting import Reporter
 from synthvid.persistence import PersistenceConfig, generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,5 +1,5 @@
 # ruff: noqa: E501  (the golden report below keeps its long markdown lines)
-"""The four-panel success/failure figure and report (orchestrator/success_report.py).
+"""The four-panel success/failure figure and report (workers/persistence_report/report.py).
 
 The figure is built from run directories made by REAL tiny training runs of
 workers/early_persistence.py (two workers, run once per module as subprocesses); the race's
@@ -21,11 +21,18 @@ import numpy as np
 import pytest
 import yaml
 
-from orchestrator.criteria import Criterion
-from orchestrator.metrics import JsonlSource, MetricHistory
+from orchestrator.core.criteria import Criterion
+from orchestrator.core.state import (
+    ExperimentRecord,
+    ExperimentStatus,
+    PlanState,
+    RunRecord,
+    RunState,
+)
 from orchestrator.reporting import Reporter
-from orchestrator.state import ExperimentRecord, ExperimentStatus, PlanState, RunRecord, RunState
-from orchestrator.success_report import (
+from orchestrator.sources.metrics import JsonlSource, MetricHistory
+from synthvid.persistence import PersistenceConfig, generate_dataset
+from workers.persistence_report.report import (
     GRID_SAMPLES,
     PANEL_FILES,
     build_figures,
@@ -36,7 +43,6 @@ from orchestrator.success_report import (
     separation,
     write_outputs,
 )
-from synthvid.persistence import PersistenceConfig, generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "generate_success_visualizations.py"
@@ -374,15 +380,16 @@ def test_script_as_the_hook_of_a_failed_race(failure_plan, tmp_path):
         assert f"]({name})" in report and (out / name).is_file()
     for link in _links(report):
         assert (out / link).is_file(), link
-    # the dashboard (orchestrator/dashboard.py) links these exact file names as soon as they exist
-    from orchestrator.config import load_plan
-    from orchestrator.dashboard import Dashboard
+    # the dashboard (orchestrator/views/dashboard.py) links these exact file names as soon as they exist
+    from orchestrator.core.config import load_plan
     from orchestrator.paths import ResultsPaths
+    from orchestrator.remote.sync import NullSyncer
+    from orchestrator.views.dashboard import Dashboard
 
     plan = load_plan(failure_plan)
-    dashboard = Dashboard(plan, ResultsPaths(plan.results_dir))
+    dashboard = Dashboard(plan, ResultsPaths(plan.results_dir), NullSyncer())
     try:
-        linked = dashboard._links()["race"]
+        linked = [item for item in dashboard._links()["race"] if item[0] != "Race report"]
     finally:
         dashboard.close()
     assert [label for label, _ in linked] == ["Failure figure", "Failure report"]
@@ -448,7 +455,7 @@ def test_script_bad_input_is_one_error_line(success_plan, tmp_path, capsys):
 
 
 def test_undecided_race_and_missing_evals_are_clear_errors(success_plan, tmp_path):
-    from orchestrator.success_report import SuccessReportError
+    from workers.persistence_report.report import SuccessReportError
 
     root = tmp_path / "copy"
     shutil.copytree(success_plan.parent, root)

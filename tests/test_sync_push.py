@@ -1,4 +1,4 @@
-"""The push side (orchestrator.sync) against a real OpenSSH sshd on 127.0.0.1."""
+"""The push side (orchestrator.remote.sync) against a real OpenSSH sshd on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sshd_fixture import SshServer
 
-from orchestrator.ssh import LinkDownError, open_session, parse_target
-from orchestrator.sync import (
+from orchestrator.remote.ssh import LinkDownError, open_session, parse_target
+from orchestrator.remote.sync import (
     NullSyncer,
     SftpSyncer,
     SyncStatus,
@@ -33,7 +33,7 @@ from orchestrator.sync import (
     scan_files,
     upload_atomic,
 )
-from orchestrator.sync_config import SyncConfig
+from orchestrator.remote.sync_config import SyncConfig
 
 sshd = sshd_fixture.sshd  # the fixture: a started SshServer
 

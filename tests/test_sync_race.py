@@ -13,10 +13,10 @@ import sshd_fixture
 from conftest import fake, write_plan
 from sshd_fixture import SshServer
 
-from orchestrator.config import load_plan
-from orchestrator.controller import Controller
+from orchestrator.core.config import load_plan
+from orchestrator.core.state import PlanState
 from orchestrator.paths import ResultsPaths
-from orchestrator.state import PlanState
+from orchestrator.session import build_controller
 
 sshd = sshd_fixture.sshd  # the fixture: a started SshServer
 
@@ -35,9 +35,10 @@ WORKERS = [
 
 
 def run_race(plan_path: Path) -> tuple[int, PlanState, float]:
-    controller = Controller(load_plan(plan_path))
+    controller = build_controller(load_plan(plan_path))
     started = time.monotonic()
     code = controller.run()
+    controller.wait_for_views()
     state = PlanState.load(ResultsPaths(controller.plan.results_dir).state)
     return code, state, time.monotonic() - started
 
@@ -111,7 +112,7 @@ def test_race_with_link_cut_mid_race_decides_on_time_and_sync_catches_up(
     argv = [
         sys.executable,
         "-m",
-        "orchestrator.watch",
+        "orchestrator.remote.watch",
         sshd.target(repo),
         "--once",
         "--out",

@@ -1,4 +1,4 @@
-"""orchestrator.ssh against a real OpenSSH sshd on 127.0.0.1: targets, host keys, auth, errors."""
+"""orchestrator.remote.ssh against a real OpenSSH sshd on 127.0.0.1: targets, host keys, auth, errors."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sshd_fixture import SshServer, free_port, keygen, require_sshd
 
-from orchestrator.ssh import (
+from orchestrator.remote.ssh import (
     AuthError,
     HostKeyMismatchError,
     HostKeyUnknownError,
@@ -31,8 +31,8 @@ from orchestrator.ssh import (
     open_session,
     parse_target,
 )
-from orchestrator.sync import upload_atomic
-from orchestrator.sync_config import SyncConfig
+from orchestrator.remote.sync import upload_atomic
+from orchestrator.remote.sync_config import SyncConfig
 
 sshd = sshd_fixture.sshd  # the fixture: a started SshServer
 
@@ -219,7 +219,7 @@ def test_symlink_escape_rejected(sshd: SshServer, tmp_path: Path) -> None:
 
 def test_importing_sync_and_watch_does_not_import_paramiko_or_rich() -> None:
     code = (
-        "import sys, orchestrator.sync, orchestrator.watch, orchestrator.sync_config\n"
+        "import sys, orchestrator.remote.sync, orchestrator.remote.watch, orchestrator.remote.sync_config\n"
         "print(sorted(m for m in ('paramiko', 'rich') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,4 +1,4 @@
-"""The pull side (orchestrator.watch): real subprocesses against a real sshd on 127.0.0.1."""
+"""The pull side (orchestrator.remote.watch): real subprocesses against a real sshd on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import sshd_fixture
 from sshd_fixture import SshServer
 
-from orchestrator.ssh import open_session, parse_target
-from orchestrator.sync import image_references
-from orchestrator.watch import DashboardFetcher, local_image_links
+from orchestrator.remote.ssh import open_session, parse_target
+from orchestrator.remote.sync import image_references
+from orchestrator.remote.watch import DashboardFetcher, local_image_links
 
 sshd = sshd_fixture.sshd  # the fixture: a started SshServer
 
@@ -54,7 +54,7 @@ def watch_argv(server: SshServer, remote: Path, out: Path, *extra: str) -> list[
     return [
         sys.executable,
         "-m",
-        "orchestrator.watch",
+        "orchestrator.remote.watch",
         server.target(remote),
         "--out",
         str(out),
@@ -118,7 +118,7 @@ def test_watch_once_via_ssh_config_alias(sshd: SshServer, tmp_path: Path) -> Non
     argv = [
         sys.executable,
         "-m",
-        "orchestrator.watch",
+        "orchestrator.remote.watch",
         f"gpubox:{remote}",
         "--once",
         "--out",
@@ -153,10 +153,10 @@ def test_watch_unknown_host_is_one_error_line_then_accepted(
 
 
 def test_watch_bad_input_exits_with_error_line(tmp_path: Path) -> None:
-    argv = [sys.executable, "-m", "orchestrator.watch", "no-colon-target", "--once"]
+    argv = [sys.executable, "-m", "orchestrator.remote.watch", "no-colon-target", "--once"]
     done = subprocess.run(argv, capture_output=True, text=True, env=run_env(), timeout=60)
     assert (done.returncode, done.stderr.splitlines()[0][:6]) == (1, "error:")
-    argv = [sys.executable, "-m", "orchestrator.watch", "h:p", "--interval-s", "0"]
+    argv = [sys.executable, "-m", "orchestrator.remote.watch", "h:p", "--interval-s", "0"]
     done = subprocess.run(argv, capture_output=True, text=True, env=run_env(), timeout=60)
     assert done.returncode == 2 and "must be > 0" in done.stderr
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import git, run_cli, write_plan, fake
+from conftest import fake, git, run_cli, write_plan
 
-from orchestrator import worktrees
+from orchestrator.running import worktrees
 from orchestrator.errors import WorktreeError
 
 

@@ -1,0 +1,474 @@
+"""``executor: ray``: each run becomes a Ray actor that runs the worker command on a cluster node.
+
+The controller, criteria, dashboard, state and sync are unchanged: this module is one more
+``Launcher`` (see launchers.py). Per attempt:
+
+1. ``RayLauncher.start`` creates a ``RunActor`` that reserves ``ray.num_cpus_per_worker`` CPUs
+   and ``ray.num_gpus_per_worker`` GPUs (Ray sets the actor's CUDA_VISIBLE_DEVICES; the worker
+   gets exactly those). The call returns at once; the actor may wait for resources.
+2. On the node the actor starts the worker through ``processes.launch`` (its own session, the
+   ORCH_RUN_ID tag, the launch wrapper that writes the exit status), with the same environment
+   contract as a local run, plus a tiny *sentinel* process that stops the worker's process tree
+   if the actor dies (``ray.kill``, OOM, a crash), so a dead actor leaves no orphans.
+3. The launcher's pump thread long-polls every actor (``RunActor.pull``): new bytes of the
+   append-only files (metrics.jsonl, stdout.log, stderr.log, any ``*.jsonl``/``*.log``/``*.csv``
+   and TensorBoard event files) are appended to the controller's run directory as they arrive, so
+   the controller's metric tailer and its file-event wake-up work unchanged. The latest
+   checkpoint (``checkpoints/latest.*``) is copied back at most every ``checkpoint_sync_s``.
+4. When the worker exits (on its own or stopped), the last pull returns every published file
+   of the node's run directory (numbered checkpoints, evals/, reports, the exit status) and the
+   launcher kills the actor, which frees its CPUs/GPUs.
+
+Two ways to give the worker its files, chosen once per launcher:
+
+- **shipped** (a multi-node cluster, or ``ORCH_RAY_SHIP=1``): the worktree travels as the actor's
+  ``runtime_env.working_dir`` (excluding .git, results/, runs/, data/, .worktrees/, caches;
+  Ray also honours the worktree's .gitignore), the orchestrator package as ``py_modules``; the
+  worker writes to a node-local run directory that is streamed back as above. Paths in the
+  command and env that point into the controller's worktree or run directory are rewritten to
+  the node's copies, and a leading controller interpreter becomes the node's. Data under
+  ``{repo}`` is NOT shipped: put datasets on shared storage (or let the worker build them).
+- **in place** (every node of the cluster is this machine, e.g. ``ray.address: local``, or
+  ``ORCH_RAY_SHIP=0`` for a cluster on a shared file system): the worker runs in the controller's
+  worktree and writes the controller's run directory directly; nothing is copied.
+
+Resume after a crash: a dead actor or node makes ``poll`` return -9, a crash like any other, so
+the controller retries with ORCH_RESUME=1 (max_retries). In shipped mode the new attempt's node
+run directory is seeded with the controller's copy of metrics.jsonl and checkpoints/latest.*
+(at most ``checkpoint_sync_s`` old); in place, the worker reads its own run directory.
+Ray actors die with their driver, so runs do not survive a controller restart: ``attach``
+returns None and the restarted controller resumes them from the checkpoints it holds.
+
+References: Ray actors and runtime environments (docs.ray.io, "Actors", "Runtime environments");
+Ray Tune's function trainables do the same job in-process (see benchmarks/bench_ray_vs_tune.py).
+
+Layout: this module is the controller side (``RayLauncher``, ``RayRunHandle``); the actor and
+what it runs on the node are in ray_node.py (``RunActor``, ``NodeSpec``, ``Pull``), the sentinel
+in ray_sentinel.py. Their public names are re-exported here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.errors import LaunchError
+from orchestrator.paths import RunPaths
+from orchestrator.ray_executor.node import (
+    APPEND_SUFFIXES,
+    DEAD_ACTOR_CODE,
+    MAX_CHUNK_BYTES,
+    RESCAN_S,
+    NodeSpec,
+    Pull,
+    RunActor,
+    is_append_only,
+)
+from orchestrator.reporting import LATEST, atomic_write_bytes
+from orchestrator.running.launchers import Launcher, LaunchSpec, RunHandle
+from orchestrator.running.processes import StopReport
+
+if TYPE_CHECKING:
+    from orchestrator.core.config import Plan
+
+__all__ = [
+    "APPEND_SUFFIXES",
+    "DEAD_ACTOR_CODE",
+    "MAX_CHUNK_BYTES",
+    "NAMESPACE",
+    "RESCAN_S",
+    "SHIP_ENV",
+    "WORKING_DIR_EXCLUDES",
+    "NodeSpec",
+    "Pull",
+    "RayLauncher",
+    "RayRunHandle",
+    "RunActor",
+    "is_append_only",
+]
+
+NAMESPACE = "orchestrator"
+SHIP_ENV = "ORCH_RAY_SHIP"  # "1": ship worktrees, "0": use them in place; unset: auto
+WORKING_DIR_EXCLUDES = [
+    ".git", ".worktrees/", "results/", "runs/", "data/", "__pycache__/", "*.pyc", ".venv/",
+    ".mypy_cache/", ".pytest_cache/", ".ruff_cache/",
+]
+
+
+# -- the controller side --------------------------------------------------------------------
+
+
+class RayRunHandle(RunHandle):
+    """One attempt running in a Ray actor; the launcher's pump thread feeds it.
+
+    ``pid`` is the launch wrapper's pid on its node once the actor started it, -1 before.
+    """
+
+    def __init__(self, spec: LaunchSpec, actor: Any, start_ref: Any) -> None:
+        self.spec = spec
+        self.actor = actor
+        self.start_ref = start_ref  # ObjectRef of RunActor.start()
+        self.pid: int | None = -1
+        self.create_time: float | None = time.time()
+        self.node: str | None = None  # the node's IP, once started
+        self.node_cwd: str | None = None  # where the worker runs on the node
+        self.node_run_dir: str | None = None  # where it writes there
+        self.error: str | None = None
+        self.done = threading.Event()  # set once the final pull (or the death) is applied
+        self._returncode: int | None = None
+        self._cpu_s = 0.0
+        self._killed = False
+
+    def poll(self) -> int | None:
+        return self._returncode if self.done.is_set() else None
+
+    def where(self) -> str:
+        if self.pid is None or self.pid < 0:
+            return "a Ray actor, starting"
+        return f"pid {self.pid} on node {self.node or '?'}"
+
+    def refresh(self) -> None:
+        """Nothing to do per tick: the launcher's pump thread appends new bytes as they arrive
+        (which wakes the controller through its file watcher)."""
+
+    def cpu_seconds(self) -> float:
+        return self._cpu_s
+
+    def apply(self, pull: Pull) -> None:
+        """Append streamed bytes and write whole files into the controller's run directory."""
+        run_dir = self.spec.paths.run_dir
+        for rel, data in pull.appends.items():
+            path = run_dir / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "ab") as f:
+                f.write(data)
+        for rel, data in pull.snapshots.items():
+            atomic_write_bytes(run_dir / rel, data)
+        self._cpu_s = max(self._cpu_s, pull.cpu_s)
+        if pull.returncode is not None:
+            self._finish(pull.returncode)
+
+    def _finish(self, returncode: int, error: str | None = None) -> None:
+        if self.done.is_set():
+            return
+        self._returncode = returncode
+        self.error = error
+        if error:
+            with open(self.spec.paths.stderr, "ab") as f:
+                f.write(f"orchestrator: {error}\n".encode())
+        self.done.set()
+
+
+class RayLauncher(Launcher):
+    """Runs each attempt in a Ray actor (see the module docstring).
+
+    Args:
+        plan: the plan; ``plan.ray`` gives address, runtime_env and per-run resources.
+        ship: ship worktrees (True) or use them in place (False); None: ORCH_RAY_SHIP, else
+            ship unless every node of the cluster is this machine.
+        checkpoint_sync_s: how often (at most) the latest checkpoint is copied back while a
+            run is alive (shipped mode); the final files always come back at the end.
+        pull_wait_s: how long one long-poll waits on the node for new bytes.
+
+    Raises:
+        LaunchError: Ray is not installed, the cluster cannot be reached, or runtime_env sets
+            working_dir (the executor sets it per run).
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        ship: bool | None = None,
+        checkpoint_sync_s: float = 10.0,
+        pull_wait_s: float = 1.0,
+    ) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise LaunchError(
+                "executor: ray needs Ray, which is not installed",
+                hint='pip install -e ".[ray]"',
+            ) from None
+        from orchestrator.core.config import RayConfig
+
+        self.ray = ray
+        self.config = plan.ray or RayConfig()
+        self.plan = plan
+        self.checkpoint_sync_s = checkpoint_sync_s
+        self.pull_wait_s = pull_wait_s
+        if "working_dir" in self.config.runtime_env:
+            raise LaunchError(
+                "ray.runtime_env.working_dir is set per run from the worker's worktree",
+                hint="remove working_dir from ray.runtime_env in the plan",
+            )
+        self._owns_ray = False
+        if not ray.is_initialized():
+            address = self.config.address
+            kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
+            try:
+                if address == "local":
+                    ray.init(**kwargs)
+                else:
+                    ray.init(address=address, **kwargs)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise LaunchError(
+                    f"cannot connect to the Ray cluster at {address!r}: {e}",
+                    hint="start one (`ray start --head`, `ray up cluster.yaml`, KubeRay) or set "
+                    "ray.address: local to start a one-machine instance",
+                ) from None
+            self._owns_ray = True
+        if ship is None and os.environ.get(SHIP_ENV) in ("0", "1"):
+            ship = os.environ[SHIP_ENV] == "1"
+        self.ship = self._all_nodes_here() is False if ship is None else ship
+        self._scratch = tempfile.mkdtemp(prefix="orch-ray-upload-")
+        self._handles: list[RayRunHandle] = []
+        self._pending: dict[Any, tuple[RayRunHandle, str]] = {}  # ObjectRef -> (handle, kind)
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._pump = threading.Thread(target=self._pump_loop, name="ray-pump", daemon=True)
+        self._pump.start()
+
+    def _all_nodes_here(self) -> bool:
+        here = self.ray.util.get_node_ip_address()
+        nodes = [n for n in self.ray.nodes() if n.get("Alive")]
+        return bool(nodes) and all(n.get("NodeManagerAddress") == here for n in nodes)
+
+    # -- starting ---------------------------------------------------------------------------
+
+    def _runtime_env(self, spec: LaunchSpec) -> dict[str, Any]:
+        """The actor's runtime_env: the plan's, plus (shipped) the worktree and this package.
+
+        Ray uploads local directories only for a job-level runtime_env (ray.init), so each
+        worktree is zipped and stored in the cluster's GCS here, with the same functions
+        ray.init uses (content-addressed: an unchanged worktree is uploaded once), and the
+        actor gets the resulting ``gcs://`` URIs.
+        """
+        env = dict(self.config.runtime_env)
+        if not self.ship:
+            return env
+        from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
+        from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+        env["working_dir"] = str(spec.cwd)
+        env["excludes"] = [*WORKING_DIR_EXCLUDES, *env.get("excludes", [])]
+        package = str(Path(__file__).resolve().parent)  # this orchestrator package
+        env["py_modules"] = [*env.get("py_modules", []), package]
+        kwargs: dict[str, Any] = {"scratch_dir": self._scratch, "logger": _quiet_logger()}
+        if "include_gitignore" in inspect.signature(upload_working_dir_if_needed).parameters:
+            kwargs["include_gitignore"] = (
+                os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+            )  # as ray.init decides it (older Rays always honour .gitignore)
+        env = upload_py_modules_if_needed(env, **kwargs)
+        env = upload_working_dir_if_needed(env, **kwargs)
+        env.pop("excludes", None)
+        return env
+
+    def _seed_files(self, paths: RunPaths) -> dict[str, bytes]:
+        """What a shipped attempt needs from the controller's run directory to resume."""
+        files: dict[str, bytes] = {}
+        wanted = [paths.metrics, *sorted(paths.checkpoints.glob(f"{LATEST}.*"))]
+        for path in wanted:
+            if path.is_file():
+                files[path.relative_to(paths.run_dir).as_posix()] = path.read_bytes()
+        return files
+
+    def start(self, spec: LaunchSpec) -> RayRunHandle:
+        """Create the attempt's actor and ask it to start the worker; returns at once.
+
+        Raises:
+            LaunchError: the worktree is missing or Ray refuses the actor (bad runtime_env).
+        """
+        if not spec.cwd.is_dir():
+            raise LaunchError(f"working directory {spec.cwd} does not exist")
+        spec.paths.ensure()
+        # Only what the controller added to its own environment travels: the node keeps its
+        # own PATH, HOME, etc. (in place, the node is this machine: take it all).
+        env = spec.env if not self.ship else {
+            k: v for k, v in spec.env.items() if os.environ.get(k) != v
+        }
+        node_spec = NodeSpec(
+            argv=list(spec.argv), env=dict(env), cwd=str(spec.cwd),
+            run_dir=str(spec.paths.run_dir), run_id=spec.run_id, attempt=spec.attempt,
+            header=spec.header, shipped=self.ship, controller_python=sys.executable,
+            checkpoint_sync_s=self.checkpoint_sync_s,
+            files=self._seed_files(spec.paths) if self.ship else {},
+        )
+        cls: Any = self.ray.remote(RunActor)
+        try:
+            actor: Any = cls.options(
+                num_cpus=self.config.num_cpus_per_worker,
+                num_gpus=self.config.num_gpus_per_worker,
+                max_concurrency=4,
+                max_restarts=0,
+                name=_actor_name(spec.run_id),
+                namespace=NAMESPACE,
+                runtime_env=self._runtime_env(spec),
+            ).remote(node_spec)
+            ref = actor.start.remote()
+        except (ValueError, TypeError, OSError, self.ray.exceptions.RayError,
+                self.ray.exceptions.RuntimeEnvSetupError) as e:
+            raise LaunchError(f"{spec.key}: Ray refused the run: {e}") from None
+        handle = RayRunHandle(spec, actor, ref)
+        with self._lock:
+            self._handles.append(handle)
+            self._pending[ref] = (handle, "start")
+        return handle
+
+    def attach(self, key: str, pid: int, create_time: float, run_id: str, paths: RunPaths,
+               attempt: int) -> RayRunHandle | None:
+        """Ray actors die with the controller that owns them: nothing to re-attach to."""
+        return None
+
+    # -- the pump: long-polls every actor and applies the answers ---------------------------
+
+    def _pump_loop(self) -> None:
+        ray = self.ray
+        while not self._closing.is_set():
+            with self._lock:
+                refs = list(self._pending)
+            if not refs:
+                self._closing.wait(0.02)
+                continue
+            ready, _ = ray.wait(refs, num_returns=1, timeout=0.05)
+            for ref in ready:
+                with self._lock:
+                    handle, kind = self._pending.pop(ref)
+                self._on_ready(handle, kind, ref)
+
+    def _on_ready(self, handle: RayRunHandle, kind: str, ref: Any) -> None:
+        ray = self.ray
+        try:
+            value = ray.get(ref)
+        except ray.exceptions.RayError as e:
+            if handle._killed:  # we killed it (stop before start, close): not a crash
+                handle._finish(DEAD_ACTOR_CODE)
+            else:
+                handle._finish(DEAD_ACTOR_CODE, f"Ray actor of {handle.spec.key} ended: "
+                               f"{_first_line(e)}")
+            self._release(handle)
+            return
+        if kind == "start":
+            handle.pid = value["pid"]
+            handle.create_time = value["create_time"] or handle.create_time
+            handle.node = value["node"]
+            handle.node_cwd = value.get("cwd")
+            handle.node_run_dir = value.get("run_dir")
+        else:
+            try:
+                handle.apply(value)
+            except OSError as e:
+                handle.error = f"cannot write into {handle.spec.paths.run_dir}: {e}"
+        if handle.done.is_set():
+            self._release(handle)
+            return
+        next_ref = handle.actor.pull.remote(self.pull_wait_s)
+        with self._lock:
+            self._pending[next_ref] = (handle, "pull")
+
+    def _kill(self, handle: RayRunHandle) -> None:
+        try:
+            self.ray.kill(handle.actor, no_restart=True)
+        except (ValueError, self.ray.exceptions.RayError):  # already gone
+            pass
+
+    def _release(self, handle: RayRunHandle) -> None:
+        """Kill a finished attempt's actor: frees its CPUs/GPUs on the cluster."""
+        handle._killed = True
+        self._kill(handle)
+        with self._lock:
+            if handle in self._handles:
+                self._handles.remove(handle)
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def stop(self, handles: list[RunHandle], grace_s: float) -> list[StopReport]:
+        """Stop each run's process tree on its node (in parallel), collect its last files,
+        then kill its actor. A run whose actor is already dead reports nothing to kill."""
+        ray = self.ray
+        mine = [h for h in handles if isinstance(h, RayRunHandle)]
+        reports = [StopReport() for _ in mine]
+        start = time.monotonic()
+        # An actor still creating itself or starting its worker is killed at once: it holds no
+        # result yet, and its sentinel (started before the worker) stops whatever it launched.
+        # The others stop their trees on their nodes, all at once.
+        calls: list[Any] = []
+        for h in mine:
+            if h.done.is_set():
+                calls.append(None)
+            elif not ray.wait([h.start_ref], timeout=0)[0]:
+                h._killed = True
+                self._kill(h)
+                calls.append(None)
+            else:
+                calls.append(h.actor.stop.remote(grace_s))
+        for i, (h, ref) in enumerate(zip(mine, calls, strict=True)):
+            if ref is None:
+                continue
+            try:
+                reports[i] = ray.get(ref, timeout=max(0.0, start + grace_s + 30 - time.monotonic()))
+            except ray.exceptions.GetTimeoutError:
+                h._killed = True
+                self._kill(h)
+                h.error = "the node did not answer the stop; killed its actor"
+            except ray.exceptions.RayError as e:  # dead already: its sentinel stopped the tree
+                h.error = f"stop on the node failed: {_first_line(e)}"
+        for i, h in enumerate(mine):  # the pump applies the final pull, then kills the actor
+            if not h.done.wait(timeout=30):
+                h._killed = True
+                self._kill(h)
+                h._finish(DEAD_ACTOR_CODE, "no answer from the actor after the stop")
+            reports[i].duration_s = time.monotonic() - start
+        return reports
+
+    def close(self) -> None:
+        """Kill every remaining actor, end the pump, and shut Ray down if we started it."""
+        with self._lock:
+            left = list(self._handles)
+        for h in left:
+            if not h.done.is_set():
+                try:
+                    self.ray.get(h.actor.stop.remote(self.plan.grace_s),
+                                 timeout=self.plan.grace_s + 30)
+                except Exception:  # dead already: its sentinel cleans up
+                    pass
+            h._killed = True
+            self._kill(h)
+        self._closing.set()
+        self._pump.join(timeout=5)
+        shutil.rmtree(self._scratch, ignore_errors=True)
+        if self._owns_ray:
+            self.ray.shutdown()
+            self._owns_ray = False
+
+
+def _quiet_logger() -> logging.Logger:
+    """Ray's packaging logs every upload at INFO; keep warnings only."""
+    logger = logging.getLogger("orchestrator.ray_executor.upload")
+    logger.setLevel(logging.WARNING)
+    return logger
+
+
+def _actor_name(run_id: str) -> str:
+    """Ray actor name of a run (unique per attempt), e.g. ``race/a/2/1f3c9e0a``."""
+    return f"run:{run_id}"
+
+
+def _first_line(e: BaseException) -> str:
+    """The line of a Ray error that says what went wrong (its last ``...Error: ...`` line)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return type(e).__name__
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b", line)]
+    return (errors[-1] if errors else lines[0])[:300]
+

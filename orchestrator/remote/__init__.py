@@ -1,0 +1,1 @@
+"""Remote: SSH connections, pushing the dashboard over SFTP, pulling it with watch."""

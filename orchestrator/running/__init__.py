@@ -1,0 +1,1 @@
+"""Running attempts: git worktrees, process trees, launchers, GPU slots."""

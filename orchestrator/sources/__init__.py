@@ -1,0 +1,1 @@
+"""Metric sources: reading what workers write (jsonl, stdout regex, CSV, TensorBoard)."""

@@ -1,0 +1,1 @@
+"""Views of a race: the markdown dashboard, progress plots, the race report."""

@@ -1,0 +1,365 @@
+"""PARALLEL_PROGRESS.md: the markdown dashboard the researcher watches from a laptop.
+
+``render_markdown`` is a pure function of the plan, the state and the metric histories (golden
+tested). ``Dashboard`` rewrites the file atomically at most every ``dashboard_interval_s``,
+regenerates the progress plot next to it (throttled), and hands changed files to the syncer.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.core.config import ExperimentConfig, Plan
+from orchestrator.core.criteria import Criterion
+from orchestrator.core.ranking import best_worker, missing_text
+from orchestrator.core.snapshot import RaceSnapshot
+from orchestrator.core.state import ExperimentStatus, PlanState, RunRecord, RunState
+from orchestrator.errors import WriteErrors
+from orchestrator.formatting import duration, fmt
+from orchestrator.paths import ResultsPaths
+from orchestrator.reporting import atomic_write_bytes
+from orchestrator.sources.metrics import MetricHistory
+
+if TYPE_CHECKING:
+    from orchestrator.remote.sync import Syncer
+
+STATUS_ICON = {
+    RunState.pending: "⏳ pending",
+    RunState.preparing: "🔧 preparing",
+    RunState.running: "🏃 running",
+    RunState.succeeded: "🏆 succeeded",
+    RunState.stopped: "⏹ stopped",
+    RunState.exhausted: "⌛ exhausted",
+    RunState.failed: "💥 failed",
+    RunState.cancelled: "🚫 cancelled",
+}
+
+
+def criterion_cell(c: Criterion, metrics: Mapping[str, Any]) -> str:
+    """``0.81 ✓`` / ``0.62 ✗`` / ``—`` for one criterion on one record."""
+    names = sorted(c.names)
+    if c.threshold is not None:
+        value = metrics.get(c.threshold.metric)
+        if value is None:
+            return "—"
+        return f"{fmt(value)} {'✓' if c.evaluate(metrics) else '✗'}"
+    if not all(metrics.get(n) is not None for n in names):
+        return "—"
+    return "✓" if c.evaluate(metrics) else "✗"
+
+
+def _trend(history: MetricHistory, metric: str | None, higher_is_better: bool) -> str:
+    if metric is None:
+        return ""
+    _, ys = history.series(metric)
+    if len(ys) < 2:
+        return ""
+    delta = ys[-1] - ys[-2]
+    if abs(delta) < 1e-9:
+        return "→"
+    better = (delta > 0) == higher_is_better
+    return ("↗" if delta > 0 else "↘") + ("" if better else " (worse)")
+
+
+def _eta(rec: RunRecord, history: MetricHistory, now: float) -> str:
+    if rec.state != RunState.running or rec.epoch is None or rec.max_epochs is None:
+        return ""
+    times = [(r["epoch"], r["time_s"]) for r in history.records if "epoch" in r and "time_s" in r]
+    if len(times) < 2:
+        return ""
+    (e0, t0), (e1, t1) = times[0], times[-1]
+    if e1 <= e0:
+        return ""
+    per_epoch = (t1 - t0) / (e1 - e0)
+    remaining = max(0, rec.max_epochs - e1) * per_epoch
+    return f"~{duration(remaining)} to max"
+
+
+def render_markdown(
+    plan: Plan,
+    state: PlanState,
+    histories: Mapping[str, MetricHistory],
+    events: Sequence[str],
+    *,
+    now: float,
+    progress_image: str | None = None,
+    sync_line: str | None = None,
+    links: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+) -> str:
+    """The dashboard as markdown (pure: the same inputs give the same text).
+
+    Args:
+        plan, state: the plan and the controller's state.
+        histories: metric history per run key ("experiment/worker").
+        events: recent events, oldest first.
+        now: Unix seconds used for "last update" and ETAs.
+        progress_image: file name of the progress plot next to the dashboard, if any.
+        sync_line: one line about the SFTP sync, if enabled.
+        links: per experiment, (label, relative path) of reports and figures that exist.
+    """
+    out: list[str] = []
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+    elapsed = duration(now - state.started_at)
+    status = "finished" if state.finished else "running"
+    out.append("# Parallel progress")
+    out.append("")
+    plan_name = Path(state.plan).name
+    out.append(f"Last update: **{stamp}** · {status} for {elapsed} · plan `{plan_name}`")
+    if sync_line:
+        out.append(f"Sync: {sync_line}")
+    out.append("")
+    for exp in plan.experiments:
+        erec = state.experiments.get(exp.name)
+        if erec is None:
+            continue
+        out.append(f"## {exp.name}: {_exp_status(erec)}")
+        out.append("")
+        crit = " AND ".join(f"`{c.source}`" for c in exp.criteria)
+        out.append(
+            f"Criteria: {crit} · checked every {exp.check_every} epoch"
+            f"{'s' if exp.check_every > 1 else ''} · max {exp.max_epochs} epochs"
+        )
+        out.append("")
+        metric_cols = [c for c in exp.criteria]
+        header = ["worker", "branch", "slot", "epoch/max"]
+        header += [c.threshold.metric if c.threshold else c.source for c in metric_cols]
+        header += ["status", "trend", "ETA"]
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "|".join("---" for _ in header) + "|")
+        for w in exp.workers:
+            key = f"{exp.name}/{w.name}"
+            rec = state.runs.get(key)
+            if rec is None:
+                continue
+            hist = histories.get(key, MetricHistory())
+            last = hist.last or {}
+            first = exp.criteria_for(w)[0]
+            trend = _trend(
+                hist,
+                first.threshold.metric if first.threshold else None,
+                first.threshold.higher_is_better if first.threshold else True,
+            )
+            epoch = "—" if rec.epoch is None else str(rec.epoch)
+            status_cell = STATUS_ICON[rec.state]
+            if rec.stalled:
+                status_cell += " ⚠ stalled"
+            if rec.attempt > 1:
+                status_cell += f" (attempt {rec.attempt})"
+            if rec.state == RunState.stopped and rec.stop_reason:
+                status_cell += f": {rec.stop_reason}"
+            row = [w.name, f"`{w.branch}`", rec.slot or "—", f"{epoch}/{rec.max_epochs}"]
+            row += [criterion_cell(c, last) for c in metric_cols]
+            row += [status_cell, trend, _eta(rec, hist, now)]
+            out.append("| " + " | ".join(_cell(x) for x in row) + " |")
+        out.append("")
+        out.extend(_best_lines(exp, state, histories))
+        errors = [
+            (w.name, state.runs[f"{exp.name}/{w.name}"].error)
+            for w in exp.workers
+            if f"{exp.name}/{w.name}" in state.runs and state.runs[f"{exp.name}/{w.name}"].error
+        ]
+        for name, err in errors:
+            out.append(f"- ⚠ **{name}**: `{_cell(err or '')}`")
+        if errors:
+            out.append("")
+        for label, rel in (links or {}).get(exp.name, ()):
+            out.append(f"- [{label}]({rel})")
+        if (links or {}).get(exp.name):
+            out.append("")
+    if progress_image:
+        out.append("## Progress")
+        out.append("")
+        out.append(f"![progress]({progress_image})")
+        out.append("")
+    out.append("## Recent events")
+    out.append("")
+    out.append("```")
+    out.extend(events[-15:] or ["(none yet)"])
+    out.append("```")
+    out.append("")
+    return "\n".join(out)
+
+
+def _exp_status(erec: Any) -> str:
+    if erec.status == ExperimentStatus.succeeded:
+        return f"🏆 **{erec.winner}** won at epoch {erec.winner_epoch}"
+    if erec.status == ExperimentStatus.failed:
+        return "❌ failed: no worker met every criterion"
+    return "racing"
+
+
+def _best_lines(
+    exp: ExperimentConfig, state: PlanState, histories: Mapping[str, MetricHistory]
+) -> list[str]:
+    best = best_worker(exp, histories)
+    if best is None:
+        return []
+    name, passed, rec = best
+    criteria = exp.criteria_for(exp.worker(name))
+    missing = missing_text(criteria, rec)
+    at = rec.get("epoch", rec.get("step"))
+    text = f"Best so far: **{name}** at epoch {at}: {passed}/{len(criteria)} criteria"
+    text += f"; missing {', '.join(missing)}" if missing else " (all met)"
+    return [text, ""]
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+class Dashboard:
+    """A ``RaceView``: writes the dashboard and the progress plot, throttled, and feeds the syncer.
+
+    Args:
+        plan: the plan (its ``dashboard`` path, ``dashboard_interval_s``, ``sync``).
+        paths: the plan's results locations (for the links to figures and reports).
+        syncer: pushes changed files (a null syncer when the plan has no ``sync:``).
+        clock: time source in seconds (tests may fake it).
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        paths: ResultsPaths,
+        syncer: Syncer,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.plan = plan
+        self.paths = paths
+        self.path = plan.dashboard
+        self.progress_path = self.path.with_name("progress.png")
+        self.clock = clock
+        self._last_write: float | None = None
+        self._last_plot: float | None = None
+        self._plot_signature: tuple[Any, ...] | None = None
+        self.write_errors = WriteErrors(clock)
+        # Plots render on their own thread: a slow matplotlib never delays a decision. Once the
+        # race has finished no new plot starts (the race report's renderer draws the last one),
+        # so the exit waits at most for a render already in flight. (A daemon thread killed in
+        # the middle of matplotlib at interpreter shutdown can crash the process: SIGSEGV.)
+        self._plot_thread: threading.Thread | None = None
+        self.syncer = syncer
+        self.syncer.start()
+
+    def refresh(self, snapshot: RaceSnapshot, *, force: bool) -> None:
+        """Rewrite the dashboard if ``dashboard_interval_s`` has passed (or ``force``)."""
+        now = self.clock()
+        if (
+            not force
+            and self._last_write is not None
+            and now - self._last_write < self.plan.dashboard_interval_s
+        ):
+            return
+        image = (
+            self.progress_path.name if self.progress_path.exists() else None
+        ) if snapshot.state.finished else self._maybe_plot(snapshot.histories, now, force)
+        status = self.syncer.status()
+        sync_line = None
+        if self.plan.sync is not None:
+            ok = (
+                time.strftime("%H:%M:%S", time.localtime(status.last_success_s))
+                if status.last_success_s
+                else "never"
+            )
+            sync_line = f"last push {ok}" + (f" · error: {status.error}" if status.error else "")
+        text = render_markdown(
+            self.plan,
+            snapshot.state,
+            snapshot.histories,
+            list(snapshot.events),
+            now=snapshot.now,
+            progress_image=image,
+            sync_line=sync_line,
+            links=self._links(),
+        )
+        try:
+            atomic_write_bytes(self.path, text.encode())
+        except OSError as e:
+            self.write_errors.report("dashboard", e)
+            return
+        self._last_write = now
+        self.syncer.notify_changed()
+
+    def sync_status(self) -> dict[str, Any] | None:
+        if self.plan.sync is None:
+            return None
+        status = self.syncer.status()
+        return {"last_success_s": status.last_success_s, "error": status.error}
+
+    def _maybe_plot(
+        self, histories: Mapping[str, MetricHistory], now: float, force: bool
+    ) -> str | None:
+        signature = tuple((k, len(h.records)) for k, h in sorted(histories.items()))
+        have = self.progress_path.exists()
+        # ~0.9 CPU-s a render (4 panels): once every 30 s keeps it near 3% of a core.
+        throttle = max(30.0, 4 * self.plan.dashboard_interval_s)
+        recent = self._last_plot is not None and now - self._last_plot < throttle
+        if signature == self._plot_signature or (not force and recent):
+            return self.progress_path.name if have else None
+        if not any(h.records for h in histories.values()):
+            return None
+        if self._plot_thread is not None and self._plot_thread.is_alive():
+            return self.progress_path.name if have else None
+        snapshot = {k: MetricHistory(list(h.records)) for k, h in histories.items()}
+        self._plot_thread = threading.Thread(
+            target=self._render_plot, args=(snapshot,), name="plot"
+        )
+        self._plot_thread.start()
+        self._plot_signature = signature
+        self._last_plot = now
+        return self.progress_path.name if have else None
+
+    def _render_plot(self, histories: Mapping[str, MetricHistory]) -> None:
+        from orchestrator.views.plots import render_progress
+
+        try:
+            render_progress(self.plan, histories, self.progress_path)
+        except OSError as e:
+            self.write_errors.report("progress plot", e)
+        self.syncer.notify_changed()
+
+    def wait(self, timeout_s: float) -> None:
+        """Block until the progress plot in flight (if any) is written (tests, benchmarks)."""
+        if self._plot_thread is not None:
+            self._plot_thread.join(timeout_s)
+
+    def _links(self) -> dict[str, list[tuple[str, str]]]:
+        out: dict[str, list[tuple[str, str]]] = {}
+        base = self.path.parent
+        for exp in self.plan.experiments:
+            items = []
+            report = self.paths.race_report(exp.name)
+            if report.exists():
+                items.append(("Race report", _relative(report, base)))
+            viz = self.paths.success_viz_dir(exp.name)
+            for name, label in (
+                ("SUCCESS_VISUALIZATION.png", "Success figure"),
+                ("SUCCESS_REPORT.md", "Success report"),
+                ("FAILURE_VISUALIZATION.png", "Failure figure"),
+                ("FAILURE_REPORT.md", "Failure report"),
+            ):
+                p = viz / name
+                if p.exists():
+                    items.append((label, _relative(p, base)))
+            if items:
+                out[exp.name] = items
+        return out
+
+    def publish(self) -> None:
+        self.syncer.push_now()
+
+    def close(self) -> None:
+        """Finish the plot in flight, flush the sync (bounded) and stop its thread."""
+        self.wait(60.0)
+        self.syncer.close()
+
+
+def _relative(path: Path, base: Path) -> str:
+    import os
+
+    return os.path.relpath(path, base).replace(os.sep, "/")

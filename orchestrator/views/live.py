@@ -1,0 +1,80 @@
+"""The terminal view: a rich table of the race, live while ``run`` is in the foreground, and
+the body of ``status``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator.core.config import Plan
+from orchestrator.core.snapshot import RaceSnapshot
+from orchestrator.core.state import PlanState, RunState
+
+
+class LiveTable:
+    """A ``RaceView``: the rich live table shown while ``run`` is in the foreground."""
+
+    def __init__(self, plan: Plan) -> None:
+        from rich.live import Live
+
+        self.plan = plan
+        self.live = Live(refresh_per_second=2, transient=False)
+
+    def start(self) -> None:
+        self.live.start()
+
+    def refresh(self, snapshot: RaceSnapshot, *, force: bool) -> None:
+        self.live.update(render_table(self.plan, snapshot.state, list(snapshot.events)))
+
+    def publish(self) -> None:
+        pass
+
+    def sync_status(self) -> dict[str, Any] | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+    def wait(self, timeout_s: float) -> None:
+        pass
+
+    def stop(self, snapshot: RaceSnapshot) -> None:
+        """Show the final state and leave the table on the screen."""
+        self.refresh(snapshot, force=True)
+        self.live.stop()
+
+
+def render_table(plan: Plan, state: PlanState, events: list[str] | None = None) -> Any:
+    """A rich renderable of the plan's state (used by `run` and `status`)."""
+    from rich.console import Group
+    from rich.table import Table
+
+    from orchestrator.views.dashboard import STATUS_ICON, criterion_cell
+
+    parts: list[Any] = []
+    for exp in plan.experiments:
+        erec = state.experiments.get(exp.name)
+        title = exp.name
+        if erec is not None and erec.winner:
+            title += f": {erec.winner} won at epoch {erec.winner_epoch}"
+        elif erec is not None:
+            title += f": {erec.status.value}"
+        table = Table(title=title, title_justify="left")
+        for col in ("worker", "slot", "epoch/max"):
+            table.add_column(col)
+        for c in exp.criteria:
+            table.add_column(c.threshold.metric if c.threshold else c.source)
+        table.add_column("status")
+        for w in exp.workers:
+            rec = state.runs.get(f"{exp.name}/{w.name}")
+            if rec is None:
+                continue
+            epoch = "—" if rec.epoch is None else str(rec.epoch)
+            cells = [criterion_cell(c, rec.last_metrics) for c in exp.criteria]
+            status = STATUS_ICON[rec.state] + (" ⚠ stalled" if rec.stalled else "")
+            if rec.error and rec.state in (RunState.failed, RunState.pending):
+                status += f" ({rec.error[:60]})"
+            table.add_row(w.name, rec.slot or "—", f"{epoch}/{rec.max_epochs}", *cells, status)
+        parts.append(table)
+    if events:
+        parts.append("\n".join(events[-8:]))
+    return Group(*parts)

@@ -1,0 +1,389 @@
+"""The race report: what every decided or failed race leaves behind, for any training script.
+
+Written automatically at every decision and failure (by a detached process, so the controller
+neither waits for matplotlib nor holds its exit), and again by ``python -m orchestrator report
+PLAN``. Per experiment, under ``results/<experiment>/race_report/``:
+
+- ``RACE_REPORT.md``: the criteria; the winner's record (or the best worker and what it
+  missed); a table of every worker (state, epochs or steps, last value of each criterion
+  metric, exit, duration); slot-seconds used and saved (``orchestrator.core.accounting``).
+- ``race_report.png``: each criterion metric per worker against epoch/step and against
+  wall-clock time since the race started, with the threshold drawn.
+
+A job's own figure (e.g. a four-panel success figure) is an addition made by its
+``on_success`` hook, never a replacement.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from orchestrator.core.accounting import RunUsage, compute_savings
+from orchestrator.core.config import ExperimentConfig, Plan, load_plan
+from orchestrator.core.ranking import best_worker, missing_text
+from orchestrator.core.snapshot import RaceSnapshot
+from orchestrator.core.state import ExperimentStatus, PlanState, RunRecord
+from orchestrator.formatting import duration, fmt
+from orchestrator.paths import ResultsPaths
+from orchestrator.reporting import atomic_write_bytes
+from orchestrator.sources.metrics import MetricHistory, make_source
+
+FIGURE = "race_report.png"
+
+
+def load_histories(plan: Plan, exp: ExperimentConfig) -> dict[str, MetricHistory]:
+    """Every worker's metric history of ``exp``, read from disk with its own metrics source."""
+    paths = ResultsPaths(plan.results_dir)
+    out = {}
+    for w in exp.workers:
+        run_dir = paths.run(exp.name, w.name).run_dir
+        source = make_source(
+            w.metrics.source, run_dir=run_dir, path=w.metrics.path, pattern=w.metrics.pattern
+        )
+        history = MetricHistory()
+        try:
+            history.add(source.read_new())
+        except OSError:
+            pass
+        out[f"{exp.name}/{w.name}"] = history
+    return out
+
+
+def _metrics(exp: ExperimentConfig) -> list[str]:
+    """Criterion metrics of the experiment and its workers' overrides, in order, once each."""
+    names: list[str] = []
+    for criteria in [exp.criteria, *(w.criteria for w in exp.workers if w.criteria)]:
+        for c in criteria or ():
+            for name in ([c.threshold.metric] if c.threshold else sorted(c.names)):
+                if name not in names:
+                    names.append(name)
+    return names
+
+
+def _last_value(history: MetricHistory, metric: str) -> tuple[float, int] | None:
+    xs, ys = history.series(metric)
+    return (ys[-1], xs[-1]) if ys else None
+
+
+def _unit(exp: ExperimentConfig) -> str:
+    return "epoch"
+
+
+def _usage(exp: ExperimentConfig, state: PlanState) -> list[RunUsage]:
+    erec = state.experiments.get(exp.name)
+    out = []
+    for w in exp.workers:
+        rec = state.runs.get(f"{exp.name}/{w.name}")
+        done = int(rec.epoch or 0) if rec is not None else 0
+        won = erec is not None and erec.winner == w.name
+        out.append(RunUsage(w.name, rec, done, exp.max_epochs_for(w), won=won))
+    return out
+
+
+def _run_duration(rec: RunRecord | None) -> str:
+    if rec is None or not rec.busy_s:
+        return "—"
+    return duration(rec.busy_s)
+
+
+def race_report_markdown(
+    plan: Plan,
+    exp: ExperimentConfig,
+    state: PlanState,
+    histories: Mapping[str, MetricHistory],
+    *,
+    figure: str | None = FIGURE,
+) -> str:
+    """RACE_REPORT.md of one experiment (pure: the same inputs give the same text).
+
+    Args:
+        plan, exp: the plan and the experiment to report.
+        state: the controller's state (run records, the decision).
+        histories: metric history per run key ``experiment/worker``.
+        figure: file name of the figure next to the report, or None.
+    """
+    erec = state.experiments.get(exp.name)
+    unit = _unit(exp)
+    lines = [f"# Race report: {exp.name}", ""]
+    status = erec.status if erec is not None else ExperimentStatus.running
+    if erec is not None and erec.status == ExperimentStatus.succeeded and erec.winner:
+        lines.append(f"**{erec.winner}** met every criterion at {unit} {erec.winner_epoch}.")
+    elif status == ExperimentStatus.failed:
+        lines.append("**No worker met every criterion.**")
+    else:
+        lines.append(f"Race {status.value} (this report was written before a decision).")
+    started = erec.started_at if erec is not None else None
+    decided = erec.decided_at if erec is not None else None
+    if started and decided:
+        lines.append(f"Time to the {'decision' if erec and erec.winner else 'end'}: "
+                     f"{duration(decided - started)}.")
+    lines += ["", "## Criteria", ""]
+    lines += [f"- `{c.source}`" for c in exp.criteria]
+    lines.append(f"- checked every {exp.check_every} {unit}{'s' if exp.check_every > 1 else ''}")
+    lines.append("")
+    if erec is not None and erec.winner and erec.winner_metrics:
+        lines += ["## The winning record", "", "| metric | value |", "|---|---|"]
+        for key, value in erec.winner_metrics.items():
+            lines.append(f"| {key} | {fmt(value)} |")
+        lines.append("")
+    else:
+        best = best_worker(exp, histories)
+        if best is not None:
+            name, passed, record = best
+            criteria = exp.criteria_for(exp.worker(name))
+            at = record.get("epoch", record.get("step"))
+            missing = missing_text(criteria, record)
+            lines += ["## Closest worker", "",
+                      f"**{name}** at {unit} {at}: {passed}/{len(criteria)} criteria"
+                      + (f"; missed {', '.join(missing)}" if missing else ""), ""]
+    metrics = _metrics(exp)
+    lines += ["## Workers", ""]
+    header = ["worker", "state", unit + "s", *metrics, "exit", "slot time"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    for w in exp.workers:
+        key = f"{exp.name}/{w.name}"
+        rec = state.runs.get(key)
+        hist = histories.get(key, MetricHistory())
+        cells = []
+        for m in metrics:
+            last = _last_value(hist, m)
+            cells.append("—" if last is None else f"{fmt(last[0])} ({unit} {last[1]})")
+        row = [
+            w.name,
+            rec.state.value if rec is not None else "—",
+            f"{rec.epoch if rec is not None and rec.epoch is not None else '—'}"
+            f"/{exp.max_epochs_for(w)}",
+            *cells,
+            "—" if rec is None or rec.exit_code is None else str(rec.exit_code),
+            _run_duration(rec),
+        ]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |")
+    lines.append("")
+    rows = compute_savings(_usage(exp, state), unit=unit)
+    used = sum(r.busy_s for r in rows)
+    saved = sum(r.saved_busy_s for r in rows)
+    lines += [
+        "## Compute",
+        "",
+        f"Slot-seconds used: **{used:,.0f}**; saved by ending the race early (estimate): "
+        f"**{saved:,.0f}**. A slot-second is one second of one slot (a GPU, a share of one, or a "
+        "CPU slot); the estimate scales each stopped run's measured seconds per "
+        f"{unit} to its budget.",
+        "",
+        "| worker | state | slot-s used | est. slot-s to budget | saved | note |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        full = "—" if r.full_busy_s is None else f"{r.full_busy_s:,.0f}"
+        lines.append(f"| {r.worker} | {r.state} | {r.busy_s:,.0f} | {full} | "
+                     f"{r.saved_busy_s:,.0f} | {r.note} |")
+    lines.append("")
+    if figure:
+        lines += ["## Curves", "", f"![criterion metrics per worker]({figure})", ""]
+    return "\n".join(lines)
+
+
+def render_race_figure(
+    exp: ExperimentConfig,
+    histories: Mapping[str, MetricHistory],
+    path: Path,
+    *,
+    started_at: float | None = None,
+    dpi: int = 100,
+) -> Path | None:
+    """Per criterion metric: per worker against epoch/step (left) and wall-clock (right).
+
+    Args:
+        exp: the experiment.
+        histories: metric history per run key.
+        path: the PNG to write (atomically).
+        started_at: Unix seconds the race started (the wall-clock axis' zero); default: the
+            earliest ``time_s`` among the records.
+
+    Returns:
+        ``path``, or None when no worker reported any criterion metric.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    metrics = _metrics(exp)
+    times = [r["time_s"] for h in histories.values() for r in h.records
+             if isinstance(r.get("time_s"), (int, float))]
+    t0 = started_at if started_at is not None else (min(times) if times else 0.0)
+    if not metrics or not any(h.records for h in histories.values()):
+        return None
+    thresholds: dict[str, Any] = {}
+    for c in exp.criteria:
+        if c.threshold is not None:
+            thresholds.setdefault(c.threshold.metric, c.threshold)
+    fig = Figure(figsize=(10.0, 2.9 * len(metrics)), dpi=dpi, layout="constrained")
+    axes = fig.subplots(len(metrics), 2, squeeze=False)
+    for row, metric in enumerate(metrics):
+        ax_x, ax_t = axes[row]
+        for i, w in enumerate(exp.workers):
+            hist = histories.get(f"{exp.name}/{w.name}")
+            if hist is None:
+                continue
+            xs, ys = hist.series(metric)
+            ts = [r["time_s"] - t0 for r in hist.records
+                  if isinstance(r.get(metric), (int, float)) and not isinstance(r.get(metric), bool)
+                  and isinstance(r.get("time_s"), (int, float))]
+            style = dict(marker="o", markersize=3, linewidth=1.3, color=f"C{i % 10}")
+            if xs:
+                ax_x.plot(xs, ys, label=w.name, **style)
+            if ts and len(ts) == len(ys):
+                ax_t.plot(ts, ys, **style)
+        threshold = thresholds.get(metric)
+        for ax in (ax_x, ax_t):
+            if threshold is not None:
+                ax.axhline(threshold.value, color="black", linestyle="--", linewidth=1)
+            ax.grid(alpha=0.3)
+            if _log_axis(metric, threshold, histories):
+                ax.set_yscale("log")
+        title = metric + (f" (pass {threshold.op} {threshold.value:g})" if threshold else "")
+        ax_x.set_title(title, fontsize=9)
+        ax_t.set_title(title + " vs wall clock", fontsize=9)
+        ax_x.set_xlabel(_unit(exp))
+        ax_t.set_xlabel("seconds since the race started")
+        if ax_x.get_legend_handles_labels()[0]:
+            ax_x.legend(fontsize=7, loc="best")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def _log_axis(metric: str, threshold: Any, histories: Mapping[str, MetricHistory]) -> bool:
+    """p-values and other small positive bounds (``< 0.01``) read better on a log axis."""
+    if threshold is None or threshold.higher_is_better or not 0 < threshold.value <= 0.05:
+        return False
+    values = [y for h in histories.values() for y in h.series(metric)[1]]
+    return bool(values) and all(y > 0 and math.isfinite(y) for y in values)
+
+
+def write_race_report(plan: Plan, experiment: str, *, progress: bool = True) -> Path:
+    """Read the state and metrics from disk and write the experiment's race report.
+
+    Args:
+        plan: the plan.
+        experiment: the experiment's name.
+        progress: also redraw the dashboard's progress plot (the controller may have exited
+            before its last render finished).
+
+    Returns:
+        The path of RACE_REPORT.md.
+
+    Raises:
+        KeyError: no such experiment in the plan.
+        OSError: the report cannot be written.
+    """
+    exp = next((e for e in plan.experiments if e.name == experiment), None)
+    if exp is None:
+        raise KeyError(f"no experiment {experiment!r} in the plan")
+    paths = ResultsPaths(plan.results_dir)
+    state = PlanState.load(paths.state) if paths.state.exists() else PlanState(plan="")
+    histories = load_histories(plan, exp)
+    out_dir = paths.race_report_dir(exp.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    erec = state.experiments.get(exp.name)
+    figure = render_race_figure(
+        exp, histories, out_dir / FIGURE, started_at=erec.started_at if erec else None
+    )
+    text = race_report_markdown(plan, exp, state, histories,
+                                figure=figure.name if figure else None)
+    report = paths.race_report(exp.name)
+    atomic_write_bytes(report, text.encode())
+    if progress:
+        from orchestrator.views.plots import render_progress
+
+        all_histories: dict[str, MetricHistory] = {}
+        for e in plan.experiments:
+            all_histories.update(histories if e is exp else load_histories(plan, e))
+        render_progress(plan, all_histories, plan.dashboard.with_name("progress.png"))
+    return report
+
+
+class RaceReportView:
+    """A ``RaceView`` that writes the race report once per decision or failure.
+
+    It is written once the decided experiment has settled: every run in a final state (the
+    losers' stops done; with ``stop_losers: false``, every worker finished).
+
+    The report renders in a detached process (``python -m orchestrator.views.race_report``)
+    started when the view first sees an experiment decided: the controller's decision path and
+    its exit never wait for it. Its log is ``race_report/render.log``.
+    """
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.paths = ResultsPaths(plan.results_dir)
+        self._done: set[tuple[str, float | None]] = set()
+        self._children: list[subprocess.Popen[bytes]] = []
+
+    def refresh(self, snapshot: RaceSnapshot, *, force: bool) -> None:
+        self._children = [p for p in self._children if p.poll() is None]  # reap finished ones
+        for name, erec in snapshot.state.experiments.items():
+            if erec.status == ExperimentStatus.running:
+                continue
+            runs = [r for r in snapshot.state.runs.values() if r.experiment == name]
+            if not all(r.state.terminal for r in runs):
+                continue  # written once the decided race has settled (final states, exits)
+            key = (name, erec.decided_at)
+            if key in self._done:
+                continue
+            self._done.add(key)
+            self._children.append(self._spawn(name))
+
+    def _spawn(self, experiment: str) -> subprocess.Popen[bytes]:
+        out_dir = self.paths.race_report_dir(experiment)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "render.log", "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "orchestrator.views.race_report",
+                 str(self.plan.source), experiment],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, cwd=self.plan.plan_dir,
+                env={**os.environ, "MPLBACKEND": "Agg"},
+            )
+
+    def wait(self, timeout_s: float) -> None:
+        """Wait for the reports being rendered (tests and benchmarks)."""
+        deadline = time.monotonic() + timeout_s
+        for p in self._children:
+            p.wait(max(0.0, deadline - time.monotonic()))
+
+    def publish(self) -> None:
+        pass
+
+    def sync_status(self) -> dict[str, Any] | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m orchestrator.views.race_report PLAN EXPERIMENT``: write one race report."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m orchestrator.views.race_report PLAN EXPERIMENT", file=sys.stderr)
+        return 2
+    plan = load_plan(args[0])
+    path = write_race_report(plan, args[1])
+    print(f"race report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
