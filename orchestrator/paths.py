@@ -13,6 +13,7 @@ Layout under the plan's results directory::
           stdout.log stderr.log                 appended by every attempt
           attempts/0001.exit.json               exit status written by the launch wrapper
         race_report/                  RACE_REPORT.md + figures, written at every decision/failure
+        winner/                       the winner's pinned checkpoint + winner.json
         success_viz/                  the job's own figures and reports (its on_success hook)
 
 Run directories live outside the worktrees: ``git worktree remove`` deletes ignored files.
@@ -65,6 +66,11 @@ class ResultsPaths:
 
     def race_report(self, experiment: str) -> Path:
         return self.race_report_dir(experiment) / "RACE_REPORT.md"
+
+    def winner_dir(self, experiment: str) -> Path:
+        """The winner's pinned checkpoint: a copy of the checkpoint that belongs to the winning
+        record, and ``winner.json`` (file, sha256, the record, how it was matched)."""
+        return self.root / experiment / "winner"
 
     def run(self, experiment: str, worker: str) -> RunPaths:
         return RunPaths(self.root / experiment / worker)

@@ -238,6 +238,7 @@ class Reporter:
         step: int | None = None,
         metrics: Mapping[str, Any] | None = None,
         suffix: str = ".pt",
+        partial: bool = False,
     ) -> Path:
         """Publish a checkpoint: numbered file, sidecar JSON, and an atomically replaced latest.
 
@@ -247,6 +248,11 @@ class Reporter:
             epoch, step: what the checkpoint holds (one is required); names the file.
             metrics: small metrics to store in the sidecar.
             suffix: file extension.
+            partial: a stop checkpoint written mid-epoch (after SIGTERM): it is named by epoch
+                *and* step (``epoch_000005_step_000001234_partial.pt``), so it never replaces the
+                checkpoint of an evaluated epoch: the weights that produced a record stay as
+                they were saved (the controller pins the winner's from them). Its sidecar says
+                ``"partial": true``.
 
         Returns:
             Path of the numbered checkpoint file.
@@ -257,6 +263,10 @@ class Reporter:
             raise ValueError("suffix '.json' is reserved for checkpoint sidecars")
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         name = f"epoch_{epoch:06d}" if epoch is not None else f"step_{step:09d}"
+        if partial:
+            if epoch is None or step is None:
+                raise ValueError("a partial (mid-epoch) checkpoint needs both epoch= and step=")
+            name = f"epoch_{epoch:06d}_step_{step:09d}_partial"
         final = self.checkpoint_dir / f"{name}{suffix}"
         fd, tmp_name = tempfile.mkstemp(dir=self.checkpoint_dir, prefix=".tmp-", suffix=suffix)
         os.close(fd)
@@ -275,6 +285,7 @@ class Reporter:
             "file": final.name,
             "time_s": round(time.time(), 3),
             "attempt": self.attempt,
+            "partial": partial,
             "metrics": {k: _clean_number(v, k) for k, v in (metrics or {}).items()},
         }
         atomic_write_json(final.with_suffix(".json"), sidecar)
