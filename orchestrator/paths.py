@@ -6,12 +6,16 @@ Layout under the plan's results directory::
       state.json                      controller state (atomic rewrite after every change)
       controller.lock                 flock held by the live controller
       events.jsonl                    append-only event log (launches, exits, decisions)
+      software.json pip_freeze.txt    what this race ran with (written once per race)
+      races/<race-id>/                earlier races, moved here whole when a new race starts
       control/stop.json               stop requests from `orchestrator stop` in another shell
       <experiment>/
         <worker>/                     the run directory (ORCH_RUN_DIR), shared by all attempts
           metrics.jsonl checkpoints/ evals/     written by the worker (orchestrator.reporting)
           stdout.log stderr.log                 appended by every attempt
           attempts/0001.exit.json               exit status written by the launch wrapper
+          attempts/0001.provenance.json         commit, behind-count, argv, env, host, software
+          attempts/0001.diff                    uncommitted work (only with allow_dirty: true)
         race_report/                  RACE_REPORT.md + figures, written at every decision/failure
         winner/                       the winner's pinned checkpoint + winner.json
         success_viz/                  the job's own figures and reports (its on_success hook)
@@ -54,6 +58,29 @@ class ResultsPaths:
     def stop_request(self) -> Path:
         return self.control_dir / "stop.json"
 
+    @property
+    def software(self) -> Path:
+        """Python/torch/CUDA/driver versions of the race (``core.provenance``)."""
+        return self.root / "software.json"
+
+    @property
+    def pip_freeze(self) -> Path:
+        return self.root / "pip_freeze.txt"
+
+    @property
+    def races_dir(self) -> Path:
+        """Earlier races of the plan, one folder per race id (``core.races``)."""
+        return self.root / "races"
+
+    def archived_race(self, race_id: str) -> ResultsPaths:
+        """The results layout of an earlier race, moved to ``races/<race-id>/``."""
+        return ResultsPaths(self.races_dir / race_id)
+
+    @property
+    def crash_dir(self) -> Path:
+        """Tracebacks of internal errors of the CLI (``orchestrator.cli``)."""
+        return self.root / "crashes"
+
     def experiment_dir(self, experiment: str) -> Path:
         return self.root / experiment
 
@@ -71,6 +98,9 @@ class ResultsPaths:
         """The winner's pinned checkpoint: a copy of the checkpoint that belongs to the winning
         record, and ``winner.json`` (file, sha256, the record, how it was matched)."""
         return self.root / experiment / "winner"
+
+    def winner_json(self, experiment: str) -> Path:
+        return self.winner_dir(experiment) / "winner.json"
 
     def run(self, experiment: str, worker: str) -> RunPaths:
         return RunPaths(self.root / experiment / worker)
@@ -117,6 +147,14 @@ class RunPaths:
     def exit_status(self, attempt: int) -> Path:
         """JSON written by the launch wrapper when attempt ``attempt`` ends."""
         return self.attempts_dir / f"{attempt:04d}.exit.json"
+
+    def provenance(self, attempt: int) -> Path:
+        """Commit, behind-count, argv, env, host and software of attempt ``attempt``."""
+        return self.attempts_dir / f"{attempt:04d}.provenance.json"
+
+    def attempt_diff(self, attempt: int) -> Path:
+        """The uncommitted work attempt ``attempt`` ran with (``allow_dirty: true`` only)."""
+        return self.attempts_dir / f"{attempt:04d}.diff"
 
     def ensure(self) -> None:
         """Create the run directory and its attempts/ folder."""

@@ -52,9 +52,18 @@ def main() -> int:
     p.add_argument("--hang-at", type=int, help="stop reporting (but keep running) at this epoch")
     p.add_argument("--exit-code", type=int, default=0, help="exit code after the last epoch")
     p.add_argument("--run-dir", default=None)
+    p.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="numbered checkpoints kept besides latest (0: all)")
+    p.add_argument("--random-checkpoints", action="store_true",
+                   help="add random bytes to each checkpoint, so no two are identical")
+    p.add_argument("--checkpoint-archive", default=None,
+                   help="also copy every checkpoint saved into this folder (what was saved)")
+    p.add_argument("--partial-on-stop", action="store_true",
+                   help="on SIGTERM mid-epoch, save a partial (epoch+step) stop checkpoint")
     args = p.parse_args()
 
-    rep = Reporter.from_env(default_run_dir=args.run_dir, handle_signals=not args.ignore_sigterm)
+    rep = Reporter.from_env(default_run_dir=args.run_dir, handle_signals=not args.ignore_sigterm,
+                            keep_checkpoints=args.keep_checkpoints)
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     metrics = [parse_metric(m) for m in args.metric]
@@ -73,6 +82,8 @@ def main() -> int:
         while time.monotonic() < deadline and not rep.should_stop:
             time.sleep(min(0.01, args.interval))
         if rep.should_stop:
+            if args.partial_on_stop:
+                save(rep, args, epoch, partial=True)
             break
         if args.crash_at == epoch and rep.attempt <= args.crash_attempts:
             print(f"simulated crash at epoch {epoch}", file=sys.stderr, flush=True)
@@ -85,15 +96,34 @@ def main() -> int:
         values["gpu"] = int(os.environ.get("CUDA_VISIBLE_DEVICES") or -1)
         values["resumed"] = int(rep.resume)
         rep.log(epoch=epoch, **values)
-        rep.save_checkpoint(
-            lambda path, e=epoch: path.write_text(json.dumps({"epoch": e})),
-            epoch=epoch,
-            suffix=".ckpt",
-        )
+        if args.random_checkpoints or args.checkpoint_archive:
+            save(rep, args, epoch)
+        else:
+            rep.save_checkpoint(
+                lambda path, e=epoch: path.write_text(json.dumps({"epoch": e})),
+                epoch=epoch,
+                suffix=".ckpt",
+            )
         print(f"epoch {epoch} {values}", flush=True)
     for c in children:
         c.terminate()
     return args.exit_code
+
+
+def save(rep: Reporter, args: argparse.Namespace, epoch: int, *, partial: bool = False) -> None:
+    """A checkpoint with --random-checkpoints / --checkpoint-archive / --partial-on-stop."""
+    content = {"epoch": epoch - 1 if partial else epoch, "partial": partial}
+    if args.random_checkpoints:
+        content["payload"] = os.urandom(16).hex()
+    data = json.dumps(content).encode()
+    path = rep.save_checkpoint(
+        lambda p: p.write_bytes(data), epoch=epoch, suffix=".ckpt", partial=partial,
+        step=epoch * 1000 + 1 if partial else None,
+    )
+    if args.checkpoint_archive:
+        archive = Path(args.checkpoint_archive)
+        archive.mkdir(parents=True, exist_ok=True)
+        (archive / path.name).write_bytes(data)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ PLACEHOLDERS = (
     "viz_dir",
     "checkpoint",
     "attempt",
+    "race_dir",
 )
 
 
@@ -135,8 +136,10 @@ class WorkerConfig(_Frozen):
     @field_validator("branch")
     @classmethod
     def _branch(cls, v: str) -> str:
-        if v.startswith("-") or ".." in v or v.endswith("/") or " " in v:
-            raise ValueError(f"{v!r} is not a valid git branch name")
+        from orchestrator.core.refnames import ref_format_problem
+
+        if problem := ref_format_problem(v):
+            raise ValueError(problem)
         return v
 
     @field_validator("criteria", mode="before")
@@ -172,6 +175,16 @@ class ExperimentConfig(_Frozen):
     @classmethod
     def _criteria(cls, v: Any) -> Any:
         return _parse_criteria(v)
+
+    @field_validator("name")
+    @classmethod
+    def _ref_safe_name(cls, v: str) -> str:
+        from orchestrator.core.refnames import ref_format_problem
+
+        # The name becomes part of a tag (race/<experiment>/<race-id>): git must accept it.
+        if problem := ref_format_problem(v, what="ref component (the name is used in tags)"):
+            raise ValueError(problem)
+        return v
 
     @model_validator(mode="after")
     def _unique_workers(self) -> ExperimentConfig:
@@ -235,6 +248,20 @@ class Plan(_Frozen):
 
     # Set by load_plan, not by the YAML.
     source: Path | None = Field(default=None, exclude=True)
+    # Provenance (issue #15): run a dirty worktree (its diff is saved) instead of refusing it;
+    # tag the winning commit ``<tag_prefix>/<experiment>/<race-id>`` (``tag: false``: off).
+    allow_dirty: bool = False
+    tag: bool = True
+    tag_prefix: str = "race"
+
+    @field_validator("tag_prefix")
+    @classmethod
+    def _tag_prefix(cls, v: str) -> str:
+        from orchestrator.core.refnames import ref_format_problem
+
+        if problem := ref_format_problem(v, what="tag prefix"):
+            raise ValueError(problem)
+        return v
 
     @model_validator(mode="after")
     def _unique_experiments(self) -> Plan:

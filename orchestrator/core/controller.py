@@ -20,6 +20,7 @@ from orchestrator.core.criteria import all_pass
 from orchestrator.core.file_events import FileWatcher
 from orchestrator.core.hooks import HookRunner, last_line, run_setup, tail_lines
 from orchestrator.core.lock import ControllerLock
+from orchestrator.core.pinning import Pinner
 from orchestrator.core.ranking import best_summary, best_worker
 from orchestrator.core.resume import ResumeMixin
 from orchestrator.core.runs import LiveRun
@@ -89,6 +90,7 @@ class Controller(ResumeMixin, SchedulingMixin):
         self.events: deque[str] = deque(maxlen=30)
         self.hooks = HookRunner()
         self.wake = threading.Event()
+        self.pins = Pinner(self.wake)  # the winner's checkpoint and tag (issue #15)
         self.interrupted: str | None = None  # "interrupted" once Ctrl-C/SIGTERM arrived
         self.detach = False
         self._dirty = True
@@ -201,7 +203,9 @@ class Controller(ResumeMixin, SchedulingMixin):
         self._flush()
 
     def _finished(self) -> bool:
-        if self.hooks.running or any(r.stopping is not None for r in self.runs.values()):
+        if self.hooks.running or self.pins.running or any(
+            r.stopping is not None for r in self.runs.values()
+        ):
             return False
         for r in self.runs.values():
             if not self._selected(r):
@@ -320,6 +324,7 @@ class Controller(ResumeMixin, SchedulingMixin):
             self._stop([live], RunState.succeeded, reason="won")
         if live.handle is None and not live.record.state.terminal:
             live.record.transition(RunState.succeeded, why="passed while no controller ran")
+        self.pins.start(self.plan, self.state, live, record)  # off the decision path
         self._start_hook(live)
         self._dirty = True
         self._flush(force=True)
@@ -445,7 +450,8 @@ class Controller(ResumeMixin, SchedulingMixin):
         argv = expand(exp.on_success, self._placeholders(exp, live))
         log = self.paths.experiment_dir(exp.name) / "on_success.log"
         try:
-            self.hooks.start(exp.name, argv, cwd=self.plan.repo, log=log)
+            self.hooks.start(exp.name, argv, cwd=self.plan.repo, log=log,
+                             after=self.pins.future(exp.name))  # hook reads winner.json
         except OSError as e:
             self.event(f"{exp.name}: on_success hook cannot start: {e}")
             return
@@ -453,6 +459,9 @@ class Controller(ResumeMixin, SchedulingMixin):
         self.event(f"{exp.name}: on_success hook started: {' '.join(argv)}")
 
     def _check_hooks(self) -> None:
+        for text in self.pins.settle(self.state):
+            self.event(text)
+            self._dirty = True
         for name, rc in self.hooks.finished():
             self.state.experiments[name].hook = "ok" if rc == 0 else f"exit {rc}"
             self.event(f"{name}: on_success hook finished ({'ok' if rc == 0 else f'exit {rc}'})")

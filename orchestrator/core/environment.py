@@ -29,6 +29,8 @@ def placeholder_values(
         "experiment": exp.name,
         "plan": str(plan.source),
         "viz_dir": str(ResultsPaths(plan.results_dir).success_viz_dir(exp.name)),
+        # The live race's folder (its files move to races/<race-id>/ when a new race starts).
+        "race_dir": str(plan.results_dir),
     }
     if worker is not None and run_paths is not None and worktree is not None:
         values.update(

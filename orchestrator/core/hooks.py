@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from orchestrator.core.environment import base_env
 from orchestrator.errors import LaunchError
@@ -37,18 +40,36 @@ def run_setup(name: str, argv: list[str], *, cwd: Path, log: Path) -> None:
         )
 
 
+@dataclass
+class _Waiting:
+    """A hook that starts once ``after`` (the winner's pin) is done."""
+
+    after: Future[Any]
+    argv: list[str]
+    cwd: Path
+    log: Path
+
+
 class HookRunner:
-    """The on_success hooks still running, by experiment name."""
+    """The on_success hooks still running (or waiting to start), by experiment name."""
 
     def __init__(self) -> None:
-        self.running: dict[str, subprocess.Popen[bytes]] = {}
+        self.running: dict[str, subprocess.Popen[bytes] | _Waiting] = {}
 
-    def start(self, name: str, argv: list[str], *, cwd: Path, log: Path) -> None:
-        """Start experiment ``name``'s hook, its output appended to ``log``.
+    def start(
+        self, name: str, argv: list[str], *, cwd: Path, log: Path,
+        after: Future[Any] | None = None,
+    ) -> None:
+        """Start experiment ``name``'s hook, its output appended to ``log``; with ``after``,
+        once that future is done (``finished`` starts it; a start failure then lands in the
+        log and reads as exit 127).
 
         Raises:
-            OSError: the command cannot start.
+            OSError: the command cannot start (without ``after``).
         """
+        if after is not None and not after.done():
+            self.running[name] = _Waiting(after, argv, cwd, log)
+            return
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as fh:
             self.running[name] = subprocess.Popen(
@@ -57,9 +78,21 @@ class HookRunner:
             )
 
     def finished(self) -> list[tuple[str, int]]:
-        """(experiment name, exit code) of the hooks that ended since the last call."""
+        """(experiment name, exit code) of the hooks that ended since the last call; starts
+        the waiting hooks whose pin is done."""
         out = []
         for name, proc in list(self.running.items()):
+            if isinstance(proc, _Waiting):
+                if not proc.after.done():
+                    continue
+                try:
+                    self.start(name, proc.argv, cwd=proc.cwd, log=proc.log)
+                except OSError as e:
+                    with open(proc.log, "a") as fh:
+                        fh.write(f"on_success hook cannot start: {e}\n")
+                    del self.running[name]
+                    out.append((name, 127))
+                continue
             rc = proc.poll()
             if rc is not None:
                 del self.running[name]

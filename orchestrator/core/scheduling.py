@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.core import provenance
 from orchestrator.core.config import ExperimentConfig, Plan, expand
 from orchestrator.core.environment import placeholder_values, worker_env
 from orchestrator.core.runs import LiveRun
@@ -126,6 +127,7 @@ class SchedulingMixin:
             rec.cpu_s += live.handle.cpu_seconds()
             if live.slot is not None and live.slot.gpu is not None:
                 self.slot_holds.hold(live.slot, live.handle.pids(), live)
+        provenance.end_attempt(live, now, live.handle.poll() if live.handle else None)
         if rec.started_at is not None:
             rec.busy_s += max(0.0, now - rec.started_at)
         rec.ended_at = now
@@ -205,6 +207,7 @@ class SchedulingMixin:
             values = self._placeholders(live.experiment, live, worktree=wt)
             argv = expand(live.worker.command, values, shell=live.worker.shell)
             env = self._env(live, slot, wt, values)
+            provenance.begin_attempt(self.plan, live, wt, argv, slot.label())
             spec = LaunchSpec(
                 key=rec.key, argv=argv, cwd=wt, env=env, paths=live.paths, run_id=rec.run_id,
                 attempt=rec.attempt, slot=slot,

@@ -114,6 +114,13 @@ class RunRecord:
     # After the last attempt on a GPU slot: "released in 0.4s", or "NOT released after 30s
     # (pids [...])" when NVML still showed the run's processes holding memory.
     gpu_release: str | None = None
+    # Provenance (orchestrator.core.provenance): the commit the current/last attempt ran, how
+    # many commits its branch is behind base_ref, whether its worktree was dirty, and one dict
+    # per attempt (branch, commit, argv, redacted plan env, host, slot, start, end, exit, ...).
+    commit: str | None = None
+    behind: int | None = None
+    dirty: bool = False
+    attempts: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -167,6 +174,9 @@ class ExperimentRecord:
     decision_latency_s: float | None = None  # winning record written -> last loser reaped
     hook: str | None = None  # on_success outcome: "ok", "exit N", "running"
     setup_done: bool = False
+    winner_commit: str | None = None  # the SHA the winning attempt ran
+    pin: dict[str, Any] | None = None  # winner.json of the pinned checkpoint (core.pinning)
+    tag: str | None = None  # "race/<exp>/<race-id> (created)" or "... (exists, left alone)"
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -193,6 +203,7 @@ class PlanState:
     updated_at: float = field(default_factory=time.time)
     finished: bool = False
     sync: dict[str, Any] = field(default_factory=dict)
+    race_id: str | None = None  # this race's id (orchestrator.core.races); None before a run
 
     def run(self, experiment: str, worker: str) -> RunRecord:
         return self.runs[f"{experiment}/{worker}"]
@@ -206,6 +217,7 @@ class PlanState:
             "finished": self.finished,
             "controller": self.controller,
             "sync": self.sync,
+            "race_id": self.race_id,
             "experiments": {k: v.to_json() for k, v in self.experiments.items()},
             "runs": {k: v.to_json() for k, v in self.runs.items()},
         }
@@ -248,6 +260,7 @@ class PlanState:
             updated_at=d.get("updated_at", time.time()),
             finished=d.get("finished", False),
             sync=d.get("sync", {}),
+            race_id=d.get("race_id"),
         )
 
 

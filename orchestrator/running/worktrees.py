@@ -17,6 +17,7 @@ from pathlib import Path
 
 import git
 
+from orchestrator.core.refnames import ref_format_problem  # noqa: F401  (re-exported)
 from orchestrator.errors import WorktreeError
 
 
@@ -263,3 +264,86 @@ def _stderr(e: git.GitCommandError) -> str:
     text = (e.stderr or str(e)).strip()
     text = text.removeprefix("stderr:").strip().strip("'").strip()
     return text.splitlines()[-1] if text else "unknown git error"
+
+
+# -- names and commits (provenance) --------------------------------------------------------------
+
+def _git(cwd: Path, *args: str) -> str:
+    """Run git in ``cwd`` and return stdout.
+
+    Raises:
+        WorktreeError: git failed (the message carries the command and git's last stderr line).
+    """
+    import subprocess
+
+    proc = subprocess.run(
+        ["git", *args], cwd=cwd, capture_output=True, text=True,
+        env={**os.environ, **_git_env()}, stdin=subprocess.DEVNULL,
+    )
+    if proc.returncode != 0:
+        err = proc.stderr.strip().splitlines()
+        raise WorktreeError(
+            f"git {' '.join(args)} failed in {cwd}: {err[-1] if err else f'exit {proc.returncode}'}"
+        )
+    return proc.stdout
+
+
+def head_commit(path: Path) -> str:
+    """The full SHA checked out in the worktree (or repository) at ``path``.
+
+    Raises:
+        WorktreeError: ``path`` is not in a git repository or has no commit.
+    """
+    return _git(path, "rev-parse", "--verify", "HEAD").strip()
+
+
+def resolve_commit(repo_path: Path, ref: str) -> str | None:
+    """The full SHA ``ref`` names in ``repo_path``, or None when it names no commit."""
+    try:
+        return _git(repo_path, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}").strip()
+    except WorktreeError:
+        return None
+
+
+def commits_behind(repo_path: Path, ref: str, base_ref: str) -> int | None:
+    """How many commits of ``base_ref`` are not in ``ref`` (``git rev-list --count
+    ref..base_ref``); None when either does not resolve to a commit."""
+    if resolve_commit(repo_path, ref) is None or resolve_commit(repo_path, base_ref) is None:
+        return None
+    return int(_git(repo_path, "rev-list", "--count", f"{ref}..{base_ref}").strip() or 0)
+
+
+def worktree_diff(path: Path) -> str:
+    """The uncommitted work of a worktree as one text: ``git diff HEAD`` (staged and unstaged
+    changes of tracked files) followed by the list of untracked, non-ignored files."""
+    diff = _git(path, "diff", "HEAD", "--no-color", "--no-ext-diff")
+    untracked = _git(path, "ls-files", "--others", "--exclude-standard").splitlines()
+    if untracked:
+        diff += "\n# untracked files (contents not saved):\n"
+        diff += "".join(f"#   {name}\n" for name in untracked)
+    return diff
+
+
+def branch_checked_out_at(repo_path: Path, branch: str) -> Path | None:
+    """Where ``branch`` is checked out in a worktree of ``repo_path`` (the main one included),
+    or None."""
+    with open_repo(repo_path) as repo:
+        for t in list_worktrees(repo):
+            if t.branch == branch:
+                return t.path
+    return None
+
+
+def create_tag(repo_path: Path, name: str, commit: str) -> bool:
+    """Create the lightweight tag ``name`` at ``commit``; never moves an existing tag.
+
+    Returns:
+        True if it was created, False if a tag of that name already exists (left alone).
+
+    Raises:
+        WorktreeError: git refused (an invalid name, an unknown commit).
+    """
+    if resolve_commit(repo_path, f"refs/tags/{name}") is not None:
+        return False
+    _git(repo_path, "tag", name, commit)
+    return True
