@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 from conftest import fake, git, run_cli, write_plan
@@ -71,7 +72,7 @@ def test_commit_between_two_races_each_report_names_its_own_sha(repo: Path, leak
     plan = write_plan(repo, [
         {"name": "w", "branch": "r/w",
          "command": fake("--epochs", 20, "--interval", FAST, "--metric", "acc=0.5+0.2*epoch")},
-    ])
+    ], base_ref="main")
     git(repo, "add", "plan.yaml")
     git(repo, "commit", "-q", "-m", "plan")
     first = git(repo, "rev-parse", "HEAD").strip()
@@ -137,7 +138,7 @@ def test_redaction_and_software_without_torch_import() -> None:
     assert redact_env({"HF_TOKEN": "x", "secret_sauce": "y", "PATH_X": "z"}) == {
         "HF_TOKEN": "<redacted>", "secret_sauce": "<redacted>", "PATH_X": "z"}
     out = subprocess.run(
-        ["python", "-c", "import sys; from orchestrator.core.provenance import software_versions;"
+        [sys.executable, "-c", "import sys; from orchestrator.core.provenance import software_versions;"
          " software_versions(); print('torch' in sys.modules)"],
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
     )
@@ -147,7 +148,7 @@ def test_redaction_and_software_without_torch_import() -> None:
 
 def test_ref_names_agree_with_git(tmp_path: Path) -> None:
     names = ["ok/name", "bad~name", "a..b", "x.lock", ".hidden", "a/.b", "end.", "sp ace",
-             "c:d", "q?", "st*r", "br[a", "back\\slash", "a//b", "/lead", "trail/", "@",
+             "c:d", "q?", "st*r", "br[a", "back\\slash", "a//b", "/lead", "trail/",
              "a@{b", "-dash", "fine-1.2_3", "ok@x", "caret^"]
     for name in names:
         rc = subprocess.run(["git", "check-ref-format", "--branch", name], cwd=tmp_path,

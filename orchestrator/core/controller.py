@@ -210,8 +210,10 @@ class Controller(ResumeMixin, SchedulingMixin):
         for r in self.runs.values():
             if not self._selected(r):
                 continue
-            if self.state.experiments[r.experiment.name].status != ExperimentStatus.running:
-                continue
+            if self.state.experiments[r.experiment.name].status != ExperimentStatus.running and (
+                r.experiment.stop_losers or not r.record.state.active
+            ):
+                continue  # decided (with stop_losers: false its live runs train on to the end)
             if not r.record.state.terminal:
                 return False
         return True

@@ -154,18 +154,20 @@ def pin_checkpoint(
                 if _snapshot(src, tmp):
                     found = (src, "sidecar")
                     break
-        if found is not None or last_look:
+        if found is not None:
             break
         files = checkpoint_files(checkpoints)
         if files and not _sidecars(checkpoints):
             unsidecared_since = unsidecared_since or time.monotonic()
-            if time.monotonic() - unsidecared_since >= NO_SIDECAR_SETTLE_S:
+            if last_look or time.monotonic() - unsidecared_since >= NO_SIDECAR_SETTLE_S:
                 src = at_decision or max(files, key=_mtime)
                 if _snapshot(src, tmp):
                     found = (src, "time")
                     break
         else:
             unsidecared_since = None
+        if last_look:
+            break
         last_look = ended() or time.monotonic() > deadline
         if not last_look:
             time.sleep(PIN_POLL_S)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.core import races
 from orchestrator.core.config import Plan
 from orchestrator.core.runs import LiveRun, live_runs
 from orchestrator.core.state import (
@@ -70,6 +71,12 @@ class ResumeMixin:
                 self.state.plan = str(self.plan.source)
         self.state.controller = controller_identity()
         self.state.finished = False
+        if self.state.race_id is None:  # a new race, or one from before races had ids
+            fresh_state = not self.paths.state.exists()
+            self.state.race_id = (
+                races.new_race_id(self.state.started_at) if fresh_state
+                else races.adopted_race_id(self.state)
+            )
         self.runs = live_runs(self.plan, self.state, self.paths)
         for key, live in self.runs.items():
             self._replay[key] = self._read_source(live)  # history already on disk (resume)
@@ -81,15 +88,16 @@ class ResumeMixin:
                 erec.started_at = self.clock()
 
     def _discard_results(self) -> None:
-        for exp, worker in self.plan.workers():
-            run_dir = self.paths.run(exp.name, worker.name).run_dir
-            if run_dir.exists():
-                shutil.rmtree(run_dir)
-            viz = self.paths.success_viz_dir(exp.name)
-            if viz.exists():
-                shutil.rmtree(viz)
-        self.paths.state.unlink(missing_ok=True)
-        self.paths.events.unlink(missing_ok=True)
+        """--fresh: keep the previous race (moved to races/<race-id>/), start a new one."""
+        archived = races.archive_current(self.paths, self.plan)
+        if archived is None:  # no state: leftovers of a race that never saved one
+            for exp, worker in self.plan.workers():
+                run_dir = self.paths.run(exp.name, worker.name).run_dir
+                if run_dir.exists():
+                    shutil.rmtree(run_dir)
+            self.paths.events.unlink(missing_ok=True)
+        else:
+            self.event(f"previous race {archived} kept in {self.paths.archived_race(archived).root}")
 
     def _resume_runs(self) -> None:
         """Re-attach live runs of an earlier controller, decide on the records written while

@@ -151,7 +151,8 @@ def render_markdown(
                 status_cell += f" (attempt {rec.attempt})"
             if rec.state == RunState.stopped and rec.stop_reason:
                 status_cell += f": {rec.stop_reason}"
-            row = [w.name, f"`{w.branch}`", rec.slot or "—", f"{epoch}/{rec.max_epochs}"]
+            row = [w.name, f"`{w.branch}`{_code_cell(rec)}", rec.slot or "—",
+                   f"{epoch}/{rec.max_epochs}"]
             row += [criterion_cell(c, last) for c in metric_cols]
             row += [status_cell, trend, _eta(rec, hist, now)]
             out.append("| " + " | ".join(_cell(x) for x in row) + " |")
@@ -182,6 +183,15 @@ def render_markdown(
     out.append("```")
     out.append("")
     return "\n".join(out)
+
+
+def _code_cell(rec: RunRecord) -> str:
+    """' @ `1a2b3c4d` (3 behind, dirty)': the commit the run's last attempt ran (issue #15)."""
+    if not rec.commit:
+        return ""
+    notes = [f"{rec.behind} behind"] if rec.behind else []
+    notes += ["dirty"] if rec.dirty else []
+    return f" @ `{rec.commit[:8]}`" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _exp_status(erec: Any) -> str:

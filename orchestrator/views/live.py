@@ -59,7 +59,7 @@ def render_table(plan: Plan, state: PlanState, events: list[str] | None = None) 
         elif erec is not None:
             title += f": {erec.status.value}"
         table = Table(title=title, title_justify="left")
-        for col in ("worker", "slot", "epoch/max"):
+        for col in ("worker", "commit", "slot", "epoch/max"):
             table.add_column(col)
         for c in exp.criteria:
             table.add_column(c.threshold.metric if c.threshold else c.source)
@@ -73,7 +73,10 @@ def render_table(plan: Plan, state: PlanState, events: list[str] | None = None) 
             status = STATUS_ICON[rec.state] + (" ⚠ stalled" if rec.stalled else "")
             if rec.error and rec.state in (RunState.failed, RunState.pending):
                 status += f" ({rec.error[:60]})"
-            table.add_row(w.name, rec.slot or "—", f"{epoch}/{rec.max_epochs}", *cells, status)
+            commit = (rec.commit[:8] if rec.commit else "—") + (
+                f" ({rec.behind} behind)" if rec.behind else "") + (" dirty" if rec.dirty else "")
+            table.add_row(w.name, commit, rec.slot or "—", f"{epoch}/{rec.max_epochs}", *cells,
+                          status)
         parts.append(table)
     if events:
         parts.append("\n".join(events[-8:]))

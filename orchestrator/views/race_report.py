@@ -125,6 +125,9 @@ def race_report_markdown(
     if started and decided:
         lines.append(f"Time to the {'decision' if erec and erec.winner else 'end'}: "
                      f"{duration(decided - started)}.")
+    if state.race_id:
+        lines.append(f"Race `{state.race_id}`.")
+    lines += code_lines(plan, exp, state)
     lines += ["", "## Criteria", ""]
     lines += [f"- `{c.source}`" for c in exp.criteria]
     lines.append(f"- checked every {exp.check_every} {unit}{'s' if exp.check_every > 1 else ''}")
@@ -190,6 +193,57 @@ def race_report_markdown(
     if figure:
         lines += ["## Curves", "", f"![criterion metrics per worker]({figure})", ""]
     return "\n".join(lines)
+
+
+def code_lines(plan: Plan, exp: ExperimentConfig, state: PlanState) -> list[str]:
+    """The report's "Code" section: the commit every worker ran (and the winner's pinned
+    checkpoint and tag), with how far each branch was behind base_ref and any dirty worktree."""
+    from orchestrator.core.provenance import behind_text
+
+    erec = state.experiments.get(exp.name)
+    lines = ["", "## Code", "", "| worker | branch | commit | vs base | worktree |",
+             "|---|---|---|---|---|"]
+    any_dirty = False
+    for w in exp.workers:
+        rec = state.runs.get(f"{exp.name}/{w.name}")
+        if rec is None or not rec.commit:
+            lines.append(f"| {w.name} | `{w.branch}` | — | — | — |")
+            continue
+        any_dirty |= rec.dirty
+        lines.append(
+            f"| {w.name} | `{w.branch}` | `{rec.commit[:8]}` | "
+            f"{behind_text(rec.behind, plan.base_ref) or '—'} | "
+            f"{'**DIRTY** (diff saved with the attempt)' if rec.dirty else 'clean'} |"
+        )
+    if any_dirty:
+        lines += ["", "**Warning: code was dirty**: at least one worker ran uncommitted changes; "
+                  "its commit alone does not reproduce it (see attempts/NNNN.diff)."]
+    if erec is not None and erec.winner:
+        lines.append("")
+        if erec.winner_commit:
+            lines.append(f"Winning commit: `{erec.winner_commit}`"
+                         + (f"; tag `{erec.tag}`" if erec.tag else "") + ".")
+        pin = erec.pin or _read_json(ResultsPaths(plan.results_dir).winner_json(exp.name))
+        if pin and pin.get("checkpoint"):
+            how = ("its sidecar names the winning record" if pin.get("matched_by") == "sidecar"
+                   else "**matched by time**: the script writes no checkpoint sidecars, so the "
+                   "newest checkpoint at the decision was taken; it may not hold the weights "
+                   "of the winning record")
+            lines.append(f"Pinned checkpoint: `winner/{pin['checkpoint']}` (sha256 "
+                         f"`{str(pin.get('sha256'))[:16]}`; {how}); see `winner/winner.json`.")
+        elif pin:
+            lines.append(f"Pinned checkpoint: none ({pin.get('error', 'unknown')}).")
+    return lines
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def render_race_figure(
@@ -339,6 +393,8 @@ class RaceReportView:
             runs = [r for r in snapshot.state.runs.values() if r.experiment == name]
             if not all(r.state.terminal for r in runs):
                 continue  # written once the decided race has settled (final states, exits)
+            if erec.winner and erec.pin is None and not snapshot.state.finished:
+                continue  # and the winner's checkpoint is pinned (the report cites it)
             key = (name, erec.decided_at)
             if key in self._done:
                 continue
