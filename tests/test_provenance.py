@@ -67,7 +67,9 @@ def test_each_attempt_records_its_commit_env_and_software(repo: Path, leak_check
     assert state.experiments["race"].winner_commit == base
 
 
-def test_commit_between_two_races_each_report_names_its_own_sha(repo: Path, leak_check: str) -> None:
+def test_commit_between_two_races_each_report_names_its_own_sha(
+    repo: Path, leak_check: str
+) -> None:
     first = git(repo, "rev-parse", "HEAD").strip()
     plan = write_plan(repo, [
         {"name": "w", "branch": "r/w",
@@ -138,8 +140,8 @@ def test_redaction_and_software_without_torch_import() -> None:
     assert redact_env({"HF_TOKEN": "x", "secret_sauce": "y", "PATH_X": "z"}) == {
         "HF_TOKEN": "<redacted>", "secret_sauce": "<redacted>", "PATH_X": "z"}
     out = subprocess.run(
-        [sys.executable, "-c", "import sys; from orchestrator.core.provenance import software_versions;"
-         " software_versions(); print('torch' in sys.modules)"],
+        [sys.executable, "-c", "import sys; from orchestrator.core.provenance import "
+         "software_versions; software_versions(); print('torch' in sys.modules)"],
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
     )
     assert out.stdout.strip() == "False", out.stderr

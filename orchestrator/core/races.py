@@ -97,12 +97,11 @@ def list_races(paths: ResultsPaths) -> list[RaceInfo]:
             out.append(RaceInfo(state.race_id or folder.name, folder, state, live=False))
     if paths.state.exists():
         try:
-            state = PlanState.load(paths.state)
-        except StateError:
-            state = None
-        if state is not None:
-            out.append(RaceInfo(state.race_id or adopted_race_id(state), paths.root, state,
+            live = PlanState.load(paths.state)
+            out.append(RaceInfo(live.race_id or adopted_race_id(live), paths.root, live,
                                 live=True))
+        except StateError:
+            pass
     return sorted(out, key=lambda r: r.state.started_at)
 
 

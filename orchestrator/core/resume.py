@@ -97,7 +97,8 @@ class ResumeMixin:
                     shutil.rmtree(run_dir)
             self.paths.events.unlink(missing_ok=True)
         else:
-            self.event(f"previous race {archived} kept in {self.paths.archived_race(archived).root}")
+            kept = self.paths.archived_race(archived).root
+            self.event(f"previous race {archived} kept in {kept}")
 
     def _resume_runs(self) -> None:
         """Re-attach live runs of an earlier controller, decide on the records written while
