@@ -102,6 +102,6 @@ def test_cli_clean_removes_worktrees_but_refuses_uncommitted_work(repo: Path) ->
     assert out.returncode == 2 and "uncommitted work" in out.stderr
     assert (repo / ".worktrees" / "race" / "a").exists()  # nothing removed
     git(repo / ".worktrees" / "race" / "b", "checkout", "README.md")
-    out = run_cli("clean", str(plan), "--results", cwd=repo)
+    out = run_cli("clean", str(plan), "--results", "--yes", cwd=repo)
     assert out.returncode == 0, out.stderr
     assert not (repo / ".worktrees" / "race").exists()

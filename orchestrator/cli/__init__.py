@@ -125,7 +125,7 @@ def _error(message: str, problems: list[str], hint: str | None) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command (``--help`` shows the argument syntax)."""
-    from orchestrator.cli import commands, inspect
+    from orchestrator.cli import commands, queries
 
     parser = argparse.ArgumentParser(
         prog="python -m orchestrator",
@@ -180,12 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep printing what the worker writes; ends when the worker ends")
     p.add_argument("--stderr", action="store_true", help="stderr.log instead of stdout.log")
     p.add_argument("--race", metavar="RACE_ID", help="a past race (default: the latest)")
-    p.set_defaults(func=inspect.cmd_logs)
+    p.set_defaults(func=queries.cmd_logs)
 
     p = sub.add_parser("history", help="list the plan's races (every race is kept)")
     p.add_argument("plan", nargs="?", help=plan_help)
     p.add_argument("--json", action="store_true", help="JSON (schema: docs/cli.md)")
-    p.set_defaults(func=inspect.cmd_history)
+    p.set_defaults(func=queries.cmd_history)
 
     p = sub.add_parser("compare", help="two races side by side, or two workers of one race")
     p.add_argument("words", nargs="+", metavar="[PLAN] RACE [RACE_B]")
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON (schema: docs/cli.md)")
     fmt.add_argument("--csv", action="store_true", help="CSV")
-    p.set_defaults(func=inspect.cmd_compare)
+    p.set_defaults(func=queries.cmd_compare)
 
     p = sub.add_parser("validate", help="check a plan (and its branches, base_ref, commands)")
     p.add_argument("plan", nargs="?", help=plan_help)
@@ -262,7 +262,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     args.only = (args.only or []) + args.worker or None
     _check_only(plan, args.only)
     if args.dry_run:
-        from orchestrator.cli.inspect import dry_run
+        from orchestrator.cli.queries import dry_run
 
         return dry_run(plan, args.only)
     if not args.fresh and (decided := _decided_line(plan)) is not None:

@@ -278,7 +278,7 @@ def one_worker(words: list[str], command: str) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from orchestrator.cli.inspect import preflight
+    from orchestrator.cli.queries import preflight
 
     plan = load_plan(args.plan)
     print(describe(plan))
