@@ -179,7 +179,8 @@ def test_dry_run_starts_nothing_and_names_problems(repo: Path, leak_check: str) 
 def test_rerun_tees_the_log_and_reads_a_regex_source(repo: Path, leak_check: str) -> None:
     plan = write_plan(repo, [
         {"name": "a", "branch": "r/a",
-         "metrics": {"source": "regex", "pattern": r"^epoch (?P<epoch>\d+) \{'acc': (?P<acc>[\d.]+)"},
+         "metrics": {"source": "regex",
+                     "pattern": r"^epoch (?P<epoch>\d+) \{'acc': (?P<acc>[\d.]+)"},
          "command": fake("--epochs", 3, "--interval", FAST, "--metric", "acc=0.5+0.2*epoch")},
     ])
     out = run_cli("rerun", str(plan), "a", cwd=repo)
