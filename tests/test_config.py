@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -131,6 +132,10 @@ def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
 
 def test_cli_validate_prints_the_plan(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD)
+    # validate also checks what a run would meet (issue #15): the repo must be a git repo
+    for args in (["init", "-q"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                                  "--allow-empty", "-m", "init"]):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True)
     out = run_cli("validate", str(path), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "worker b (priority -1) on branch race/b" in out.stdout

@@ -125,7 +125,14 @@ def _error(message: str, problems: list[str], hint: str | None) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command (``--help`` shows the argument syntax)."""
-    from orchestrator.cli import commands, queries
+    from orchestrator.cli.commands import (
+        cmd_clean,
+        cmd_rerun,
+        cmd_status,
+        cmd_stop,
+        cmd_validate,
+    )
+    from orchestrator.cli.queries import cmd_compare, cmd_history, cmd_logs
 
     parser = argparse.ArgumentParser(
         prog="python -m orchestrator",
@@ -160,19 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("plan", nargs="?", help=plan_help)
     p.add_argument("--json", action="store_true",
                    help="print the state as JSON (schema: docs/cli.md)")
-    p.set_defaults(func=commands.cmd_status)
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("stop", help="stop the whole plan, or named workers")
     p.add_argument("words", nargs="*", metavar="[PLAN] [WORKER ...]")
     p.add_argument("-w", "--worker", action="append", default=[], metavar="WORKER",
                    help="stop this worker (repeatable)")
-    p.set_defaults(func=commands.cmd_stop)
+    p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("rerun", help="run one worker in the foreground, in its worktree")
     p.add_argument("words", nargs="+", metavar="[PLAN] WORKER",
                    help="worker name (or experiment/worker)")
     p.add_argument("--resume", action="store_true", help="resume from its latest checkpoint")
-    p.set_defaults(func=commands.cmd_rerun)
+    p.set_defaults(func=cmd_rerun)
 
     p = sub.add_parser("logs", help="show (or follow) one worker's log")
     p.add_argument("words", nargs="+", metavar="[PLAN] WORKER")
@@ -180,12 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep printing what the worker writes; ends when the worker ends")
     p.add_argument("--stderr", action="store_true", help="stderr.log instead of stdout.log")
     p.add_argument("--race", metavar="RACE_ID", help="a past race (default: the latest)")
-    p.set_defaults(func=queries.cmd_logs)
+    p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("history", help="list the plan's races (every race is kept)")
     p.add_argument("plan", nargs="?", help=plan_help)
     p.add_argument("--json", action="store_true", help="JSON (schema: docs/cli.md)")
-    p.set_defaults(func=queries.cmd_history)
+    p.set_defaults(func=cmd_history)
 
     p = sub.add_parser("compare", help="two races side by side, or two workers of one race")
     p.add_argument("words", nargs="+", metavar="[PLAN] RACE [RACE_B]")
@@ -194,11 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON (schema: docs/cli.md)")
     fmt.add_argument("--csv", action="store_true", help="CSV")
-    p.set_defaults(func=queries.cmd_compare)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("validate", help="check a plan (and its branches, base_ref, commands)")
     p.add_argument("plan", nargs="?", help=plan_help)
-    p.set_defaults(func=commands.cmd_validate)
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("clean", help="remove the plan's worktrees (refuses uncommitted work)")
     p.add_argument("plan", nargs="?", help=plan_help)
@@ -207,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-y", "--yes", action="store_true", help="do not ask (--results)")
     p.add_argument("--keep", type=int, default=0, metavar="N",
                    help="with --results: keep the newest N races")
-    p.set_defaults(func=commands.cmd_clean)
+    p.set_defaults(func=cmd_clean)
 
     from orchestrator.views.report import add_report_arguments, run_report
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import IO
 
+from orchestrator.cli.args import find_worker, one_worker
 from orchestrator.core import provenance
 from orchestrator.core.config import (
     ExperimentConfig,
@@ -137,16 +138,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
     plan = load_plan(args.plan)
     args.worker = one_worker(args.words, "rerun")
-    matches = [
-        (e, w) for e, w in plan.workers()
-        if args.worker in (w.name, f"{e.name}/{w.name}")
-    ]
-    if not matches:
-        names = ", ".join(f"{e.name}/{w.name}" for e, w in plan.workers())
-        raise ConfigError(f"no worker {args.worker!r} in {plan.source}; workers: {names}")
-    if len(matches) > 1:
-        raise ConfigError(f"worker name {args.worker!r} is ambiguous; use experiment/worker")
-    exp, worker = matches[0]
+    exp, worker = find_worker(plan, args.worker)
     paths = ResultsPaths(plan.results_dir)
     lock = ControllerLock(paths.lock)
     lock.acquire()  # refuses while a controller runs this plan
@@ -261,20 +253,6 @@ def _metrics_summary(exp: ExperimentConfig, worker: WorkerConfig, run_paths: Run
     held = all_pass(exp.criteria_for(worker), last)
     return (f"metrics ({m.source}) in {where}: {len(history.records)} records; the criteria "
             f"{'HELD' if held else 'did not hold'} at the last record ({at})")
-
-
-def one_worker(words: list[str], command: str) -> str:
-    """The one WORKER of ``command [PLAN] WORKER`` (the plan already taken off ``words``).
-
-    Raises:
-        ConfigError: none, or more than one, was given.
-    """
-    if len(words) != 1:
-        raise ConfigError(
-            f"{command} takes one worker, got {len(words)}: {' '.join(words) or '(none)'}",
-            hint=f"python -m orchestrator {command} [PLAN] WORKER",
-        )
-    return words[0]
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

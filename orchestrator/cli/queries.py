@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator.cli.args import find_worker, one_worker
 from orchestrator.core import races
 from orchestrator.core.config import ExperimentConfig, Plan, WorkerConfig, expand, load_plan
 from orchestrator.core.state import PlanState, RunState, controller_alive
@@ -23,21 +24,6 @@ from orchestrator.paths import ResultsPaths
 
 JSON_SCHEMA_VERSION = 1
 FOLLOW_POLL_S = 0.2
-
-
-def find_worker(plan: Plan, name: str) -> tuple[ExperimentConfig, WorkerConfig]:
-    """The worker called ``name`` (or ``experiment/name``).
-
-    Raises:
-        ConfigError: no such worker, or the name is ambiguous.
-    """
-    matches = [(e, w) for e, w in plan.workers() if name in (w.name, f"{e.name}/{w.name}")]
-    if not matches:
-        names = ", ".join(f"{e.name}/{w.name}" for e, w in plan.workers())
-        raise ConfigError(f"no worker {name!r} in {plan.source}; workers: {names}")
-    if len(matches) > 1:
-        raise ConfigError(f"worker name {name!r} is ambiguous; use experiment/worker")
-    return matches[0]
 
 
 # -- preflight: run --dry-run and validate -------------------------------------------------------
@@ -283,8 +269,6 @@ def _last_attempt_offset(path: Path) -> int:
 def cmd_logs(args: argparse.Namespace) -> int:
     """``logs [PLAN] WORKER [-f] [--stderr] [--race ID]``: the worker's log from the start of
     its live (or last) attempt; ``-f`` follows it until the worker ends."""
-    from orchestrator.cli.commands import one_worker
-
     plan = load_plan(args.plan)
     exp, w = find_worker(plan, one_worker(args.words, "logs"))
     race = races.find_race(ResultsPaths(plan.results_dir), args.race)

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -27,6 +28,7 @@ from pydantic import (
 )
 
 from orchestrator.core.criteria import Criterion
+from orchestrator.core.refnames import branch_name, ref_component
 from orchestrator.errors import ConfigError, CriteriaError
 from orchestrator.remote.sync_config import SyncConfig
 
@@ -136,11 +138,7 @@ class WorkerConfig(_Frozen):
     @field_validator("branch")
     @classmethod
     def _branch(cls, v: str) -> str:
-        from orchestrator.core.refnames import ref_format_problem
-
-        if problem := ref_format_problem(v):
-            raise ValueError(problem)
-        return v
+        return branch_name(v)
 
     @field_validator("criteria", mode="before")
     @classmethod
@@ -158,7 +156,7 @@ class WorkerConfig(_Frozen):
 class ExperimentConfig(_Frozen):
     """A race among workers that share success criteria."""
 
-    name: Name
+    name: Annotated[Name, AfterValidator(ref_component)]  # part of the winner's tag
     criteria: tuple[Criterion, ...] = Field(min_length=1)
     check_every: int = Field(default=1, ge=1)
     max_epochs: int = Field(ge=1)
@@ -175,16 +173,6 @@ class ExperimentConfig(_Frozen):
     @classmethod
     def _criteria(cls, v: Any) -> Any:
         return _parse_criteria(v)
-
-    @field_validator("name")
-    @classmethod
-    def _ref_safe_name(cls, v: str) -> str:
-        from orchestrator.core.refnames import ref_format_problem
-
-        # The name becomes part of a tag (race/<experiment>/<race-id>): git must accept it.
-        if problem := ref_format_problem(v, what="ref component (the name is used in tags)"):
-            raise ValueError(problem)
-        return v
 
     @model_validator(mode="after")
     def _unique_workers(self) -> ExperimentConfig:
@@ -248,20 +236,11 @@ class Plan(_Frozen):
 
     # Set by load_plan, not by the YAML.
     source: Path | None = Field(default=None, exclude=True)
-    # Provenance (issue #15): run a dirty worktree (its diff is saved) instead of refusing it;
-    # tag the winning commit ``<tag_prefix>/<experiment>/<race-id>`` (``tag: false``: off).
+    # Run a dirty worktree (its diff saved) instead of refusing it; tag the winning commit
+    # <tag_prefix>/<experiment>/<race-id> unless tag: false (core.provenance, core.pinning).
     allow_dirty: bool = False
     tag: bool = True
-    tag_prefix: str = "race"
-
-    @field_validator("tag_prefix")
-    @classmethod
-    def _tag_prefix(cls, v: str) -> str:
-        from orchestrator.core.refnames import ref_format_problem
-
-        if problem := ref_format_problem(v, what="tag prefix"):
-            raise ValueError(problem)
-        return v
+    tag_prefix: Annotated[str, AfterValidator(ref_component)] = "race"
 
     @model_validator(mode="after")
     def _unique_experiments(self) -> Plan:

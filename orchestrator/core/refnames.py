@@ -36,3 +36,25 @@ def ref_format_problem(name: str, *, what: str = "branch name") -> str | None:
     elif any(part.startswith(".") or part.endswith(".lock") for part in name.split("/")):
         problem = "a component starts with '.' or ends with '.lock'"
     return None if problem is None else f"{name!r} is not a valid git {what}: {problem}"
+
+
+def branch_name(name: str) -> str:
+    """``name`` if git accepts it as a branch name (a pydantic validator).
+
+    Raises:
+        ValueError: with ``ref_format_problem``'s sentence.
+    """
+    if problem := ref_format_problem(name):
+        raise ValueError(problem)
+    return name
+
+
+def ref_component(name: str) -> str:
+    """``name`` if it can be part of a ref (an experiment name in a tag, a tag prefix).
+
+    Raises:
+        ValueError: with ``ref_format_problem``'s sentence.
+    """
+    if problem := ref_format_problem(name, what="name for a ref (it becomes part of a tag)"):
+        raise ValueError(problem)
+    return name
