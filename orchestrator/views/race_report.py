@@ -29,12 +29,13 @@ from typing import Any
 from orchestrator.core.accounting import RunUsage, compute_savings
 from orchestrator.core.config import ExperimentConfig, Plan, load_plan
 from orchestrator.core.ranking import best_worker, missing_text
+from orchestrator.core.runs import metric_source
 from orchestrator.core.snapshot import RaceSnapshot
 from orchestrator.core.state import ExperimentStatus, PlanState, RunRecord
 from orchestrator.formatting import duration, fmt
 from orchestrator.paths import ResultsPaths
 from orchestrator.reporting import atomic_write_bytes
-from orchestrator.sources.metrics import MetricHistory, make_source
+from orchestrator.sources.metrics import MetricHistory
 
 FIGURE = "race_report.png"
 
@@ -44,11 +45,7 @@ def load_histories(plan: Plan, exp: ExperimentConfig) -> dict[str, MetricHistory
     paths = ResultsPaths(plan.results_dir)
     out = {}
     for w in exp.workers:
-        run_dir = paths.run(exp.name, w.name).run_dir
-        source = make_source(
-            w.metrics.source, run_dir=run_dir, path=w.metrics.path, pattern=w.metrics.pattern,
-            rename=w.metrics.rename,
-        )
+        source = metric_source(plan, exp, w, paths)
         history = MetricHistory()
         try:
             history.add(source.read_new())
