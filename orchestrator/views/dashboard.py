@@ -304,7 +304,7 @@ class Dashboard:
             return
         image = (
             self.progress_path.name if self.progress_path.exists() else None
-        ) if snapshot.state.finished else self._maybe_plot(snapshot.histories, now, force)
+        ) if snapshot.state.finished else self._maybe_plot(snapshot.histories, now)
         status = self.syncer.status()
         sync_line = None
         if self.plan.sync is not None:
@@ -338,15 +338,15 @@ class Dashboard:
         status = self.syncer.status()
         return {"last_success_s": status.last_success_s, "error": status.error}
 
-    def _maybe_plot(
-        self, histories: Mapping[str, MetricHistory], now: float, force: bool
-    ) -> str | None:
+    def _maybe_plot(self, histories: Mapping[str, MetricHistory], now: float) -> str | None:
         signature = tuple((k, len(h.records)) for k, h in sorted(histories.items()))
         have = self.progress_path.exists()
         # ~0.9 CPU-s a render (4 panels): once every 30 s keeps it near 3% of a core.
         throttle = max(30.0, 4 * self.plan.dashboard_interval_s)
+        # Never forced: a render started at the decision would hold the exit. The race report's
+        # renderer draws the final plot once the race is decided.
         recent = self._last_plot is not None and now - self._last_plot < throttle
-        if signature == self._plot_signature or (not force and recent):
+        if signature == self._plot_signature or recent:
             return self.progress_path.name if have else None
         if not any(h.records for h in histories.values()):
             return None
