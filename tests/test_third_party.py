@@ -231,3 +231,23 @@ def test_a_control_that_fails_the_criteria_leaves_the_win(repo: Path) -> None:
     exp = state.experiments["race"]
     assert code == 0 and exp.status == ExperimentStatus.succeeded and exp.winner == "real"
     assert not exp.control_flags and not exp.awaiting_controls
+
+
+def test_readme_plans_for_unmodified_scripts_validate_as_written(tmp_path: Path) -> None:
+    import re
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Racing a script that knows nothing of the orchestrator")[1]
+    section = section.split("\n## ")[0]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    assert len(blocks) == 3
+    for i, block in enumerate(blocks):
+        experiment = {"name": f"e{i}", **yaml.safe_load(block)}
+        path = tmp_path / f"plan{i}.yaml"
+        path.write_text(yaml.safe_dump({"experiments": [experiment]}))
+        plan = load_plan(path)  # raises ConfigError on any problem
+        assert plan.experiments[0].workers[0].metrics.source in ("regex", "tensorboard", "csv")
+    example = load_plan(Path(__file__).resolve().parents[1] / "examples" / "third_party.yaml")
+    assert [e.unit for e in example.experiments] == ["step", "step", "step"]
