@@ -320,7 +320,35 @@ def write_race_report(plan: Plan, experiment: str, *, progress: bool = True) -> 
         for e in plan.experiments:
             all_histories.update(histories if e is exp else load_histories(plan, e))
         render_progress(plan, all_histories, plan.dashboard.with_name("progress.png"))
+        _rewrite_dashboard(plan, paths, state, all_histories)
     return report
+
+
+def _rewrite_dashboard(
+    plan: Plan, paths: ResultsPaths, state: PlanState, histories: Mapping[str, MetricHistory]
+) -> None:
+    """Rewrite the dashboard from disk so that it links the report: the controller may have
+    written its last version (and exited) before the report existed. A live controller's
+    next write links it too; both writes are atomic and agree on the link."""
+    import json
+
+    from orchestrator.views.dashboard import dashboard_links, render_markdown
+
+    events = []
+    try:
+        for line in paths.events.read_text().splitlines()[-15:]:
+            e = json.loads(line)
+            events.append(f"{time.strftime('%H:%M:%S', time.localtime(e['time_s']))} "
+                          f"{e['event']}")
+    except (OSError, ValueError, KeyError):
+        pass
+    image = plan.dashboard.with_name("progress.png")
+    text = render_markdown(
+        plan, state, histories, events, now=state.updated_at,
+        progress_image=image.name if image.exists() else None,
+        links=dashboard_links(plan, paths),
+    )
+    atomic_write_bytes(plan.dashboard, text.encode())
 
 
 class RaceReportView:
