@@ -60,6 +60,8 @@ def main() -> int:
                    help="also copy every checkpoint saved into this folder (what was saved)")
     p.add_argument("--partial-on-stop", action="store_true",
                    help="on SIGTERM mid-epoch, save a partial (epoch+step) stop checkpoint")
+    p.add_argument("--step-per-epoch", type=int, default=0,
+                   help="also log step = epoch x this (a step-based script)")
     args = p.parse_args()
 
     rep = Reporter.from_env(default_run_dir=args.run_dir, handle_signals=not args.ignore_sigterm,
@@ -95,6 +97,8 @@ def main() -> int:
         values = {name: round(a + b * epoch, 6) for name, a, b in metrics}
         values["gpu"] = int(os.environ.get("CUDA_VISIBLE_DEVICES") or -1)
         values["resumed"] = int(rep.resume)
+        if args.step_per_epoch:
+            values["step"] = epoch * args.step_per_epoch
         rep.log(epoch=epoch, **values)
         if args.random_checkpoints or args.checkpoint_archive:
             save(rep, args, epoch)

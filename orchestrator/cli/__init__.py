@@ -319,7 +319,8 @@ def _decided_line(plan: Plan) -> tuple[str, int] | None:
     ):
         return None
     verdicts = "; ".join(
-        f"{e.name}: {e.winner} won at {e.winner_epoch}" if e.winner else f"{e.name}: failed"
+        f"{e.name}: {e.winner} won at {e.unit} {e.winner_epoch}" if e.winner
+        else f"{e.name}: failed"
         for e in erecs if e is not None
     )
     line = (f"race {state.race_id or '(no id)'} of {plan.source} is already decided "
@@ -372,7 +373,7 @@ def _print_outcome(plan: Plan, state: PlanState) -> None:
                 else ""
             )
             code = f" (commit {erec.winner_commit[:8]})" if erec.winner_commit else ""
-            print(f"{exp.name}: {erec.winner} won at epoch {erec.winner_epoch}{code}{lat}")
+            print(f"{exp.name}: {erec.winner} won at {erec.unit} {erec.winner_epoch}{code}{lat}")
         else:
             print(f"{exp.name}: {erec.status.value}")
     print(f"dashboard: {plan.dashboard}")

@@ -135,10 +135,10 @@ def experiment_summary(plan: Plan, state: PlanState, experiment: str) -> dict[st
     runs = [r for r in state.runs.values() if r.experiment == experiment]
     usages = []
     for rec in runs:
-        budget = rec.max_epochs or (exp.max_epochs if exp is not None else 0) or 1
+        budget = rec.budget or rec.max_epochs or 1
         won = erec is not None and erec.winner == rec.worker
-        usages.append(RunUsage(rec.worker, rec, int(rec.epoch or 0), budget, won=won))
-    rows = compute_savings(usages)
+        usages.append(RunUsage(rec.worker, rec, int(rec.progress or 0), budget, won=won))
+    rows = compute_savings(usages, unit=exp.unit if exp is not None else "epoch")
     end = (erec.decided_at if erec and erec.decided_at else None) or state.updated_at
     start = (erec.started_at if erec and erec.started_at else None) or state.started_at
     status = erec.status.value if erec is not None else ExperimentStatus.running.value
@@ -147,6 +147,7 @@ def experiment_summary(plan: Plan, state: PlanState, experiment: str) -> dict[st
         "status": status,
         "winner": erec.winner if erec else None,
         "at": erec.winner_epoch if erec else None,
+        "unit": erec.unit if erec else "epoch",
         "commit": (erec.winner_commit if erec else None),
         "tag": erec.tag if erec else None,
         "pinned": (erec.pin or {}).get("checkpoint") if erec else None,
