@@ -281,6 +281,8 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
         help="where report_<experiment>.md/.png go (default: the experiment's results folder)",
     )
     parser.add_argument("--no-plot", action="store_true", help="table only")
+    parser.add_argument("--race", default=None, metavar="RACE_ID",
+                        help="report a past race (see `history`; default: the latest)")
 
 
 def _split(text: str | None) -> list[str]:
@@ -300,6 +302,16 @@ def run_report(args: argparse.Namespace) -> int:
         for p in e.problems[1:] if len(e.problems) > 1 else []:
             print(f"  {p}", file=sys.stderr)
         return 2
+    if getattr(args, "race", None):
+        from orchestrator.core.races import find_race
+        from orchestrator.errors import StateError
+
+        try:
+            race = find_race(ResultsPaths(plan.results_dir), args.race)
+        except StateError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        plan = plan.model_copy(update={"results_dir": race.root})  # a race keeps the layout
     try:
         pattern = re.compile(args.group_by)
     except re.error as e:
