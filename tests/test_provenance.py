@@ -165,3 +165,19 @@ def test_bad_branch_and_experiment_names_fail_validation(repo: Path) -> None:
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "'bad~name' is not a valid git branch name" in out.stderr
     assert "'a..b'" in out.stderr
+
+
+def test_untracked_files_are_listed_not_refused(repo: Path, leak_check: str) -> None:
+    """A script's own logs in its worktree (Lightning's lightning_logs/) are not a code change."""
+    plan = write_plan(repo, [
+        {"name": "w", "branch": "r/w",
+         "command": fake("--epochs", 20, "--interval", FAST, "--metric", "acc=0.5+0.2*epoch")},
+    ])
+    wt = repo / ".worktrees" / "race" / "w"
+    git(repo, "worktree", "add", "-q", "-b", "r/w", str(wt), "main")
+    (wt / "lightning_logs").mkdir()
+    (wt / "lightning_logs" / "metrics.csv").write_text("epoch\n")
+    code, state, _ = race(plan)
+    rec = state.run("race", "w")
+    assert code == 0 and rec.dirty is False
+    assert rec.attempts[0]["untracked"] == ["lightning_logs/metrics.csv"]

@@ -68,7 +68,7 @@ def _plan_for_worker(plan: Plan, exp: ExperimentConfig, w: WorkerConfig) -> dict
     if where is not None and where != wt.resolve():
         problems.append(f"{key}: branch {w.branch!r} is already checked out at {where}")
     if wt.exists() and where == wt.resolve() and not plan.allow_dirty:
-        dirty = worktrees.dirty_files(wt)
+        dirty = worktrees.tracked_changes(wt)
         if dirty:
             problems.append(f"{key}: worktree {wt} has uncommitted changes ({len(dirty)} files, "
                             f"e.g. {dirty[0].strip()}); commit them or set allow_dirty: true")

@@ -5,7 +5,8 @@ its run directory) its branch, the commit SHA it ran, how far that branch is beh
 ``base_ref``, the expanded argv, the plan's env (values of names that look secret redacted; the
 inherited environment is not recorded), host, slot, start, end, exit, and the software. A dirty
 worktree is refused unless the plan says ``allow_dirty: true``; then the diff is saved next to the
-provenance and the attempt says ``dirty``. The software (Python, torch, CUDA, GPU driver) is read
+provenance and the attempt says ``dirty`` (untracked files, such as a script's own logs, are
+listed but do not make a worktree dirty). The software (Python, torch, CUDA, GPU driver) is read
 from package metadata and /proc, never by importing torch; ``pip_freeze.txt`` is written once per
 race.
 """
@@ -116,7 +117,9 @@ def write_race_software(paths: ResultsPaths) -> dict[str, str | None]:
 
 
 def check_worktree(worktree: Path, *, allow_dirty: bool) -> str | None:
-    """Refuse a dirty worktree, or return its diff when the plan allows it.
+    """Refuse a dirty worktree (uncommitted changes to tracked files), or return its diff when
+    the plan allows it. Untracked files do not make it dirty (a script's own logs land there);
+    the attempt lists them (``untracked``).
 
     Returns:
         None for a clean worktree; the diff text (``worktrees.worktree_diff``) of a dirty one
@@ -125,7 +128,7 @@ def check_worktree(worktree: Path, *, allow_dirty: bool) -> str | None:
     Raises:
         WorktreeError: the worktree holds uncommitted work and ``allow_dirty`` is False.
     """
-    dirty = worktrees.dirty_files(worktree)
+    dirty = worktrees.tracked_changes(worktree)
     if not dirty:
         return None
     if not allow_dirty:
@@ -167,6 +170,7 @@ def attempt_provenance(
     """
     diff = check_worktree(worktree, allow_dirty=allow_dirty)
     commit = worktrees.head_commit(worktree)
+    untracked = worktrees.untracked_files(worktree)
     diff_path = None
     if diff is not None:
         diff_path = run_paths.attempt_diff(attempt)
@@ -179,6 +183,8 @@ def attempt_provenance(
         "behind": worktrees.commits_behind(repo, commit, base_ref),
         "dirty": diff is not None,
         "diff": str(diff_path) if diff_path else None,
+        "untracked": untracked[:20],
+        "untracked_count": len(untracked),
         "argv": list(argv),
         "env": redact_env(dict(plan_env)),
         "host": socket.gethostname(),

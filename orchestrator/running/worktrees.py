@@ -313,6 +313,19 @@ def commits_behind(repo_path: Path, ref: str, base_ref: str) -> int | None:
     return int(_git(repo_path, "rev-list", "--count", f"{ref}..{base_ref}").strip() or 0)
 
 
+def tracked_changes(path: Path) -> list[str]:
+    """Uncommitted changes to tracked files (modified, staged, deleted), as short ``git status``
+    lines. Untracked files are left out: training scripts write logs into their working
+    directory (Lightning's ``lightning_logs/``), which is not a change of the code."""
+    return [line for line in _git(path, "status", "--porcelain", "--untracked-files=no")
+            .splitlines() if line.strip()]
+
+
+def untracked_files(path: Path) -> list[str]:
+    """Untracked, non-ignored files of a worktree (relative paths)."""
+    return _git(path, "ls-files", "--others", "--exclude-standard").splitlines()
+
+
 def worktree_diff(path: Path) -> str:
     """The uncommitted work of a worktree as one text: ``git diff HEAD`` (staged and unstaged
     changes of tracked files) followed by the list of untracked, non-ignored files."""
