@@ -30,6 +30,7 @@ from orchestrator.ray_executor.executor import (
     RayRunHandle,
     RunActor,
     is_append_only,
+    job_runtime_env,
 )
 from orchestrator.running.launchers import LaunchSpec
 from orchestrator.running.processes import RUN_ID_ENV
@@ -53,7 +54,8 @@ def local_ray() -> Any:
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
     if ray.is_initialized():  # an earlier test's call may have auto-started one
         ray.shutdown()
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
+             runtime_env=job_runtime_env())
     yield ray
     ray.shutdown()
 

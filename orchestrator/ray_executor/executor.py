@@ -49,13 +49,10 @@ in ray_sentinel.py. Their public names are re-exported here.
 
 from __future__ import annotations
 
-import inspect
-import logging
+import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -68,12 +65,14 @@ from orchestrator.ray_executor.node import (
     DEAD_ACTOR_CODE,
     MAX_CHUNK_BYTES,
     RESCAN_S,
+    SCRATCH_ENV,
     NodeSpec,
     Pull,
     RunActor,
     is_append_only,
 )
-from orchestrator.reporting import LATEST, atomic_write_bytes
+from orchestrator.ray_executor.packaging import pack_worktree
+from orchestrator.reporting import LATEST, METRICS_FILE, atomic_write_bytes
 from orchestrator.running.launchers import Launcher, LaunchSpec, RunHandle
 from orchestrator.running.processes import StopReport
 
@@ -86,6 +85,8 @@ __all__ = [
     "MAX_CHUNK_BYTES",
     "NAMESPACE",
     "RESCAN_S",
+    "RESOURCES_ENV",
+    "SCRATCH_ENV",
     "SHIP_ENV",
     "WORKING_DIR_EXCLUDES",
     "NodeSpec",
@@ -94,10 +95,35 @@ __all__ = [
     "RayRunHandle",
     "RunActor",
     "is_append_only",
+    "job_runtime_env",
 ]
 
 NAMESPACE = "orchestrator"
 SHIP_ENV = "ORCH_RAY_SHIP"  # "1": ship worktrees, "0": use them in place; unset: auto
+# A worker's env may carry extra Ray resources for its actor, as JSON ('{"node_b": 1}'), to pin
+# it to the nodes that offer them (custom resources of `ray start --resources`).
+RESOURCES_ENV = "ORCH_RAY_RESOURCES"
+STANDARD_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def package_dir() -> Path:
+    """The ``orchestrator`` package directory this controller runs (shipped as py_modules)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def job_runtime_env(runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The job-level runtime_env a controller's Ray connection needs (for ``ray.init``).
+
+    Ray uploads local ``py_modules`` only for the job (public ``ray.init(runtime_env=...)``):
+    the ``orchestrator`` package goes there, so that actors on any node can import it (and
+    their workers ``orchestrator.reporting``). The launcher calls ``ray.init`` with this itself;
+    code that connects to Ray before creating a ``RayLauncher`` must pass it too.
+
+    Args:
+        runtime_env: the plan's ``ray.runtime_env``; its ``py_modules`` join the package.
+    """
+    modules = [str(package_dir()), *(runtime_env or {}).get("py_modules", [])]
+    return {"py_modules": modules}
 WORKING_DIR_EXCLUDES = [
     ".git", ".worktrees/", "results/", "runs/", "data/", "__pycache__/", "*.pyc", ".venv/",
     ".mypy_cache/", ".pytest_cache/", ".ruff_cache/",
@@ -113,13 +139,18 @@ class RayRunHandle(RunHandle):
     ``pid`` is the launch wrapper's pid on its node once the actor started it, -1 before.
     """
 
-    def __init__(self, spec: LaunchSpec, actor: Any, start_ref: Any) -> None:
+    def __init__(self, spec: LaunchSpec, actor: Any, start_ref: Any, *,
+                 recorded_upto: float | None = None, previous_loss: str | None = None) -> None:
         self.spec = spec
         self.actor = actor
         self.start_ref = start_ref  # ObjectRef of RunActor.start()
         self.pid: int | None = -1
         self.create_time: float | None = time.time()
         self.node: str | None = None  # the node's IP, once started
+        self.node_id: str | None = None  # the node's Ray id (hex), once started
+        self.node_label: str | None = None  # "ip id8 [custom resources]", for events
+        self.node_lost: str | None = None  # the label of this attempt's node, if it was lost
+        self.previous_loss = previous_loss  # the node an earlier attempt of this run lost
         self.node_cwd: str | None = None  # where the worker runs on the node
         self.node_run_dir: str | None = None  # where it writes there
         self.error: str | None = None
@@ -127,14 +158,21 @@ class RayRunHandle(RunHandle):
         self._returncode: int | None = None
         self._cpu_s = 0.0
         self._killed = False
+        # A resumed attempt re-runs the epochs between its checkpoint and the last record the
+        # controller holds; those records are dropped (the controller already judged them).
+        self._recorded_upto = recorded_upto
+        self._metrics_partial = b""
+        self._dropped: list[float] = []
 
     def poll(self) -> int | None:
         return self._returncode if self.done.is_set() else None
 
     def where(self) -> str:
+        lost = (f"; node {self.previous_loss} was lost under the last attempt"
+                if self.previous_loss else "")
         if self.pid is None or self.pid < 0:
-            return "a Ray actor, starting"
-        return f"pid {self.pid} on node {self.node or '?'}"
+            return f"a Ray actor, starting{lost}"
+        return f"pid {self.pid} on node {self.node_label or self.node or '?'}{lost}"
 
     def refresh(self) -> None:
         """Nothing to do per tick: the launcher's pump thread appends new bytes as they arrive
@@ -147,6 +185,8 @@ class RayRunHandle(RunHandle):
         """Append streamed bytes and write whole files into the controller's run directory."""
         run_dir = self.spec.paths.run_dir
         for rel, data in pull.appends.items():
+            if rel == METRICS_FILE and self._recorded_upto is not None:
+                data = self._drop_recorded(data, final=pull.returncode is not None)
             path = run_dir / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "ab") as f:
@@ -156,6 +196,43 @@ class RayRunHandle(RunHandle):
         self._cpu_s = max(self._cpu_s, pull.cpu_s)
         if pull.returncode is not None:
             self._finish(pull.returncode)
+
+    def _drop_recorded(self, data: bytes, *, final: bool) -> bytes:
+        """Drop metric records at or before ``_recorded_upto`` (epoch, else step) from streamed
+        bytes, until the first newer record; after that, bytes pass unchanged. A partial last
+        line waits for the next pull (the final pull passes it as it is)."""
+        buf = self._metrics_partial + data
+        cut = len(buf) if final else buf.rfind(b"\n") + 1
+        complete, partial = buf[:cut], buf[cut:]
+        out = bytearray()
+        for line in complete.splitlines(keepends=True):
+            upto = self._recorded_upto
+            if upto is not None:
+                position = _position(line)
+                if position is not None and position <= upto:
+                    self._dropped.append(position)
+                    continue
+                if position is not None:
+                    self._recorded_upto = None  # past the seam
+            out += line
+        if self._recorded_upto is None:
+            out += partial
+            partial = b""
+        self._metrics_partial = partial
+        if self._recorded_upto is None or final:
+            self._note_dropped()
+        return bytes(out)
+
+    def _note_dropped(self) -> None:
+        if not self._dropped:
+            return
+        first, last = min(self._dropped), max(self._dropped)
+        with open(self.spec.paths.stderr, "ab") as f:
+            f.write(f"orchestrator: attempt {self.spec.attempt} re-ran epochs (or steps) "
+                    f"{_fmt(first)}..{_fmt(last)} "
+                    "from its checkpoint; those records were kept from the attempt before it "
+                    "(each epoch is recorded once)\n".encode())
+        self._dropped = []
 
     def _finish(self, returncode: int, error: str | None = None) -> None:
         if self.done.is_set():
@@ -214,7 +291,8 @@ class RayLauncher(Launcher):
         self._owns_ray = False
         if not ray.is_initialized():
             address = self.config.address
-            kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
+            kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False,
+                                      "runtime_env": job_runtime_env(self.config.runtime_env)}
             try:
                 if address == "local":
                     ray.init(**kwargs)
@@ -230,7 +308,17 @@ class RayLauncher(Launcher):
         if ship is None and os.environ.get(SHIP_ENV) in ("0", "1"):
             ship = os.environ[SHIP_ENV] == "1"
         self.ship = self._all_nodes_here() is False if ship is None else ship
-        self._scratch = tempfile.mkdtemp(prefix="orch-ray-upload-")
+        if self.ship and not self._owns_ray and not self._job_has_py_modules():
+            raise LaunchError(
+                "shipped runs need the orchestrator package on every node, but this process "
+                "connected to Ray without it",
+                hint="connect with ray.init(..., runtime_env="
+                "orchestrator.ray_executor.job_runtime_env()), or let the launcher connect",
+            )
+        self._packages: dict[str, Any] = {}  # sha256 of a worktree zip -> its ObjectRef
+        self._node_labels: dict[str, str] = {}  # node id -> label
+        self._lost: dict[str, str] = {}  # run key -> label of the node its last attempt lost
+        self.lost_nodes: list[tuple[str, str, float]] = []  # (node label, run key, time.time())
         self._handles: list[RayRunHandle] = []
         self._pending: dict[Any, tuple[RayRunHandle, str]] = {}  # ObjectRef -> (handle, kind)
         self._lock = threading.Lock()
@@ -243,35 +331,57 @@ class RayLauncher(Launcher):
         nodes = [n for n in self.ray.nodes() if n.get("Alive")]
         return bool(nodes) and all(n.get("NodeManagerAddress") == here for n in nodes)
 
+    def _job_has_py_modules(self) -> bool:
+        """Whether the job this process is connected as ships py_modules (the package)."""
+        try:
+            job_env = self.ray.get_runtime_context().runtime_env
+        except Exception:  # an older Ray without it: trust the caller
+            return True
+        return bool(job_env.get("py_modules"))
+
     # -- starting ---------------------------------------------------------------------------
 
-    def _runtime_env(self, spec: LaunchSpec) -> dict[str, Any]:
-        """The actor's runtime_env: the plan's, plus (shipped) the worktree and this package.
+    def _runtime_env(self) -> dict[str, Any]:
+        """The actor's runtime_env: the plan's (env_vars, pip, ...), public Ray fields only.
 
-        Ray uploads local directories only for a job-level runtime_env (ray.init), so each
-        worktree is zipped and stored in the cluster's GCS here, with the same functions
-        ray.init uses (content-addressed: an unchanged worktree is uploaded once), and the
-        actor gets the resulting ``gcs://`` URIs.
+        ``excludes`` apply to our own worktree package; ``py_modules`` went to the job's
+        runtime_env (``job_runtime_env``): Ray takes local paths there only.
         """
         env = dict(self.config.runtime_env)
-        if not self.ship:
-            return env
-        from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
-        from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
-
-        env["working_dir"] = str(spec.cwd)
-        env["excludes"] = [*WORKING_DIR_EXCLUDES, *env.get("excludes", [])]
-        package = str(Path(__file__).resolve().parent)  # this orchestrator package
-        env["py_modules"] = [*env.get("py_modules", []), package]
-        kwargs: dict[str, Any] = {"scratch_dir": self._scratch, "logger": _quiet_logger()}
-        if "include_gitignore" in inspect.signature(upload_working_dir_if_needed).parameters:
-            kwargs["include_gitignore"] = (
-                os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
-            )  # as ray.init decides it (older Rays always honour .gitignore)
-        env = upload_py_modules_if_needed(env, **kwargs)
-        env = upload_working_dir_if_needed(env, **kwargs)
         env.pop("excludes", None)
+        if self._owns_ray:
+            env.pop("py_modules", None)
         return env
+
+    def _worktree_ref(self, cwd: Path) -> Any:
+        """The worktree's zip in the object store (``ray.put`` once per distinct content)."""
+        excludes = [*WORKING_DIR_EXCLUDES, *self.config.runtime_env.get("excludes", [])]
+        digest, data = pack_worktree(cwd, excludes)
+        with self._lock:
+            ref = self._packages.get(digest)
+            if ref is None:
+                ref = self._packages[digest] = self.ray.put(data)
+        return ref
+
+    def _resources(self, spec: LaunchSpec) -> dict[str, float]:
+        """Custom Ray resources the worker asks for (its ``ORCH_RAY_RESOURCES`` env, JSON).
+
+        Raises:
+            LaunchError: the value is not a JSON object of numbers.
+        """
+        text = spec.env.get(RESOURCES_ENV)
+        if not text:
+            return {}
+        try:
+            value = json.loads(text)
+            if not isinstance(value, dict):
+                raise ValueError("not an object")
+            return {str(k): float(v) for k, v in value.items()}
+        except (ValueError, TypeError) as e:
+            raise LaunchError(
+                f"{spec.key}: {RESOURCES_ENV}={text!r} is not a JSON object of numbers ({e})",
+                hint=f'write it as {RESOURCES_ENV}: \'{{"node_b": 1}}\' in the worker\'s env',
+            ) from None
 
     def _seed_files(self, paths: RunPaths) -> dict[str, bytes]:
         """What a shipped attempt needs from the controller's run directory to resume."""
@@ -296,6 +406,10 @@ class RayLauncher(Launcher):
         env = spec.env if not self.ship else {
             k: v for k, v in spec.env.items() if os.environ.get(k) != v
         }
+        env = {k: v for k, v in env.items() if k != RESOURCES_ENV}
+        resources = self._resources(spec)
+        recorded_upto = last_recorded(spec.paths.metrics) if self.ship and spec.attempt > 1 \
+            else None
         node_spec = NodeSpec(
             argv=list(spec.argv), env=dict(env), cwd=str(spec.cwd),
             run_dir=str(spec.paths.run_dir), run_id=spec.run_id, attempt=spec.attempt,
@@ -305,20 +419,23 @@ class RayLauncher(Launcher):
         )
         cls: Any = self.ray.remote(RunActor)
         try:
+            package = self._worktree_ref(spec.cwd) if self.ship else None
             actor: Any = cls.options(
                 num_cpus=self.config.num_cpus_per_worker,
                 num_gpus=self.config.num_gpus_per_worker,
+                resources=resources or None,
                 max_concurrency=4,
                 max_restarts=0,
                 name=_actor_name(spec.run_id),
                 namespace=NAMESPACE,
-                runtime_env=self._runtime_env(spec),
+                runtime_env=self._runtime_env(),
             ).remote(node_spec)
-            ref = actor.start.remote()
+            ref = actor.start.remote(package)
         except (ValueError, TypeError, OSError, self.ray.exceptions.RayError,
                 self.ray.exceptions.RuntimeEnvSetupError) as e:
             raise LaunchError(f"{spec.key}: Ray refused the run: {e}") from None
-        handle = RayRunHandle(spec, actor, ref)
+        handle = RayRunHandle(spec, actor, ref, recorded_upto=recorded_upto,
+                              previous_loss=self._lost.pop(spec.key, None))
         with self._lock:
             self._handles.append(handle)
             self._pending[ref] = (handle, "start")
@@ -352,6 +469,13 @@ class RayLauncher(Launcher):
         except ray.exceptions.RayError as e:
             if handle._killed:  # we killed it (stop before start, close): not a crash
                 handle._finish(DEAD_ACTOR_CODE)
+            elif (lost := self._node_lost(handle, e)) is not None:
+                handle.node_lost = lost
+                with self._lock:
+                    self._lost[handle.spec.key] = lost
+                    self.lost_nodes.append((lost, handle.spec.key, time.time()))
+                handle._finish(DEAD_ACTOR_CODE, f"Ray node {lost} was lost; attempt "
+                               f"{handle.spec.attempt} of {handle.spec.key} ended with it")
             else:
                 handle._finish(DEAD_ACTOR_CODE, f"Ray actor of {handle.spec.key} ended: "
                                f"{_first_line(e)}")
@@ -361,6 +485,8 @@ class RayLauncher(Launcher):
             handle.pid = value["pid"]
             handle.create_time = value["create_time"] or handle.create_time
             handle.node = value["node"]
+            handle.node_id = value.get("node_id") or None
+            handle.node_label = self._node_label(handle.node_id, handle.node)
             handle.node_cwd = value.get("cwd")
             handle.node_run_dir = value.get("run_dir")
         else:
@@ -374,6 +500,38 @@ class RayLauncher(Launcher):
         next_ref = handle.actor.pull.remote(self.pull_wait_s)
         with self._lock:
             self._pending[next_ref] = (handle, "pull")
+
+    def _node_label(self, node_id: str | None, ip: str | None) -> str:
+        """``ip id8 [custom resources]`` of a node, e.g. ``10.0.0.5 3f2a9c1e [node_b]``."""
+        if not node_id:
+            return ip or "?"
+        if node_id not in self._node_labels:
+            custom: list[str] = []
+            for n in self.ray.nodes():
+                if n.get("NodeID") == node_id:
+                    custom = sorted(r for r in n.get("Resources", {})
+                                    if r not in STANDARD_RESOURCES and ":" not in r)
+            extra = f" [{', '.join(custom)}]" if custom else ""
+            self._node_labels[node_id] = f"{ip or '?'} {node_id[:8]}{extra}"
+        return self._node_labels[node_id]
+
+    def _node_lost(self, handle: RayRunHandle, error: BaseException) -> str | None:
+        """The label of the attempt's node if its actor died because the node is gone
+        (Ray says so in the error, or lists the node as dead); else None."""
+        if handle.node_id is None:
+            return None
+        text = str(error)
+        if "ray.kill" in text:  # killed on purpose (by us, or by hand): the node is fine
+            return None
+        dead = "node has died" in text or "NODE_DIED" in text
+        deadline = time.monotonic() + 2.0  # the GCS marks a removed node within moments
+        while not dead and time.monotonic() < deadline:
+            alive = {n.get("NodeID"): n.get("Alive") for n in self.ray.nodes()}
+            if alive.get(handle.node_id) is False:
+                dead = True
+                break
+            time.sleep(0.1)
+        return self._node_label(handle.node_id, handle.node) if dead else None
 
     def _kill(self, handle: RayRunHandle) -> None:
         try:
@@ -445,22 +603,46 @@ class RayLauncher(Launcher):
             self._kill(h)
         self._closing.set()
         self._pump.join(timeout=5)
-        shutil.rmtree(self._scratch, ignore_errors=True)
+        self._packages.clear()  # frees the worktree zips in the object store
         if self._owns_ray:
             self.ray.shutdown()
             self._owns_ray = False
 
 
-def _quiet_logger() -> logging.Logger:
-    """Ray's packaging logs every upload at INFO; keep warnings only."""
-    logger = logging.getLogger("orchestrator.ray_executor.upload")
-    logger.setLevel(logging.WARNING)
-    return logger
-
-
 def _actor_name(run_id: str) -> str:
     """Ray actor name of a run (unique per attempt), e.g. ``race/a/2/1f3c9e0a``."""
     return f"run:{run_id}"
+
+
+def _position(line: bytes) -> float | None:
+    """The epoch (else step) of one metrics.jsonl line; None for a blank or unreadable one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    for key in ("epoch", "step"):
+        value = record.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _fmt(position: float) -> str:
+    return f"{position:g}"
+
+
+def last_recorded(metrics: Path) -> float | None:
+    """The highest epoch (else step) among the complete records of a metrics.jsonl file
+    (None when it has none, or does not exist)."""
+    try:
+        data = metrics.read_bytes()
+    except OSError:
+        return None
+    positions = [_position(line) for line in data[: data.rfind(b"\n") + 1].splitlines()]
+    known = [p for p in positions if p is not None]
+    return max(known) if known else None
 
 
 def _first_line(e: BaseException) -> str:
