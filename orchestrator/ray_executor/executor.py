@@ -150,6 +150,7 @@ class RayRunHandle(RunHandle):
         self.node_id: str | None = None  # the node's Ray id (hex), once started
         self.node_label: str | None = None  # "ip id8 [custom resources]", for events
         self.node_lost: str | None = None  # the label of this attempt's node, if it was lost
+        self.node_package: str | None = None  # where the node imported orchestrator from
         self.previous_loss = previous_loss  # the node an earlier attempt of this run lost
         self.node_cwd: str | None = None  # where the worker runs on the node
         self.node_run_dir: str | None = None  # where it writes there
@@ -489,6 +490,7 @@ class RayLauncher(Launcher):
             handle.node_label = self._node_label(handle.node_id, handle.node)
             handle.node_cwd = value.get("cwd")
             handle.node_run_dir = value.get("run_dir")
+            handle.node_package = value.get("package")
         else:
             try:
                 handle.apply(value)
