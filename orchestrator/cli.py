@@ -396,6 +396,14 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan)
     print(describe(plan))
+    from orchestrator.running.gpus import describe_slots
+
+    print()  # the slots a controller on this machine would use (CUDA_VISIBLE_DEVICES honoured)
+    for line in describe_slots(
+        plan.gpus, workers_per_gpu=plan.workers_per_gpu, max_parallel=plan.max_parallel,
+        cpu_slots=sum(len(e.workers) for e in plan.experiments), executor=plan.executor,
+    ):
+        print(line)
     print("\nplan is valid")
     return 0
 
