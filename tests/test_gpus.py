@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli, write_plan
+
 from orchestrator.core.config import load_plan
 from orchestrator.core.state import PlanState, RunState
 from orchestrator.running.gpus import Gpu, detect_gpus, list_gpus, make_slots, visible_gpus

@@ -15,6 +15,7 @@ over a real network, nodes with different file systems or Python installations.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -25,18 +26,19 @@ from typing import Any
 import psutil
 import pytest
 import yaml
-
-from orchestrator.core.config import load_plan
-from orchestrator.core.state import PlanState, RunState
-from orchestrator.paths import ResultsPaths
-from orchestrator.ray_executor.executor import RESOURCES_ENV, SCRATCH_ENV, job_runtime_env
-from orchestrator.session import build_controller
+from conftest import MARKER_ENV
 from test_ray_executor import (
     RecordingLauncher,
     make_repo,
     read_metrics,
     tagged_processes,
 )
+
+from orchestrator.core.config import load_plan
+from orchestrator.core.state import PlanState, RunState
+from orchestrator.paths import ResultsPaths
+from orchestrator.ray_executor.executor import RESOURCES_ENV, SCRATCH_ENV, job_runtime_env
+from orchestrator.session import build_controller
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -74,7 +76,8 @@ class SimCluster:
         return {
             "num_cpus": 1, "resources": resources, "object_store_memory": OBJECT_STORE_BYTES,
             "include_dashboard": False,
-            "env_vars": {SCRATCH_ENV: str(scratch), "PYTHONPATH": ""},
+            # No leak-check marker: a node re-added inside a test belongs to the module.
+            "env_vars": {SCRATCH_ENV: str(scratch), "PYTHONPATH": "", MARKER_ENV: ""},
         }
 
     def add(self, name: str) -> None:
@@ -84,9 +87,9 @@ class SimCluster:
     def name_of(self, node_id: str) -> str:
         """The name of the node whose Ray id is ``node_id`` ("head" for the head)."""
         for name, node in self.nodes.items():
-            if node.unique_id == node_id:
+            if node.node_id == node_id:
                 return name
-        assert self.cluster.head_node.unique_id == node_id, node_id
+        assert self.cluster.head_node.node_id == node_id, node_id
         return "head"
 
     def leftovers(self) -> dict[str, list[str]]:
@@ -108,9 +111,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimCluster]:
     if ray.is_initialized():
         ray.shutdown()
     sim = SimCluster(ray, tmp_path_factory.mktemp("scratch"))
+    cwd = os.getcwd()
     try:
-        ray.init(address=sim.cluster.address, runtime_env=job_runtime_env(),
-                 log_to_driver=False)
+        # Ray puts the driver's cwd on every worker's sys.path: connect from an empty folder,
+        # or the actors would import orchestrator from this checkout, not from py_modules.
+        os.chdir(tmp_path_factory.mktemp("driver cwd"))
+        try:
+            ray.init(address=sim.cluster.address, runtime_env=job_runtime_env(),
+                     log_to_driver=False)
+        finally:
+            os.chdir(cwd)
         yield sim
     finally:
         ray.shutdown()

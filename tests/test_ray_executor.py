@@ -136,8 +136,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def test_core_does_not_import_ray() -> None:
-    code = ("import sys, orchestrator.core.controller, orchestrator.cli, orchestrator.running.launchers; "
-            "sys.exit(1 if 'ray' in sys.modules else 0)")
+    code = ("import sys, orchestrator.core.controller, orchestrator.cli, "
+            "orchestrator.running.launchers; sys.exit(1 if 'ray' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

@@ -21,9 +21,13 @@ The controller, criteria, dashboard, state and sync are unchanged: this module i
 
 Two ways to give the worker its files, chosen once per launcher:
 
-- **shipped** (a multi-node cluster, or ``ORCH_RAY_SHIP=1``): the worktree travels as the actor's
-  ``runtime_env.working_dir`` (excluding .git, results/, runs/, data/, .worktrees/, caches;
-  Ray also honours the worktree's .gitignore), the orchestrator package as ``py_modules``; the
+- **shipped** (a multi-node cluster, or ``ORCH_RAY_SHIP=1``): the worktree is packed into a
+  deterministic zip (packaging.py: the files git would commit, minus .git, results/, runs/,
+  data/, .worktrees/, caches and ``ray.runtime_env.excludes``), put in the cluster's object store
+  once per content (``ray.put``) and unpacked by the actor into a node-local folder
+  (``$ORCH_RAY_SCRATCH`` or the node's temp directory); the orchestrator package travels as the
+  job's ``py_modules`` (``job_runtime_env``, given to ``ray.init``). Public Ray APIs only: Ray
+  takes a local ``working_dir`` per actor only as a URI its private upload functions make. The
   worker writes to a node-local run directory that is streamed back as above. Paths in the
   command and env that point into the controller's worktree or run directory are rewritten to
   the node's copies, and a leading controller interpreter becomes the node's. Data under
@@ -33,9 +37,12 @@ Two ways to give the worker its files, chosen once per launcher:
   worktree and writes the controller's run directory directly; nothing is copied.
 
 Resume after a crash: a dead actor or node makes ``poll`` return -9, a crash like any other, so
-the controller retries with ORCH_RESUME=1 (max_retries). In shipped mode the new attempt's node
-run directory is seeded with the controller's copy of metrics.jsonl and checkpoints/latest.*
-(at most ``checkpoint_sync_s`` old); in place, the worker reads its own run directory.
+the controller retries with ORCH_RESUME=1 (max_retries). A lost node is named (``ip id8
+[custom resources]``) in the run's stderr.log, hence its error on the dashboard, and in the
+next attempt's start event. In shipped mode the new attempt's node run directory is seeded with
+the controller's copy of metrics.jsonl and checkpoints/latest.* (at most ``checkpoint_sync_s``
+old), and the records it re-runs between that checkpoint and the controller's last record are
+dropped (each epoch is recorded once); in place, the worker reads its own run directory.
 Ray actors die with their driver, so runs do not survive a controller restart: ``attach``
 returns None and the restarted controller resumes them from the checkpoints it holds.
 
@@ -43,8 +50,8 @@ References: Ray actors and runtime environments (docs.ray.io, "Actors", "Runtime
 Ray Tune's function trainables do the same job in-process (see benchmarks/bench_ray_vs_tune.py).
 
 Layout: this module is the controller side (``RayLauncher``, ``RayRunHandle``); the actor and
-what it runs on the node are in ray_node.py (``RunActor``, ``NodeSpec``, ``Pull``), the sentinel
-in ray_sentinel.py. Their public names are re-exported here.
+what it runs on the node are in node.py (``RunActor``, ``NodeSpec``, ``Pull``), the sentinel
+in sentinel.py, the worktree package in packaging.py. Their public names are re-exported here.
 """
 
 from __future__ import annotations

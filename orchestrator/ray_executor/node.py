@@ -1,7 +1,7 @@
 """The node side of ``executor: ray``: the actor that runs one attempt's worker on its node.
 
 ``RunActor`` starts the worker through ``processes.launch`` (with a sentinel, see
-ray_sentinel.py, that stops the worker's tree if the actor dies) and answers the launcher's
+sentinel.py, that stops the worker's tree if the actor dies) and answers the launcher's
 long polls (``pull``) with new bytes of the append-only run files and whole changed files.
 ``NodeSpec`` (what the launcher sends) and ``Pull`` (what a pull returns) are the picklable
 messages between the launcher (executor.py) and the actor. Nothing here imports Ray at

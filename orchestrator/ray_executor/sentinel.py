@@ -1,5 +1,5 @@
 """The sentinel of a Ray attempt: a detached process that stops the worker's tree when its
-actor dies (run as ``python -m orchestrator.ray_executor.sentinel sentinel ...`` by ``RunActor``)."""
+actor dies (``python -m orchestrator.ray_executor.sentinel sentinel ...``, run by ``RunActor``)."""
 
 from __future__ import annotations
 
@@ -32,14 +32,15 @@ def _sentinel_main(argv: list[str]) -> int:
 
     End-of-file without ``done`` (or the actor's pid gone) means the actor died: stop the tree
     (processes.stop_trees: group, descendants and the ORCH_RUN_ID tag), or, if the wrapper was
-    never reported, every process carrying the tag; then delete the node run directory.
+    never reported, every process carrying the tag; then delete the attempt's node folder.
     """
     p = argparse.ArgumentParser(prog="python -m orchestrator.ray_executor.sentinel sentinel")
     p.add_argument("--watch-pid", type=int, required=True, help="the actor's pid")
     p.add_argument("--run-id", required=True, help="ORCH_RUN_ID of the worker's processes")
     p.add_argument("--exit-status", type=Path, default=None,
                    help="the attempt's exit status file, marked -9 when the actor died")
-    p.add_argument("--remove", default=None, help="node run directory to delete afterwards")
+    p.add_argument("--remove", default=None,
+                   help="the attempt's node-local folder, deleted afterwards")
     p.add_argument("--grace-s", type=float, default=5.0)
     p.add_argument("--interval-s", type=float, default=0.1)
     args = p.parse_args(argv)
