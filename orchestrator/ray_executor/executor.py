@@ -103,6 +103,7 @@ __all__ = [
     "RunActor",
     "is_append_only",
     "job_runtime_env",
+    "last_recorded",
 ]
 
 NAMESPACE = "orchestrator"
