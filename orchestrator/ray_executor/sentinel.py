@@ -73,6 +73,8 @@ def _sentinel_main(argv: list[str]) -> int:
             if ProcessTree(leader, args.run_id).members(scan_env=False):
                 actor_died = False
                 break
+    if actor_died and _said_done(buffer):
+        return 0  # the actor said "done" and was killed before we read it: a normal end
     if leader is not None:
         stop_trees([ProcessTree(leader, args.run_id)], grace_s=args.grace_s)
     else:
@@ -86,6 +88,24 @@ def _sentinel_main(argv: list[str]) -> int:
     if args.remove and (actor is None or actor.process() is None):
         shutil.rmtree(args.remove, ignore_errors=True)
     return 0
+
+
+def _said_done(buffer: bytes) -> bool:
+    """Whether what is left unread in the pipe from the (now dead) actor holds ``done``.
+
+    The launcher kills an actor right after its last pull, which says ``done`` first; when
+    the kill wins the race against our read, the line is still in the pipe.
+    """
+    while True:
+        try:
+            ready, _, _ = select.select([0], [], [], 0)
+            chunk = os.read(0, 4096) if ready else b""
+        except OSError:
+            chunk = b""
+        if not chunk:
+            break
+        buffer += chunk
+    return any(line.split() == [b"done"] for line in buffer.split(b"\n"))
 
 
 def _stop_tagged(run_id: str, grace_s: float) -> None:
