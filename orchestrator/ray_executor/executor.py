@@ -112,6 +112,8 @@ SHIP_ENV = "ORCH_RAY_SHIP"  # "1": ship worktrees, "0": use them in place; unset
 # it to the nodes that offer them (custom resources of `ray start --resources`).
 RESOURCES_ENV = "ORCH_RAY_RESOURCES"
 STANDARD_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+NODE_DEATH_WAIT_S = 10.0  # how long a failed actor call waits for the GCS to call its node dead
+UNAVAILABLE_GRACE_S = 30.0  # how long an actor may stay unavailable before it counts as dead
 
 
 def package_dir() -> Path:
@@ -170,6 +172,7 @@ class RayRunHandle(RunHandle):
         # A resumed attempt re-runs the epochs between its checkpoint and the last record the
         # controller holds; those records are dropped (the controller already judged them).
         self._recorded_upto = recorded_upto
+        self._unavailable_since: float | None = None
         self._metrics_partial = b""
         self._dropped: list[float] = []
 
@@ -478,17 +481,10 @@ class RayLauncher(Launcher):
         except ray.exceptions.RayError as e:
             if handle._killed:  # we killed it (stop before start, close): not a crash
                 handle._finish(DEAD_ACTOR_CODE)
-            elif (lost := self._node_lost(handle, e)) is not None:
-                handle.node_lost = lost
-                with self._lock:
-                    self._lost[handle.spec.key] = lost
-                    self.lost_nodes.append((lost, handle.spec.key, time.time()))
-                handle._finish(DEAD_ACTOR_CODE, f"Ray node {lost} was lost; attempt "
-                               f"{handle.spec.attempt} of {handle.spec.key} ended with it")
-            else:
-                handle._finish(DEAD_ACTOR_CODE, f"Ray actor of {handle.spec.key} ended: "
-                               f"{_first_line(e)}")
-            self._release(handle)
+                self._release(handle)
+            else:  # find out why off the pump thread (asking the GCS may take seconds)
+                threading.Thread(target=self._on_error, args=(handle, kind, e),
+                                 name="ray-actor-error", daemon=True).start()
             return
         if kind == "start":
             handle.pid = value["pid"]
@@ -500,6 +496,7 @@ class RayLauncher(Launcher):
             handle.node_run_dir = value.get("run_dir")
             handle.node_package = value.get("package")
         else:
+            handle._unavailable_since = None
             try:
                 handle.apply(value)
             except OSError as e:
@@ -525,22 +522,54 @@ class RayLauncher(Launcher):
             self._node_labels[node_id] = f"{ip or '?'} {node_id[:8]}{extra}"
         return self._node_labels[node_id]
 
+    def _on_error(self, handle: RayRunHandle, kind: str, error: BaseException) -> None:
+        """A call to the attempt's actor failed (not one we killed): a lost node, an actor
+        that is only unavailable for a moment (the pull is retried), or a dead actor."""
+        ray = self.ray
+        lost = self._node_lost(handle, error)
+        if lost is None and kind == "pull" and isinstance(
+                error, ray.exceptions.ActorUnavailableError):
+            now = time.monotonic()
+            handle._unavailable_since = handle._unavailable_since or now
+            if now - handle._unavailable_since < UNAVAILABLE_GRACE_S:
+                time.sleep(0.5)
+                next_ref = handle.actor.pull.remote(self.pull_wait_s)
+                with self._lock:
+                    self._pending[next_ref] = (handle, "pull")
+                return
+        if handle._killed:
+            handle._finish(DEAD_ACTOR_CODE)
+        elif lost is not None:
+            handle.node_lost = lost
+            with self._lock:
+                self._lost[handle.spec.key] = lost
+                self.lost_nodes.append((lost, handle.spec.key, time.time()))
+            handle._finish(DEAD_ACTOR_CODE, f"Ray node {lost} was lost; attempt "
+                           f"{handle.spec.attempt} of {handle.spec.key} ended with it")
+        else:
+            handle._finish(DEAD_ACTOR_CODE, f"Ray actor of {handle.spec.key} ended: "
+                           f"{_first_line(error)}")
+        self._release(handle)
+
     def _node_lost(self, handle: RayRunHandle, error: BaseException) -> str | None:
-        """The label of the attempt's node if its actor died because the node is gone
-        (Ray says so in the error, or lists the node as dead); else None."""
+        """The label of the attempt's node if its actor died because the node is gone (Ray
+        says so in the error, or lists the node as dead within NODE_DEATH_WAIT_S); else None."""
         if handle.node_id is None:
             return None
         text = str(error)
         if "ray.kill" in text:  # killed on purpose (by us, or by hand): the node is fine
             return None
         dead = "node has died" in text or "NODE_DIED" in text
-        deadline = time.monotonic() + 2.0  # the GCS marks a removed node within moments
-        while not dead and time.monotonic() < deadline:
-            alive = {n.get("NodeID"): n.get("Alive") for n in self.ray.nodes()}
+        deadline = time.monotonic() + NODE_DEATH_WAIT_S
+        while not dead and time.monotonic() < deadline and not self._closing.is_set():
+            try:
+                alive = {n.get("NodeID"): n.get("Alive") for n in self.ray.nodes()}
+            except Exception:  # the GCS is unreachable: no verdict
+                break
             if alive.get(handle.node_id) is False:
                 dead = True
                 break
-            time.sleep(0.1)
+            time.sleep(0.2)
         return self._node_label(handle.node_id, handle.node) if dead else None
 
     def _kill(self, handle: RayRunHandle) -> None:
