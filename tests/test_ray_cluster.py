@@ -134,12 +134,13 @@ def pinned(name: str, resources: dict[str, float], *args: str | int | float) -> 
             "env": {RESOURCES_ENV: json.dumps(resources)}}
 
 
-def write_plan(repo: Path, workers: list[dict[str, Any]], criteria: list[str]) -> Path:
+def write_plan(repo: Path, workers: list[dict[str, Any]], criteria: list[str],
+               max_epochs: int = 100) -> Path:
     plan = {
         "gpus": "none", "poll_interval_s": 0.1, "dashboard_interval_s": 0.2, "grace_s": 5,
         "retry_backoff_s": 0.1, "max_retries": 2, "executor": "ray",
         "ray": {"num_cpus_per_worker": 0.25},
-        "experiments": [{"name": RACE, "criteria": criteria, "max_epochs": 100,
+        "experiments": [{"name": RACE, "criteria": criteria, "max_epochs": max_epochs,
                          "workers": workers}],
     }
     path = repo / "plan.yaml"
@@ -214,8 +215,8 @@ def test_node_loss_is_retried_on_a_surviving_node(
     plan_path = write_plan(repo, [
         pinned("solo", {"pool": 1}, "--epochs", 60, "--interval", 0.1,
                "--metric", "acc=0.02*epoch", "--children", 1),
-        pinned("steady", {"head": 1}, "--epochs", 600, "--interval", 0.1, "--metric", "acc=0.1"),
-    ], ["acc >= 0.5"])
+        pinned("steady", {"head": 1}, "--epochs", 10000, "--interval", 0.1, "--metric", "acc=0.1"),
+    ], ["acc >= 0.5"], max_epochs=10000)
     plan = load_plan(plan_path)
     launcher = RecordingLauncher(plan, ship=True, checkpoint_sync_s=0.0)
     metrics = plan.results_dir / RACE / "solo" / "metrics.jsonl"

@@ -290,7 +290,11 @@ def test_race_decides_stops_losers_and_returns_results(
     assert state.runs[f"{RACE}/slow"].state == RunState.stopped
     assert state.runs[f"{RACE}/stubborn"].state == RunState.stopped
     assert state.experiments[RACE].decision_latency_s is not None
-    # No orphan on the node: the children, the setsid helper and the SIGTERM-ignorer are gone.
+    # No orphan on the node: the children, the setsid helper and the SIGTERM-ignorer are gone
+    # (a run whose actor was still starting is cleaned up by its sentinel, within grace_s).
+    deadline = time.monotonic() + plan.grace_s + 10
+    while tagged_processes(f"{RACE}/") and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert tagged_processes(f"{RACE}/") == []
 
     fast = plan.results_dir / RACE / "fast"

@@ -173,6 +173,7 @@ class RayRunHandle(RunHandle):
         # controller holds; those records are dropped (the controller already judged them).
         self._recorded_upto = recorded_upto
         self._unavailable_since: float | None = None
+        self._stopping = False  # the launcher's stop() is running on the actor
         self._metrics_partial = b""
         self._dropped: list[float] = []
 
@@ -502,7 +503,8 @@ class RayLauncher(Launcher):
             except OSError as e:
                 handle.error = f"cannot write into {handle.spec.paths.run_dir}: {e}"
         if handle.done.is_set():
-            self._release(handle)
+            if not handle._stopping:  # else stop() releases it once the tree is gone
+                self._release(handle)
             return
         next_ref = handle.actor.pull.remote(self.pull_wait_s)
         with self._lock:
@@ -607,6 +609,7 @@ class RayLauncher(Launcher):
                 self._kill(h)
                 calls.append(None)
             else:
+                h._stopping = True
                 calls.append(h.actor.stop.remote(grace_s))
         for i, (h, ref) in enumerate(zip(mine, calls, strict=True)):
             if ref is None:
@@ -619,11 +622,14 @@ class RayLauncher(Launcher):
                 h.error = "the node did not answer the stop; killed its actor"
             except ray.exceptions.RayError as e:  # dead already: its sentinel stopped the tree
                 h.error = f"stop on the node failed: {_first_line(e)}"
-        for i, h in enumerate(mine):  # the pump applies the final pull, then kills the actor
+        for i, h in enumerate(mine):  # the pump applies the final pull; then kill the actor
             if not h.done.wait(timeout=30):
                 h._killed = True
                 self._kill(h)
                 h._finish(DEAD_ACTOR_CODE, "no answer from the actor after the stop")
+            if h._stopping:
+                h._stopping = False
+                self._release(h)
             reports[i].duration_s = time.monotonic() - start
         return reports
 

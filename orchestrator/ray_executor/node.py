@@ -100,6 +100,8 @@ class RunActor:
         self._tree: ProcessTree | None = None
         self._sentinel: IO[bytes] | None = None
         self._stopped = False
+        self._stopping = 0  # stop() calls in progress
+        self._close_pending = False  # the last pull is out; close once the stop is done
         self._closed = False
         self._offsets: dict[str, int] = {}
         self._sent: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) already sent
@@ -266,7 +268,10 @@ class RunActor:
             for rel, data in self._read_appends(rescan=True).items():  # written just before exit
                 appends[rel] = appends.get(rel, b"") + data
             snapshots = self._read_snapshots(only_latest=False)
-            self.close()
+            with self._lock:
+                self._close_pending = self._stopping > 0
+            if not self._close_pending:
+                self.close()  # else stop() does, once the whole tree is gone
         elif time.monotonic() - self._last_ckpt_sync >= self.spec.checkpoint_sync_s:
             snapshots = self._read_snapshots(only_latest=True)
             self._last_ckpt_sync = time.monotonic()
@@ -341,13 +346,24 @@ class RunActor:
         return sum(self._cpu.values())
 
     def stop(self, grace_s: float) -> StopReport:
-        """Stop the worker's process tree on this node (processes.stop_trees, in phases)."""
+        """Stop the worker's process tree on this node (processes.stop_trees, in phases).
+
+        The sentinel is dismissed (and the node copy removed) only once the whole tree is
+        gone, even if a pull saw the leader exit in the meantime."""
         with self._lock:
             self._stopped = True
+            self._stopping += 1
             tree = self._tree
-        if tree is None:
-            return StopReport()
-        return stop_trees([tree], grace_s=grace_s)[0]
+        try:
+            if tree is None:
+                return StopReport()
+            return stop_trees([tree], grace_s=grace_s)[0]
+        finally:
+            with self._lock:
+                self._stopping -= 1
+                close = self._stopping == 0 and self._close_pending
+            if close:
+                self.close()
 
     def close(self) -> None:
         """Dismiss the sentinel; remove the node copy of the run directory (shipped mode)."""
