@@ -137,24 +137,25 @@ class RunActor:
             if self._stopped:
                 return {"pid": -1, "create_time": 0.0, "node": _node_ip(), "started": False,
                         "node_id": _node_id()}
-            if spec.shipped and worktree_zip is None:
-                self.cwd = Path.cwd()
-            elif spec.shipped:
-                assert worktree_zip is not None
-                unpack_worktree(worktree_zip, self.cwd)
             self.paths.ensure()
-            for rel, data in spec.files.items():
-                path = self.run_dir / rel
-                atomic_write_bytes(path, data)
-                st = path.stat()
-                if is_append_only(rel):
-                    self._offsets[rel] = st.st_size
-                else:
-                    self._sent[rel] = (st.st_size, st.st_mtime_ns)
-            argv, env = self._node_command()
-            # The sentinel first: if this actor dies at any point from here on, it cleans up.
+            # The sentinel first: if this actor dies at any point from here on, it cleans up
+            # (the worker's tree, and the attempt's node folder).
             self._sentinel = self._start_sentinel()
             try:
+                if spec.shipped and worktree_zip is None:
+                    self.cwd = Path.cwd()
+                elif spec.shipped:
+                    assert worktree_zip is not None
+                    unpack_worktree(worktree_zip, self.cwd)
+                for rel, data in spec.files.items():
+                    path = self.run_dir / rel
+                    atomic_write_bytes(path, data)
+                    st = path.stat()
+                    if is_append_only(rel):
+                        self._offsets[rel] = st.st_size
+                    else:
+                        self._sent[rel] = (st.st_size, st.st_mtime_ns)
+                argv, env = self._node_command()
                 self._tree = launch(
                     argv,
                     cwd=self.cwd,
@@ -167,6 +168,8 @@ class RunActor:
                 )
             except BaseException:
                 self._tell_sentinel("done")
+                if self.base is not None:
+                    shutil.rmtree(self.base, ignore_errors=True)
                 raise
             leader = self._tree.leader
             self._tell_sentinel(f"leader {leader.pid} {leader.create_time!r}")
