@@ -191,6 +191,31 @@ def node_loss(cluster: Any, repo: Path, checkpoint_sync_s: float) -> dict[str, f
     return out
 
 
+def leftovers(root: Path, wait_s: float = 20.0) -> int:
+    """Processes still working under ``root`` (a worker stopped on a lost node checkpoints
+    after SIGTERM) after up to ``wait_s``: orphans, killed so the folder can go."""
+    import psutil
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                if proc.cwd().startswith(str(root)):
+                    found.append(proc)
+            except (psutil.Error, OSError):
+                continue
+        if not found or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for proc in found:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    return len(found)
+
+
 def med(values: list[float]) -> str:
     if len(values) < 4:
         return f"{statistics.median(values):.2f} [{min(values):.2f}, {max(values):.2f}]"
@@ -208,7 +233,7 @@ def main() -> None:
     args = p.parse_args()
     import ray
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         repo = make_repo(Path(tmp))
         cluster = start_cluster(Path(tmp) / "scratch")
         try:
@@ -226,11 +251,13 @@ def main() -> None:
         finally:
             if ray.is_initialized():
                 ray.shutdown()
+            orphans = leftovers(Path(tmp))
             cluster.shutdown()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"races": runs, "losses": losses}, indent=1))
+    args.out.write_text(json.dumps({"races": runs, "losses": losses, "orphans": orphans},
+                                   indent=1))
     print(f"\n4-worker race, {args.repeats} races per way, median [IQR or min, max]; "
-          f"raw runs in {args.out}\n")
+          f"raw runs in {args.out}; processes left 20 s after the last run: {orphans}\n")
     print("| executor | wall s | decision latency s | controller peak RSS MiB |")
     print("|---|---|---|---|")
     labels = {"local": "local processes",
