@@ -154,7 +154,7 @@ class Controller(ResumeMixin, SchedulingMixin, ControlsMixin):
             self._files.stop()
             self._stopper.shutdown(wait=True)
             self.slot_holds.close()
-            for view in self.views:
+            for view in reversed(self.views):  # the dashboard's syncer flushes last
                 view.close()
             self.launcher.close()
             self._lock.release()

@@ -322,7 +322,7 @@ class Dashboard:
             now=snapshot.now,
             progress_image=image,
             sync_line=sync_line,
-            links=self._links(),
+            links=self._links(snapshot.state),
         )
         try:
             atomic_write_bytes(self.path, text.encode())
@@ -375,8 +375,8 @@ class Dashboard:
         if self._plot_thread is not None:
             self._plot_thread.join(timeout_s)
 
-    def _links(self) -> dict[str, list[tuple[str, str]]]:
-        return dashboard_links(self.plan, self.paths)
+    def _links(self, state: PlanState | None = None) -> dict[str, list[tuple[str, str]]]:
+        return dashboard_links(self.plan, self.paths, state)
 
     def publish(self) -> None:
         self.syncer.push_now()
@@ -387,15 +387,19 @@ class Dashboard:
         self.syncer.close()
 
 
-def dashboard_links(plan: Plan, paths: ResultsPaths) -> dict[str, list[tuple[str, str]]]:
+def dashboard_links(
+    plan: Plan, paths: ResultsPaths, state: PlanState | None = None
+) -> dict[str, list[tuple[str, str]]]:
     """Per experiment, (label, path relative to the dashboard) of the race report and the
-    job's figures and reports that exist now."""
+    job's figures and reports that exist now. The race report is linked as soon as it is due
+    (the race decided and settled): its renderer writes it within seconds, and the controller
+    may write its last dashboard (and exit) before that."""
     out: dict[str, list[tuple[str, str]]] = {}
     base = plan.dashboard.parent
     for exp in plan.experiments:
         items = []
         report = paths.race_report(exp.name)
-        if report.exists():
+        if report.exists() or (state is not None and report_due(state, exp.name)):
             items.append(("Race report", _relative(report, base)))
         viz = paths.success_viz_dir(exp.name)
         for name, label in (
@@ -410,6 +414,15 @@ def dashboard_links(plan: Plan, paths: ResultsPaths) -> dict[str, list[tuple[str
         if items:
             out[exp.name] = items
     return out
+
+
+def report_due(state: PlanState, experiment: str) -> bool:
+    """The experiment is decided (or failed) and every run of it has reached a final state:
+    the race report is written now (``views.race_report.RaceReportView``)."""
+    erec = state.experiments.get(experiment)
+    if erec is None or erec.status == ExperimentStatus.running:
+        return False
+    return all(r.state.terminal for r in state.runs.values() if r.experiment == experiment)
 
 
 def _relative(path: Path, base: Path) -> str:
