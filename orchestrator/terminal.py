@@ -160,6 +160,7 @@ def fit_table(
             return table
         status_col = lowered.index("status") if "status" in lowered else -1
         fitted = fit_table(headers, rows, width=width, title=title, wrap_column=wrap_column)
+        assert isinstance(fitted, Table)  # not wide: always a table
         return Group(fitted, _details(headers, rows, fitted, wrap_column))
     status_col = lowered.index("status") if "status" in lowered else -1
     table = build(keep, False, None)

@@ -40,10 +40,11 @@ def scenario(tmp_path: Path) -> tuple:
     plan = load_plan(path)
     state = PlanState(plan=str(plan.source), started_at=T0)
     state.experiments["early-persistence"] = ExperimentRecord("early-persistence", started_at=T0)
+    names = ("attention_ratio", "val_accuracy", "separation_p")
     metrics = {
-        "attention-supervised": {"attention_ratio": 1.28, "val_accuracy": 0.78, "separation_p": 0.004},
-        "contrastive-persistence": {"attention_ratio": 0.98, "val_accuracy": 0.66, "separation_p": 0.3},
-        "multitask": {"attention_ratio": 1.02, "val_accuracy": 0.55, "separation_p": 0.8},
+        "attention-supervised": dict(zip(names, (1.28, 0.78, 0.004), strict=True)),
+        "contrastive-persistence": dict(zip(names, (0.98, 0.66, 0.3), strict=True)),
+        "multitask": dict(zip(names, (1.02, 0.55, 0.8), strict=True)),
     }
     runs = {
         "attention-supervised": dict(state=RunState.running, slot="gpu0", epoch=10, attempt=1),
