@@ -258,14 +258,17 @@ def test_a_same_second_same_size_rewrite_is_still_fetched(
         session.close()
 
 
-DECIDED_DASHBOARD = """# Parallel progress
-
-## early-persistence: {status}
-
-| worker | branch | slot | epoch/max | attention_ratio | val_accuracy | separation_p | status | trend | ETA |
-|---|---|---|---|---|---|---|---|---|---|
-| attention-supervised | `early-persistence/attention-supervised` | gpu0 | 10/50 | 1.62 ✓ | 0.81 ✓ | 0.004 ✓ | 🏆 succeeded | ↗ |  |
-| contrastive-persistence | `early-persistence/contrastive-persistence` | — | 10/50 | 0.98 ✗ | 0.66 ✗ | 0.3 ✗ | ⏹ stopped: lost to attention-supervised | ↘ (worse) |  |
+ROWS = [
+    "| worker | branch | slot | epoch/max | attention_ratio | val_accuracy | separation_p "
+    "| status | trend | ETA |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+    "| attention-supervised | `early-persistence/attention-supervised` | gpu0 | 10/50 | 1.62 ✓ "
+    "| 0.81 ✓ | 0.004 ✓ | 🏆 succeeded | ↗ |  |",
+    "| contrastive-persistence | `early-persistence/contrastive-persistence` | — | 10/50 "
+    "| 0.98 ✗ | 0.66 ✗ | 0.3 ✗ | ⏹ stopped: lost to attention-supervised | ↘ (worse) |  |",
+]
+DECIDED_DASHBOARD = (
+    "# Parallel progress\n\n## early-persistence: {status}\n\n" + "\n".join(ROWS) + """
 
 - [Race report](results/early-persistence/race_report/RACE_REPORT.md)
 - [Success figure](results/early-persistence/success_viz/SUCCESS_VISUALIZATION.png)
@@ -274,6 +277,7 @@ DECIDED_DASHBOARD = """# Parallel progress
 
 ![progress](progress.png)
 """
+)
 WON = "🏆 **attention-supervised** won at epoch 10"
 
 
@@ -351,7 +355,8 @@ def test_linked_files_are_fetched_only_when_changed(sshd: SshServer, tmp_path: P
         assert fetcher.fetch(session).fetched == []
         report = remote / "results/early-persistence/race_report/RACE_REPORT.md"
         report.write_text(report.read_text() + "\nupdated\n")
-        assert fetcher.fetch(session).fetched == ["results/early-persistence/race_report/RACE_REPORT.md"]
+        changed = fetcher.fetch(session).fetched
+        assert changed == ["results/early-persistence/race_report/RACE_REPORT.md"]
     finally:
         session.close()
 

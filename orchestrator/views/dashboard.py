@@ -7,6 +7,7 @@ regenerates the progress plot next to it (throttled), and hands changed files to
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -125,7 +126,8 @@ def render_markdown(
         )
         out.append("")
         metric_cols = [c for c in exp.criteria]
-        header = ["worker", "branch", "slot", "epoch/max"]
+        branch_head, branch_cell, branch_note = _branches(exp)
+        header = ["worker", *branch_head, "slot", "epoch/max"]
         header += [c.threshold.metric if c.threshold else c.source for c in metric_cols]
         header += ["status", "trend", "ETA"]
         out.append("| " + " | ".join(header) + " |")
@@ -151,11 +153,13 @@ def render_markdown(
                 status_cell += f" (attempt {rec.attempt})"
             if rec.state == RunState.stopped and rec.stop_reason:
                 status_cell += f": {rec.stop_reason}"
-            row = [w.name, f"`{w.branch}`", rec.slot or "—", f"{epoch}/{rec.max_epochs}"]
+            row = [w.name, *branch_cell(w.branch), rec.slot or "—", f"{epoch}/{rec.max_epochs}"]
             row += [criterion_cell(c, last) for c in metric_cols]
             row += [status_cell, trend, _eta(rec, hist, now)]
             out.append("| " + " | ".join(_cell(x) for x in row) + " |")
         out.append("")
+        if branch_note:
+            out.extend([branch_note, ""])
         out.extend(_best_lines(exp, state, histories))
         errors = [
             (w.name, state.runs[f"{exp.name}/{w.name}"].error)
@@ -196,8 +200,9 @@ def _best_lines(
     exp: ExperimentConfig, state: PlanState, histories: Mapping[str, MetricHistory]
 ) -> list[str]:
     best = best_worker(exp, histories)
-    if best is None:
-        return []
+    metrics = {n for c in exp.criteria for n in c.names}
+    if best is None or not any(best[2].get(m) is not None for m in metrics):
+        return []  # no evidence yet: no worker has reported a criterion metric
     name, passed, rec = best
     criteria = exp.criteria_for(exp.worker(name))
     missing = missing_text(criteria, rec)
@@ -205,6 +210,29 @@ def _best_lines(
     text = f"Best so far: **{name}** at epoch {at}: {passed}/{len(criteria)} criteria"
     text += f"; missing {', '.join(missing)}" if missing else " (all met)"
     return [text, ""]
+
+
+def _branches(
+    exp: ExperimentConfig,
+) -> tuple[list[str], Callable[[str], list[str]], str | None]:
+    """How the workers table shows branches, short enough for a 900 px page.
+
+    Returns:
+        (branch header: [] or one column, the cells of a branch, a note under the table).
+        Branches named ``PREFIX<worker name>`` (the usual case) get no column, only the note
+        ``Branches: `PREFIX<worker>```; otherwise a common ``.../`` prefix is cut from the
+        column and named in its header.
+    """
+    names = [(w.name, w.branch) for w in exp.workers]
+    prefixes = {b[: len(b) - len(n)] for n, b in names if b.endswith(n)}
+    if len(prefixes) == 1 and all(b.endswith(n) for n, b in names):
+        (prefix,) = prefixes
+        return [], lambda b: [], f"Branches: `{prefix}<worker>`"
+    common = os.path.commonprefix([b for _, b in names])
+    common = common[: common.rfind("/") + 1]
+    if common and len(names) > 1:
+        return [f"branch (`{common}…`)"], lambda b: [f"`{b[len(common):]}`"], None
+    return ["branch"], lambda b: [f"`{b}`"], None
 
 
 def _cell(text: str) -> str:
