@@ -74,7 +74,7 @@ _STOP_REASON = re.compile(r":\s*(lost)\b.*$|:\s*(\w+)\s*$")
 def short_status(text: str) -> str:
     """A dashboard status cell made short for a terminal.
 
-    ``⏹ stopped: lost to attention-supervised`` -> ``stopped (lost)``;
+    ``⏹ stopped: lost to worker-b`` -> ``stopped (lost)``;
     ``🏃 running ⚠ stalled (attempt 2)`` -> ``running, stalled (try 2)``;
     ``💥 failed (attempt 3)`` -> ``failed (try 3)``.
     """
@@ -258,7 +258,7 @@ class Notifier:
         self._announced: set[str] = set()
 
     def announce(self, key: str, title: str, message: str) -> bool:
-        """Notify about ``key`` (e.g. ``"early-persistence: won by x"``) unless already done.
+        """Notify about ``key`` (e.g. ``"race-1: x won at epoch 5"``) unless already done.
 
         Returns:
             True if a notification was raised now, False if ``key`` was announced before.

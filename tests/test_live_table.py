@@ -129,3 +129,54 @@ def test_short_status_and_wrap_name() -> None:
     assert short_status("⏳ pending") == "pending"
     assert wrap_name("attention-supervised", 12) == "attention-\nsupervised"
     assert wrap_name("abcdefghij", 4) == "abcd\nefgh\nij"
+
+
+def fake_notify_send(folder: Path, record: Path) -> dict[str, str]:
+    """A `notify-send` first on PATH that appends its arguments to ``record``; the env to use."""
+    import sys
+
+    folder.mkdir()
+    script = folder / "notify-send"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys\n"
+        f"with open({str(record)!r}, 'a') as fh:\n"
+        "    fh.write(json.dumps(sys.argv[1:]) + '\\n')\n"
+    )
+    script.chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_run_notify_pings_once_at_the_decision(
+    repo: Path, tmp_path: Path, leak_check: str
+) -> None:
+    import json
+
+    from conftest import fake, run_cli, write_plan
+
+    plan = write_plan(repo, [
+        {"name": "a", "branch": "r/a",
+         "command": fake("--epochs", 20, "--interval", 0.05, "--metric", "acc=0.3*epoch")},
+        {"name": "b", "branch": "r/b",
+         "command": fake("--epochs", 200, "--interval", 0.05, "--metric", "acc=0")},
+    ], experiment={"max_epochs": 200})
+    record = tmp_path / "notified.jsonl"
+    env = fake_notify_send(tmp_path / "bin", record)
+    done = run_cli("run", str(plan), "--plain", "--notify", cwd=repo, env=env)
+    assert done.returncode == 0, done.stderr
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert calls == [["race: decided", "a won at epoch 3"]]
+
+
+def test_notifier_once_per_key_bell_fallback_and_osascript() -> None:
+    from orchestrator.terminal import Notifier, notify_argv
+
+    bell = io.StringIO()
+    n = Notifier(None, bell=bell)
+    assert n.announce("x: won", "x: decided", "a won") is True
+    assert n.announce("x: won", "x: decided", "a won") is False
+    assert bell.getvalue() == "\ax: decided: a won\n"
+    missing = Notifier(["/nonexistent/notify-send"], bell=bell)  # a failing command: the bell
+    assert missing.announce("y", "y: failed", "none met") and "y: failed" in bell.getvalue()
+    argv = notify_argv(["osascript"], 'say "hi"', "a\\b")
+    assert argv == ["osascript", "-e", 'display notification "a\\\\b" with title "say \\"hi\\""']
