@@ -362,7 +362,10 @@ _DECISION = re.compile(r"^## (?P<exp>.+?): (?P<icon>🏆|❌)\s*(?P<what>.+)$", 
 
 def _cells(line: str) -> list[str]:
     cells = _CELL_SPLIT.split(line.strip())[1:-1]
-    return [c.strip().replace("\\|", "|").replace("`", "").replace("**", "") for c in cells]
+    return [
+        c.strip().replace("\\|", "|").replace("`", "").replace("**", "").replace("<wbr>", "")
+        for c in cells
+    ]
 
 
 def markdown_blocks(markdown: str) -> list[tuple[str, list[str] | str]]:
@@ -450,10 +453,12 @@ class _WatchView:
                     rows = [_cells(line) for line in block[1:]]
                     headers = _cells(block[0])
                     rows = [r + [""] * (len(headers) - len(r)) for r in rows]
+                    yield Text("")
                     yield fit_table(
                         headers, [r[: len(headers)] for r in rows],
                         width=options.max_width, wide=self.wide,
                     )
+                    yield Text("")
                 elif isinstance(block, str) and block.strip():
                     yield Markdown(local_image_links(block, page_dir))
         else:
@@ -463,7 +468,7 @@ class _WatchView:
             listing = Text("linked files, mirrored here:\n", style="bold")
             for label, rel in linked:
                 local = self.out_dir / rel
-                listing.append(f"  {label}: ")
+                listing.append(f"  {label}:\n    ")
                 listing.append(str(local), style=f"link {local.resolve().as_uri()}")
                 listing.append("\n")
             yield listing

@@ -8,6 +8,7 @@ regenerates the progress plot next to it (throttled), and hands changed files to
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -128,10 +129,11 @@ def render_markdown(
         metric_cols = [c for c in exp.criteria]
         branch_head, branch_cell, branch_note = _branches(exp)
         header = ["worker", *branch_head, "slot", "epoch/max"]
-        header += [c.threshold.metric if c.threshold else c.source for c in metric_cols]
+        header += [
+            _breakable(c.threshold.metric) if c.threshold else c.source for c in metric_cols
+        ]
         header += ["status", "trend", "ETA"]
-        out.append("| " + " | ".join(header) + " |")
-        out.append("|" + "|".join("---" for _ in header) + "|")
+        rows: list[list[str]] = []
         for w in exp.workers:
             key = f"{exp.name}/{w.name}"
             rec = state.runs.get(key)
@@ -156,7 +158,8 @@ def render_markdown(
             row = [w.name, *branch_cell(w.branch), rec.slot or "—", f"{epoch}/{rec.max_epochs}"]
             row += [criterion_cell(c, last) for c in metric_cols]
             row += [status_cell, trend, _eta(rec, hist, now)]
-            out.append("| " + " | ".join(_cell(x) for x in row) + " |")
+            rows.append(row)
+        out.extend(_table(header, rows))
         out.append("")
         if branch_note:
             out.extend([branch_note, ""])
@@ -233,6 +236,28 @@ def _branches(
     if common and len(names) > 1:
         return [f"branch (`{common}…`)"], lambda b: [f"`{b[len(common):]}`"], None
     return ["branch"], lambda b: [f"`{b}`"], None
+
+
+OPTIONAL_COLUMNS = ("slot", "trend", "ETA", "ETA to criteria")  # left out when empty in every row
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The markdown table, without the optional columns that are empty in every row (a decided
+    race has no ETA, a finished one no slot), so it fits a 900 px page."""
+    keep = [
+        i for i, h in enumerate(header)
+        if h not in OPTIONAL_COLUMNS or any(r[i] not in ("", "—") for r in rows)
+    ]
+    lines = ["| " + " | ".join(header[i] for i in keep) + " |"]
+    lines.append("|" + "|".join("---" for _ in keep) + "|")
+    lines += ["| " + " | ".join(_cell(r[i]) for i in keep) + " |" for r in rows]
+    return lines
+
+
+def _breakable(name: str) -> str:
+    """A metric name as a table header a viewer may wrap after ``_``, ``/`` or ``.`` (``<wbr>``):
+    long metric names are what makes a criteria table wider than the page."""
+    return re.sub(r"(?<=[_/.])(?=.)", "<wbr>", name)
 
 
 def _cell(text: str) -> str:
