@@ -82,7 +82,8 @@ def scenario(folder: Path) -> str:
         )
         won = w.name == "attention-supervised"
         rec = RunRecord(
-            exp.name, w.name, w.branch, max_epochs=exp.max_epochs, attempt=1, epoch=10,
+            exp.name, w.name, w.branch, max_epochs=exp.max_epochs, budget=exp.max_epochs,
+            attempt=1, epoch=10,
             state=RunState.succeeded if won else RunState.stopped,
             stop_reason=None if won else "lost to attention-supervised",
             last_metrics=dict(h.last or {}),

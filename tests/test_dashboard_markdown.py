@@ -52,6 +52,7 @@ def state_of(plan: object, *, records: bool) -> tuple[PlanState, dict[str, Metri
     histories: dict[str, MetricHistory] = {}
     for i, name in enumerate(WORKERS):
         rec = RunRecord("early-persistence", name, f"early-persistence/{name}", max_epochs=50,
+                        budget=50,
                         state=RunState.running, slot=f"gpu{i % 2}", epoch=0 if records else None,
                         attempt=1)
         state.runs[rec.key] = rec

@@ -57,7 +57,7 @@ def scenario(tmp_path: Path) -> tuple:
     }
     for name, fields in runs.items():
         rec = RunRecord("early-persistence", name, f"early-persistence/{name}", max_epochs=50,
-                        last_metrics=metrics.get(name, {}), **fields)
+                        budget=50, last_metrics=metrics.get(name, {}), **fields)
         state.runs[rec.key] = rec
     h = MetricHistory()
     h.add([{"epoch": 5, "attention_ratio": 1.1}, {"epoch": 10, "attention_ratio": 1.28}])

@@ -83,7 +83,7 @@ class DecisionNotifierView:
             if erec.status == ExperimentStatus.succeeded:
                 key = f"{name}: {erec.winner} won"
                 title = f"{name}: decided"
-                message = f"{erec.winner} won at epoch {erec.winner_epoch}"
+                message = f"{erec.winner} won at {erec.unit} {erec.winner_epoch}"
             elif erec.status == ExperimentStatus.failed:
                 key = f"{name}: failed"
                 title = f"{name}: failed"
@@ -164,7 +164,7 @@ def render_table(
         histories: metric history per run key, for the trend column (optional).
         wide: every column and the full status text.
     """
-    from orchestrator.views.dashboard import criterion_cell
+    from orchestrator.views.dashboard import _progress, criterion_cell
 
     def build(width: int) -> list[Any]:
         parts: list[Any] = []
@@ -172,10 +172,10 @@ def render_table(
             erec = state.experiments.get(exp.name)
             title = exp.name
             if erec is not None and erec.winner:
-                title += f": {erec.winner} won at epoch {erec.winner_epoch}"
+                title += f": {erec.winner} won at {erec.unit} {erec.winner_epoch}"
             elif erec is not None:
                 title += f": {erec.status.value}"
-            headers = ["worker", "branch", "slot", "epoch/max"]
+            headers = ["worker", "branch", "slot", f"{exp.unit}/max"]
             headers += [c.threshold.metric if c.threshold else c.source for c in exp.criteria]
             headers += ["status", "trend"]
             rows = []
@@ -183,14 +183,15 @@ def render_table(
                 rec = state.runs.get(f"{exp.name}/{w.name}")
                 if rec is None:
                     continue
-                epoch = "—" if rec.epoch is None else str(rec.epoch)
                 cells = [criterion_cell(c, rec.last_metrics) for c in exp.criteria]
                 status = _status(rec)
+                if rec.control:
+                    status += " (control)"
                 if wide and rec.error and rec.state in (RunState.failed, RunState.pending):
                     status += f" ({rec.error})"
                 hist = (histories or {}).get(f"{exp.name}/{w.name}")
                 rows.append([
-                    w.name, w.branch, rec.slot or "—", f"{epoch}/{rec.max_epochs}", *cells,
+                    w.name, w.branch, rec.slot or "—", _progress(rec), *cells,
                     status, _trend(hist, exp),
                 ])
             parts.append(fit_table(headers, rows, width=width, wide=wide, title=title))
