@@ -180,3 +180,27 @@ def test_notifier_once_per_key_bell_fallback_and_osascript() -> None:
     assert missing.announce("y", "y: failed", "none met") and "y: failed" in bell.getvalue()
     argv = notify_argv(["osascript"], 'say "hi"', "a\\b")
     assert argv == ["osascript", "-e", 'display notification "a\\\\b" with title "say \\"hi\\""']
+
+
+def test_decision_notifier_view_announces_each_decision_once(tmp_path: Path) -> None:
+    from orchestrator.core.snapshot import RaceSnapshot
+    from orchestrator.core.state import ExperimentStatus
+    from orchestrator.terminal import Notifier
+    from orchestrator.views.live import DecisionNotifierView
+
+    plan, state, histories = scenario(tmp_path)
+    calls: list[list[str]] = []
+    view = DecisionNotifierView(Notifier(["notify-send"], run=calls.append))
+
+    def tick() -> None:
+        view.refresh(RaceSnapshot(plan, state, histories, [], T0), force=False)
+
+    tick()  # racing: nothing
+    erec = state.experiments["early-persistence"]
+    erec.status = ExperimentStatus.failed
+    tick()
+    tick()
+    assert calls == [["notify-send", "early-persistence: failed", "no worker met every criterion"]]
+    resumed = DecisionNotifierView(Notifier(["notify-send"], run=calls.append))
+    resumed.refresh(RaceSnapshot(plan, state, histories, [], T0), force=False)
+    assert len(calls) == 1  # decided before this view first looked: not announced
