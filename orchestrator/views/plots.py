@@ -20,7 +20,7 @@ from orchestrator.core.criteria import Threshold
 from orchestrator.reporting import atomic_write_bytes
 from orchestrator.sources.metrics import MetricHistory
 
-P_VALUE_MAX = 0.1  # a "< x" threshold at or below this is a p-value-like metric: log axis
+P_VALUE_MAX = 0.05  # a "< x" threshold at or below this is p-value-like: log axis (as race_report)
 
 
 def is_p_value(threshold: Threshold | None) -> bool:
