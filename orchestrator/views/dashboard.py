@@ -168,7 +168,7 @@ def render_markdown(
         out.append("")
         metric_cols = [c for c in exp.criteria]
         branch_head, branch_cell, branch_note = _branches(exp)
-        header = ["worker", *branch_head, "slot", f"{unit}/max"]
+        header = ["worker", *branch_head, "slot", _breakable(f"{unit}/max")]
         header += [
             _breakable(c.threshold.metric) if c.threshold else c.source for c in metric_cols
         ]
@@ -286,15 +286,40 @@ def _branches(
 
 
 OPTIONAL_COLUMNS = ("slot", "trend", "ETA", "ETA to criteria")  # left out when empty in every row
+# Left out, in this order, while the table is estimated wider than a 900 px page (the progress
+# plot shows the trend; `status` and the live table show slots).
+PAGE_DROP_ORDER = ("trend", "slot")
+PAGE_WIDTH_PX = 900 - 2 * 24  # GitHub's page margins
+
+
+def estimated_width_px(header: Sequence[str], rows: Sequence[Sequence[str]]) -> float:
+    """How wide a markdown viewer draws the table: ~8.5 px a character of a column's longest
+    unbreakable piece (cells wrap at spaces, after hyphens and at ``<wbr>``) plus 26 px of
+    padding a cell (GitHub: 16 px font, 6 px 13 px padding)."""
+
+    def piece(cell: str) -> int:
+        return max(len(p) for p in re.split(r"\s+|(?<=-)|<wbr>", cell.replace("`", "")))
+
+    columns = zip(header, *rows, strict=True)
+    return sum(max(piece(c) for c in col) * 8.5 + 26 for col in columns)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     """The markdown table, without the optional columns that are empty in every row (a decided
-    race has no ETA, a finished one no slot), so it fits a 900 px page."""
+    race has no ETA, a finished one no slot), and without the trend, then the slot, while it
+    would be wider than a 900 px page."""
     keep = [
         i for i, h in enumerate(header)
         if h not in OPTIONAL_COLUMNS or any(r[i] not in ("", "—") for r in rows)
     ]
+
+    def width(cols: list[int]) -> float:
+        return estimated_width_px([header[i] for i in cols], [[r[i] for i in cols] for r in rows])
+
+    for name in PAGE_DROP_ORDER:
+        if width(keep) <= PAGE_WIDTH_PX:
+            break
+        keep = [i for i in keep if header[i] != name]
     lines = ["| " + " | ".join(header[i] for i in keep) + " |"]
     lines.append("|" + "|".join("---" for _ in keep) + "|")
     lines += ["| " + " | ".join(_cell(r[i]) for i in keep) + " |" for r in rows]
