@@ -454,26 +454,7 @@ class Dashboard:
             self._plot_thread.join(timeout_s)
 
     def _links(self) -> dict[str, list[tuple[str, str]]]:
-        out: dict[str, list[tuple[str, str]]] = {}
-        base = self.path.parent
-        for exp in self.plan.experiments:
-            items = []
-            report = self.paths.race_report(exp.name)
-            if report.exists():
-                items.append(("Race report", _relative(report, base)))
-            viz = self.paths.success_viz_dir(exp.name)
-            for name, label in (
-                ("SUCCESS_VISUALIZATION.png", "Success figure"),
-                ("SUCCESS_REPORT.md", "Success report"),
-                ("FAILURE_VISUALIZATION.png", "Failure figure"),
-                ("FAILURE_REPORT.md", "Failure report"),
-            ):
-                p = viz / name
-                if p.exists():
-                    items.append((label, _relative(p, base)))
-            if items:
-                out[exp.name] = items
-        return out
+        return dashboard_links(self.plan, self.paths)
 
     def publish(self) -> None:
         self.syncer.push_now()
@@ -482,6 +463,31 @@ class Dashboard:
         """Finish the plot in flight, flush the sync (bounded) and stop its thread."""
         self.wait(60.0)
         self.syncer.close()
+
+
+def dashboard_links(plan: Plan, paths: ResultsPaths) -> dict[str, list[tuple[str, str]]]:
+    """Per experiment, (label, path relative to the dashboard) of the race report and the
+    job's figures and reports that exist now."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    base = plan.dashboard.parent
+    for exp in plan.experiments:
+        items = []
+        report = paths.race_report(exp.name)
+        if report.exists():
+            items.append(("Race report", _relative(report, base)))
+        viz = paths.success_viz_dir(exp.name)
+        for name, label in (
+            ("SUCCESS_VISUALIZATION.png", "Success figure"),
+            ("SUCCESS_REPORT.md", "Success report"),
+            ("FAILURE_VISUALIZATION.png", "Failure figure"),
+            ("FAILURE_REPORT.md", "Failure report"),
+        ):
+            p = viz / name
+            if p.exists():
+                items.append((label, _relative(p, base)))
+        if items:
+            out[exp.name] = items
+    return out
 
 
 def _relative(path: Path, base: Path) -> str:
