@@ -30,6 +30,11 @@ REQUIRED = (
     "separation_p",
     "effect_size_dz",
     "samples_per_s",
+    "val_accuracy_ci_low",
+    "balanced_accuracy_ci_low",
+    "consistency_ci_low",
+    "association",
+    "association_ci_low",
 )
 COMPARED = (
     "train_loss",
@@ -102,6 +107,9 @@ def test_each_approach_writes_valid_metrics_checkpoints_and_evals(data_dir, tmp_
     )
     assert 0.0 < last["separation_p"] <= 1.0
     assert (tmp_path / "checkpoints" / "latest.pt").exists()
+    before = json.loads((tmp_path / "evals" / "epoch_000000.json").read_text())
+    assert before["epoch"] == 0 and len(before["samples"]) == last["n_val_clips"]
+    assert ("RANDOM" in before["backbone"]) == (approach == "pretrained_features")
     ev = json.loads((tmp_path / "evals" / "epoch_000002.json").read_text())
     assert len(ev["samples"]) == last["n_val_clips"] >= 5
     s = ev["samples"][0]

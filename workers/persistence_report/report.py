@@ -34,7 +34,8 @@ Statistics follow shared/ML_NOTES.md (Job A); the clip (video) is the unit every
   CI is the worker's own (same method). Bar CIs in panel 2 are Student-t intervals of clip means.
 
 Layout: the inputs and ``load_outcome`` live in outcome.py, the statistics in stats.py and the
-panels in figure.py (all in workers/persistence_report/); this module writes the report and the files (``render_report``, ``write_outputs``) and re-exports the rest.
+panels in figure.py (all in workers/persistence_report/); this module writes the report and
+the files (``render_report``, ``write_outputs``) and re-exports the rest.
 """
 
 from __future__ import annotations
