@@ -435,6 +435,49 @@ def backbone_description(args) -> str:
     return f"frozen ResNet from {args.resnet} (transformers from_pretrained); projection trains"
 
 
+# -- scoring a saved checkpoint (the winner's, on the test split) --------------------------------
+
+
+def score_checkpoint(checkpoint, data_dir, split: str = "test", limit: int | None = None):
+    """Score a checkpoint of this worker on a split, exactly as the worker scores val.
+
+    The model is rebuilt from the arguments stored in the checkpoint, in the order ``main`` uses
+    (so the frozen random backbone of ``pretrained_features --resnet tiny``, which is not in the
+    checkpoint, is the same), then the checkpoint's weights are loaded.
+
+    Args:
+        checkpoint: path of a checkpoint written by this worker (``torch.save`` of a dict with
+            ``model``, ``args``, ``epoch``).
+        data_dir: dataset folder (the checkpoint's own ``data_dir`` may be another machine's).
+        split: "train", "val" or "test".
+        limit: score only the split's first ``limit`` clips (tests).
+
+    Returns:
+        (metrics, records) as ``evaluate`` returns them; records carry ``checkpoint_epoch``.
+
+    Raises:
+        ValueError: missing dataset or unknown split; OSError / RuntimeError from torch.load.
+    """
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    args = argparse.Namespace(**state["args"])
+    data = load_split(data_dir, split, limit)
+    tok = extract_tokens(data)
+    torch.manual_seed(args.seed)
+    crops = resize_crops(torch.from_numpy(tok.crops), args.token_size)
+    model, _, inputs = build_model(args, crops[:1], crops, torch.device("cpu"))
+    model.load_state_dict(state["model"])
+    metrics, records = evaluate(
+        model,
+        TokenBatches(tok, inputs, torch.device("cpu")),
+        args,
+        data.video.shape[1],
+        int(state["epoch"]),
+        split,
+    )
+    records["checkpoint_epoch"] = int(state["epoch"])
+    return metrics, records
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 

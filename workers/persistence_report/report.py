@@ -25,9 +25,9 @@ Statistics follow shared/ML_NOTES.md (Job A); the clip (video) is the unit every
   threshold), so the grid's pass rate is the ``consistency`` metric.
 - attention shown as a_j x L (L = valid tokens of the clip): 1.0 is the uniform share 1/L, so
   clips with different token counts share one scale. Ratios and the paired test do not depend on
-  it (the test uses the raw per-clip means, exactly as the worker logs ``separation_p``).
-- separation: paired Wilcoxon signed-rank test (scipy.stats.wilcoxon, two-sided) and the paired
-  effect size d_z = mean(log r) / sd(log r).
+  it (the test uses per-clip log r, exactly as the worker logs ``separation_p``).
+- separation: one-sided Wilcoxon signed-rank test of per-clip log r > 0
+  (alternative="greater") and the paired effect size d_z = mean(log r) / sd(log r).
 - CIs recomputed here are percentile bootstraps over clips (scipy.stats.bootstrap, 2000
   resamples, fixed seed): val_accuracy as a clip-cluster bootstrap of correct / objects,
   consistency as a Wilson interval (scipy.stats.binomtest), d_z over clips. The attention-ratio
