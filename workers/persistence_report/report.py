@@ -245,9 +245,12 @@ def render_report(outcome: RaceOutcome, files: dict[str, Path], *, now: float,
               "| metric | value | 95% CI | CI method |", "|---|---|---|---|"]
     skip = {"epoch", "step", "time_s", "attempt", "attention_ratio_ci_low",
             "attention_ratio_ci_high"}
-    for key in sorted(k for k in m if k not in skip):
+    for key in sorted(k for k in m if k not in skip and not k.endswith(("_ci_low", "_ci_high"))):
         ci, how = None, ""
-        if key == "attention_ratio" and m.get("attention_ratio_ci_low") is not None:
+        if key in ("balanced_accuracy", "association") and m.get(f"{key}_ci_low") is not None:
+            ci, how = (m[f"{key}_ci_low"], m[f"{key}_ci_high"]), \
+                "worker's percentile bootstrap over clips"
+        elif key == "attention_ratio" and m.get("attention_ratio_ci_low") is not None:
             ci, how = (m["attention_ratio_ci_low"], m["attention_ratio_ci_high"]), \
                 "worker's percentile bootstrap over clips (log r)"
         elif key == "val_accuracy":
