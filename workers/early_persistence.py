@@ -13,7 +13,8 @@ difference varies:
   clipped once r >= 10). It optimises the race's attention metric directly, so its attention win
   must be read together with its accuracy (ML_NOTES: never judged on its own loss alone).
 - pretrained_features: frozen ResNet-18 (transformers ResNetModel, microsoft/resnet-18 with
-  --preset full; a tiny random ResNetConfig with --preset tiny) + a trained projection. The
+  --preset full; a tiny RANDOMLY initialised ResNetConfig with --preset tiny, i.e. NOT
+  pretrained: records say so in ``backbone``) + a trained projection. The
   frozen features are computed once per token at start-up (the backbone is deterministic in
   eval()), and the projection trains.
 - contrastive: CE + 0.1 x contrastive loss (Hadsell et al. 2006) on L2-normalised final
@@ -22,10 +23,15 @@ difference varies:
   visible, divided by T).
 
 CE is per token, weighted so that every ground-truth track counts once (tracks are the unit of
-val_accuracy). Evaluation is on the held-out val split only; the attention metrics use the last
-layer (workers/persistence_metrics.py). Metrics go to metrics.jsonl, per-clip records to
-evals/epoch_NNNNNN.json, checkpoints every epoch and on SIGTERM (mid-epoch included: resuming
-skips the batches already done, so a resumed run follows the uninterrupted trajectory exactly).
+val_accuracy). Evaluation is on the held-out val split only, once before training
+(evals/epoch_000000.json, never a metrics record) and every ``--eval-every`` epochs; every token
+is scored on its own, each track weighted once (no pooling over a track's true extent); the
+attention metrics use the last layer (workers/persistence_metrics.py). ``score_checkpoint``
+rescores a saved checkpoint on any split (the winner on test, once, from the on_success hook).
+Metrics go to metrics.jsonl, per-clip records to
+evals/epoch_NNNNNN.json, checkpoints every epoch and on SIGTERM (mid-epoch: a ``_partial``
+checkpoint that never replaces the evaluated epoch's; resuming skips the batches already done, so
+a resumed run follows the uninterrupted trajectory exactly).
 """
 
 from __future__ import annotations

@@ -2,11 +2,16 @@
 
 Each clip is T frames (16) of 3x64x64 in [0, 1]. It holds 1..``max_persistent`` persistent
 objects, visible in every frame and moving on a trajectory of one class (linear, parabolic,
-circular, helical), and 1..6 transient objects, visible for 1-3 consecutive frames at a random
-place with a small random drift. Shape, colour and size of EVERY object are drawn from one
-distribution, so only temporal extent tells persistent from transient (the original data leaked
-the label through a fixed red colour; tests/test_persistence_dataset.py checks an appearance-only
-classifier is at chance).
+circular, helical), and 1..6 transient objects, visible for 1-3 consecutive frames. Nothing but
+temporal extent tells persistent from transient (tests/test_persistence_shortcuts.py trains a
+classifier on each cue alone and requires chance):
+
+- shape, colour and size of EVERY object come from one distribution (the original data leaked
+  the label through a fixed red colour);
+- every object, transient or not, follows a trajectory drawn the same way, and a transient's
+  window of frames starts uniformly in -(dur-1)..T-1 (clipped), so per observation neither the
+  frame index nor the position carries the label (format 1 started transients in 0..T-dur at a
+  uniform place: edge frames held fewer transients and persistent paths stay nearer the centre).
 
 Everything is deterministic from ``(seed, sample index)`` (numpy ``default_rng([seed, i])``), so a
 sample does not depend on how many others were generated or in what order.
