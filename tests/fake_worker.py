@@ -52,6 +52,8 @@ def main() -> int:
     p.add_argument("--hang-at", type=int, help="stop reporting (but keep running) at this epoch")
     p.add_argument("--exit-code", type=int, default=0, help="exit code after the last epoch")
     p.add_argument("--run-dir", default=None)
+    p.add_argument("--step-per-epoch", type=int, default=0,
+                   help="also log step = epoch x this (a step-based script)")
     args = p.parse_args()
 
     rep = Reporter.from_env(default_run_dir=args.run_dir, handle_signals=not args.ignore_sigterm)
@@ -84,6 +86,8 @@ def main() -> int:
         values = {name: round(a + b * epoch, 6) for name, a, b in metrics}
         values["gpu"] = int(os.environ.get("CUDA_VISIBLE_DEVICES") or -1)
         values["resumed"] = int(rep.resume)
+        if args.step_per_epoch:
+            values["step"] = epoch * args.step_per_epoch
         rep.log(epoch=epoch, **values)
         rep.save_checkpoint(
             lambda path, e=epoch: path.write_text(json.dumps({"epoch": e})),
