@@ -432,7 +432,7 @@ class Controller(ResumeMixin, SchedulingMixin, ControlsMixin):
             rec.resume = True
             rec.error = last_line(rec.stderr_tail) or f"exit {code}"
             self.event(
-                f"{rec.key}: crashed (exit {code}) on attempt {rec.attempt}; "
+                f"{rec.key}: crashed (exit {code}) on attempt {rec.attempt}: {rec.error}; "
                 f"retrying with resume in {delay:.0f}s"
             )
         else:
