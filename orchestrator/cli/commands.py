@@ -51,7 +51,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     console.print(f"plan {plan.source} · state of {when} · {who}")
     from orchestrator.views.live import render_table
 
-    console.print(render_table(plan, state))
+    console.print(render_table(plan, state, wide=args.wide))
+    from orchestrator.core.provenance import behind_text
+
+    for rec in state.runs.values():  # the code each run ran (also when the table is narrow)
+        if rec.commit:
+            notes = [behind_text(rec.behind, plan.base_ref)] if rec.behind else []
+            notes += ["DIRTY: uncommitted changes, diff saved"] if rec.dirty else []
+            console.print(f"{rec.key}: commit {rec.commit[:8]} on {rec.branch}"
+                          + (f" ({'; '.join(notes)})" if notes else ""), highlight=False)
     return 0
 
 
@@ -260,6 +268,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     plan = load_plan(args.plan)
     print(describe(plan))
+    from orchestrator.running.gpus import describe_slots
+
+    print()  # the slots a controller on this machine would use (CUDA_VISIBLE_DEVICES honoured)
+    for line in describe_slots(
+        plan.gpus, workers_per_gpu=plan.workers_per_gpu, max_parallel=plan.max_parallel,
+        cpu_slots=sum(len(e.workers) for e in plan.experiments), executor=plan.executor,
+    ):
+        print(line)
     problems = preflight(plan, None)
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) a run of {plan.source} would meet",
