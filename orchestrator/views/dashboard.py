@@ -205,8 +205,8 @@ def render_markdown(
         out.append("")
         if branch_note:
             out.extend([branch_note, ""])
-        if code := _code_line(exp, state, plan.base_ref):
-            out.extend([code, ""])
+        if code_line := _code_line(exp, state, plan.base_ref):
+            out.extend([code_line, ""])
         out.extend(_best_lines(exp, state, histories))
         errors = [
             (w.name, state.runs[f"{exp.name}/{w.name}"].error)
