@@ -17,7 +17,8 @@ Layout under the plan's results directory::
           attempts/0001.provenance.json         commit, behind-count, argv, env, host, software
           attempts/0001.diff                    uncommitted work (only with allow_dirty: true)
         race_report/                  RACE_REPORT.md + figures, written at every decision/failure
-        winner/                       the winner's pinned checkpoint + winner.json
+        _winner/                      the winner's pinned checkpoint + winner.json ('_': no
+                                      worker name starts with it, so it never meets a run dir)
         success_viz/                  the job's own figures and reports (its on_success hook)
 
 Run directories live outside the worktrees: ``git worktree remove`` deletes ignored files.
@@ -96,8 +97,11 @@ class ResultsPaths:
 
     def winner_dir(self, experiment: str) -> Path:
         """The winner's pinned checkpoint: a copy of the checkpoint that belongs to the winning
-        record, and ``winner.json`` (file, sha256, the record, how it was matched)."""
-        return self.root / experiment / "winner"
+        record, and ``winner.json`` (file, sha256, the record, how it was matched).
+
+        Named ``_winner``: worker names start with a letter or digit, so a worker called
+        ``winner`` keeps its run directory."""
+        return self.root / experiment / "_winner"
 
     def winner_json(self, experiment: str) -> Path:
         return self.winner_dir(experiment) / "winner.json"

@@ -39,7 +39,7 @@ def _check_pinned(repo: Path, state: PlanState, archive: Path) -> dict:
     assert info["commit"] == state.run("race", "w").commit and info["commit"]
     assert erec.pin is not None and erec.pin["checkpoint"] == info["checkpoint"]
     report = ResultsPaths(repo / "results").race_report("race").read_text()
-    assert f"winner/{info['checkpoint']}" in report
+    assert f"_winner/{info['checkpoint']}" in report
     return info
 
 
@@ -49,7 +49,7 @@ def test_winner_stopped_mid_epoch_pins_the_checkpoint_of_its_record(
     archive = repo.parent / "saved"
     (repo / "hook.py").write_text(HOOK)
     out = repo.parent / "hook-saw-winner.json"
-    winner_json = repo / "results" / "race" / "winner" / "winner.json"
+    winner_json = ResultsPaths(repo / "results").winner_json("race")
     plan = write_plan(repo, [
         {"name": "w", "branch": "r/w", "command": fake(
             "--epochs", 100, "--interval", 0.3, "--metric", "acc=0.5+0.1*epoch",

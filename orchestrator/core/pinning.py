@@ -6,7 +6,7 @@ then waits, with a deadline, for the checkpoint that belongs to the winning reco
 sidecar (``<checkpoint>.json``, written by ``orchestrator.reporting``) names the record's
 epoch/step and is not a mid-epoch ``partial`` stop checkpoint. It snapshots that file (a hard
 link, so the worker's checkpoint rotation cannot delete it under us), copies it into
-``results/<experiment>/winner/`` and writes ``winner.json``. A script that writes no sidecars
+``results/<experiment>/_winner/`` and writes ``winner.json``. A script that writes no sidecars
 gets the newest checkpoint file at the decision (``matched_by: "time"``).
 
 The experiment's ``on_success`` hook starts only once its pin finished (``HookRunner.start(...,
@@ -138,7 +138,9 @@ def pin_checkpoint(
         record, matched_by ("sidecar" | "time" | None), source, and ``extra``; ``error`` says
         why nothing was pinned.
     """
-    if winner_dir.exists():
+    if winner_dir.exists():  # an earlier pin of this race (a resumed decision): replace it
+        if any(winner_dir.iterdir()) and not (winner_dir / "winner.json").exists():
+            raise OSError(f"{winner_dir} holds files that are not a pin; not replacing them")
         shutil.rmtree(winner_dir)
     winner_dir.mkdir(parents=True)
     tmp = winner_dir / ".snapshot"

@@ -233,8 +233,8 @@ def code_lines(plan: Plan, exp: ExperimentConfig, state: PlanState) -> list[str]
                    else "**matched by time**: the script writes no checkpoint sidecars, so the "
                    "newest checkpoint at the decision was taken; it may not hold the weights "
                    "of the winning record")
-            lines.append(f"Pinned checkpoint: `winner/{pin['checkpoint']}` (sha256 "
-                         f"`{str(pin.get('sha256'))[:16]}`; {how}); see `winner/winner.json`.")
+            lines.append(f"Pinned checkpoint: `_winner/{pin['checkpoint']}` (sha256 "
+                         f"`{str(pin.get('sha256'))[:16]}`; {how}); see `_winner/winner.json`.")
         elif pin:
             lines.append(f"Pinned checkpoint: none ({pin.get('error', 'unknown')}).")
     return lines
