@@ -329,6 +329,9 @@ def _decided_line(plan: Plan) -> tuple[str, int] | None:
         e is None or e.status.value == "running" for e in erecs
     ):
         return None
+    names = {e.name for e in plan.experiments}
+    if any(not r.state.terminal for r in state.runs.values() if r.experiment in names):
+        return None  # decided, but a controller died before settling every run: `run` finishes
     verdicts = "; ".join(
         f"{e.name}: {e.winner} won at {e.unit} {e.winner_epoch}" if e.winner
         else f"{e.name}: failed"
