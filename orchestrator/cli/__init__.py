@@ -329,9 +329,9 @@ def _decided_line(plan: Plan) -> tuple[str, int] | None:
         e is None or e.status.value == "running" for e in erecs
     ):
         return None
-    names = {e.name for e in plan.experiments}
-    if any(not r.state.terminal for r in state.runs.values() if r.experiment in names):
-        return None  # decided, but a controller died before settling every run: `run` finishes
+    if not state.finished:
+        return None  # decided, but its controller died before it settled every run (a loser
+        # still stopping, an untracked stray): `run` resumes and finishes that
     verdicts = "; ".join(
         f"{e.name}: {e.winner} won at {e.unit} {e.winner_epoch}" if e.winner
         else f"{e.name}: failed"
