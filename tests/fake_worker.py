@@ -39,6 +39,14 @@ def parse_metric(text: str) -> tuple[str, float, float]:
     return name, 0.0, float(body)
 
 
+def stop_checkpoint(rep: Reporter, epoch: int, seconds: float) -> None:
+    """A slow stop checkpoint: ``seconds`` of work, then ``stop.ckpt`` in the run directory."""
+    print(f"SIGTERM: writing a stop checkpoint ({seconds}s)", flush=True)
+    time.sleep(seconds)
+    (rep.run_dir / "stop.ckpt").write_text(json.dumps({"epoch": epoch}))
+    print("stop checkpoint written", flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--epochs", type=int, default=10)
@@ -51,6 +59,8 @@ def main() -> int:
     p.add_argument("--setsid-child", action="store_true", help="start a helper that calls setsid")
     p.add_argument("--hang-at", type=int, help="stop reporting (but keep running) at this epoch")
     p.add_argument("--exit-code", type=int, default=0, help="exit code after the last epoch")
+    p.add_argument("--checkpoint-s", type=float, default=0.0,
+                   help="on SIGTERM, take this long to write a stop checkpoint, then exit 0")
     p.add_argument("--run-dir", default=None)
     args = p.parse_args()
 
@@ -73,6 +83,8 @@ def main() -> int:
         while time.monotonic() < deadline and not rep.should_stop:
             time.sleep(min(0.01, args.interval))
         if rep.should_stop:
+            if args.checkpoint_s:
+                stop_checkpoint(rep, epoch - 1, args.checkpoint_s)
             break
         if args.crash_at == epoch and rep.attempt <= args.crash_attempts:
             print(f"simulated crash at epoch {epoch}", file=sys.stderr, flush=True)
