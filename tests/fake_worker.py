@@ -61,6 +61,7 @@ def main() -> int:
     p.add_argument("--exit-code", type=int, default=0, help="exit code after the last epoch")
     p.add_argument("--checkpoint-s", type=float, default=0.0,
                    help="on SIGTERM, take this long to write a stop checkpoint, then exit 0")
+    p.add_argument("--start-after", help="wait until this file exists before the first epoch")
     p.add_argument("--run-dir", default=None)
     args = p.parse_args()
 
@@ -74,6 +75,8 @@ def main() -> int:
     if args.setsid_child:
         subprocess.Popen([sys.executable, "-c", SLEEPER], start_new_session=True)
 
+    while args.start_after and not Path(args.start_after).exists() and not rep.should_stop:
+        time.sleep(0.01)
     start = 1
     if rep.resume and (ckpt := rep.latest_checkpoint(".ckpt")) is not None:
         start = json.loads(ckpt.read_text())["epoch"] + 1
