@@ -95,8 +95,12 @@ def test_dashboard_matches_golden_file(tmp_path: Path) -> None:
         plan, state, histories, events, now=T0 + 600, progress_image="progress.png",
         sync_line="last push 08:09:50",
     )
-    if os.environ.get("UPDATE_GOLDEN"):
+    if os.environ.get("UPDATE_GOLDEN"):  # never compares the file with itself
+        old = GOLDEN.read_text() if GOLDEN.exists() else None
+        if old == text:
+            pytest.skip(f"UPDATE_GOLDEN: {GOLDEN.name} already matches")
         GOLDEN.write_text(text)
+        pytest.fail(f"UPDATE_GOLDEN: rewrote {GOLDEN}; review the diff, rerun without it")
     assert text == GOLDEN.read_text()
 
 
@@ -109,13 +113,40 @@ def test_decided_race_shows_the_winner(tmp_path: Path) -> None:
     assert "![progress]" not in text
 
 
-def test_progress_plot_has_one_panel_per_criterion_metric(tmp_path: Path) -> None:
+def test_progress_plot_has_one_panel_per_criterion_metric(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matplotlib.figure import Figure
     from PIL import Image
 
     from orchestrator.views.plots import render_progress
 
+    drawn: list[Figure] = []
+    savefig = Figure.savefig
+
+    def keep(fig: Figure, *args: object, **kwargs: object) -> None:
+        drawn.append(fig)
+        savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
     plan, _, histories, _ = scenario(tmp_path)
     out = tmp_path / "progress.png"
     render_progress(plan, histories, out)
     with Image.open(out) as img:
-        assert img.format == "PNG" and img.size[0] > 500
+        assert img.format == "PNG" and img.size == (1080, 576)  # 2 x 2 grid at 90 dpi
+    (fig,) = drawn
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == [
+        "early-persistence: attention_ratio (pass >= 1.5)",
+        "early-persistence: val_accuracy (pass >= 0.75)",
+        "early-persistence: separation_p (pass < 0.01)",
+    ]
+    assert len(fig.axes) == 4  # the fourth cell of the grid is hidden
+    for ax, threshold in zip(panels, (1.5, 0.75, 0.01), strict=True):
+        curves = [line for line in ax.get_lines() if line.get_linestyle() == "-"]
+        dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+        # one curve per worker with a history (pretrained has none), the threshold dashed
+        assert sorted(c.get_label() for c in curves) == [
+            "attention-supervised", "contrastive", "multitask",
+        ]
+        assert [list(d.get_ydata()) for d in dashed] == [[threshold, threshold]]

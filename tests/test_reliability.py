@@ -155,7 +155,7 @@ def test_gpu_slot_waits_until_nvml_shows_the_memory_released(
     assert nvml.released_at - first.ended_at >= 1.4  # the driver lagged...
     assert nxt.started_at >= nvml.released_at  # ...and the next run waited for it
     assert first.gpu_release.startswith("released in ")
-    assert 1.4 <= float(first.gpu_release.split()[2].rstrip("s")) < 10
+    assert float(first.gpu_release.split()[2].rstrip("s")) >= 1.4
     assert nxt.slot == "gpu0" and nvml.queries >= 2
     assert marked_processes(leak_check) == []
 
@@ -175,9 +175,12 @@ def test_gpu_memory_never_released_is_reported_and_the_slot_handed_over(
 
 def test_gpu_wait_without_nvml_returns_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails: NVML not installed
-    start = time.monotonic()
-    assert wait_gpu_memory_released(0, {1, 2}, timeout_s=30)[0] == []
-    assert time.monotonic() - start < 0.5
+
+    class NeverWait(threading.Event):  # the wait between two NVML polls must not happen
+        def wait(self, timeout: float | None = None) -> bool:
+            raise AssertionError(f"waited {timeout}s for an NVML that is not there")
+
+    assert wait_gpu_memory_released(0, {1, 2}, timeout_s=30, cancel=NeverWait())[0] == []
 
 
 # -- metric sources for unmodified scripts ------------------------------------------------------
