@@ -36,7 +36,7 @@ from orchestrator.core.state import (
 )
 from orchestrator.paths import ResultsPaths
 from orchestrator.reporting import Reporter
-from orchestrator.running.gpus import Slot, wait_gpu_memory_released
+from orchestrator.running.gpus import Slot, make_slots, wait_gpu_memory_released
 from orchestrator.running.launchers import LaunchSpec, LocalLauncher
 from orchestrator.running.processes import find_strays
 from orchestrator.session import build_controller
@@ -181,6 +181,20 @@ def test_gpu_wait_without_nvml_returns_at_once(monkeypatch: pytest.MonkeyPatch) 
             raise AssertionError(f"waited {timeout}s for an NVML that is not there")
 
     assert wait_gpu_memory_released(0, {1, 2}, timeout_s=30, cancel=NeverWait())[0] == []
+
+
+def test_gpus_auto_takes_the_devices_nvml_reports(monkeypatch: pytest.MonkeyPatch) -> None:
+    nvml = FakeNVML(lag_s=None)
+    nvml.nvmlDeviceGetCount = lambda: 3  # type: ignore[method-assign]
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.delenv("ORCH_FAKE_GPUS", raising=False)
+    slots = make_slots("auto", workers_per_gpu=2, max_parallel=None, cpu_slots=8)
+    # GPU-major: runs spread over the GPUs before two share one
+    assert [s.cuda_visible_devices for s in slots] == ["0", "1", "2", "0", "1", "2"]
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # no NVML (and no nvidia-smi here)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert [s.gpu for s in make_slots("auto", workers_per_gpu=2, max_parallel=None,
+                                      cpu_slots=2)] == [None, None]  # CPU slots
 
 
 # -- metric sources for unmodified scripts ------------------------------------------------------
