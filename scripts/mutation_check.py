@@ -68,7 +68,7 @@ MUTATIONS = [
     ),
     Mutation(
         "check_every ignored",
-        ((CTRL, "if every > 1 and (epoch is None or epoch % every != 0):", "if False:"),),
+        ((CTRL, "return x if every <= 1 or x % every == 0 else None", "return x"),),
         ("tests/test_race.py::test_check_every_and_per_worker_criteria",),
     ),
     Mutation(
