@@ -166,20 +166,21 @@ def test_progress_plot_has_one_panel_per_criterion_metric(
     out = tmp_path / "progress.png"
     render_progress(plan, histories, out)
     with Image.open(out) as img:
-        assert img.format == "PNG" and img.size == (1080, 576)  # 2 x 2 grid at 90 dpi
+        assert img.format == "PNG" and img.size == (1080, 864)  # 2 x 3 grid at 90 dpi
     (fig,) = drawn
-    panels = [ax for ax in fig.axes if ax.get_visible()]
-    assert [ax.get_title() for ax in panels] == [
-        "early-persistence: attention_ratio (pass >= 1.5)",
-        "early-persistence: val_accuracy (pass >= 0.75)",
-        "early-persistence: separation_p (pass < 0.01)",
+    ep = ["attention-supervised", "contrastive", "multitask"]  # pretrained has no history
+    expected = [  # one panel per criterion metric: title, a curve per worker, the threshold
+        ("early-persistence: attention_ratio (pass >= 1.5)", ep, 1.5),
+        ("early-persistence: val_accuracy (pass >= 0.75)", ep, 0.75),
+        ("early-persistence: separation_p (pass < 0.01)", ep, 0.01),
+        ("char-lm: Loss/test (pass < 2.4)", ["gru", "shuffled"], 2.4),
+        ("char-lm: val/acc (pass >= 0.75)", ["gru", "shuffled"], 0.75),
     ]
-    assert len(fig.axes) == 4  # the fourth cell of the grid is hidden
-    for ax, threshold in zip(panels, (1.5, 0.75, 0.01), strict=True):
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(fig.axes) == 6 and len(panels) == len(expected)  # the sixth cell is hidden
+    for ax, (title, workers, threshold) in zip(panels, expected, strict=True):
         curves = [line for line in ax.get_lines() if line.get_linestyle() == "-"]
         dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
-        # one curve per worker with a history (pretrained has none), the threshold dashed
-        assert sorted(c.get_label() for c in curves) == [
-            "attention-supervised", "contrastive", "multitask",
-        ]
-        assert [list(d.get_ydata()) for d in dashed] == [[threshold, threshold]]
+        assert ax.get_title() == title
+        assert sorted(c.get_label() for c in curves) == workers, title
+        assert [list(d.get_ydata()) for d in dashed] == [[threshold, threshold]], title
