@@ -16,7 +16,7 @@ from orchestrator.core.config import load_plan
 from orchestrator.core.controller import Controller
 from orchestrator.core.runs import METRIC_PROBLEM_REPORT_S, live_runs
 from orchestrator.core.snapshot import RaceSnapshot
-from orchestrator.core.state import PlanState, RunState
+from orchestrator.core.state import PlanState, RunRecord, RunState
 from orchestrator.errors import WriteErrors
 from orchestrator.paths import ResultsPaths
 from orchestrator.remote.sync import NullSyncer
@@ -67,7 +67,7 @@ class Race:
         target = self.ticks + passes
         wait_for(lambda: self.ticks >= target or not self._thread.is_alive())
 
-    def run(self, key: str):  # noqa: ANN201 - a RunRecord
+    def run(self, key: str) -> RunRecord:
         return self.controller.runs[key].record
 
     def events(self, text: str) -> list[str]:
