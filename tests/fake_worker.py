@@ -63,6 +63,8 @@ def main() -> int:
                    help="on SIGTERM, take this long to write a stop checkpoint, then exit 0")
     p.add_argument("--start-after", help="wait until this file exists before the first epoch")
     p.add_argument("--run-dir", default=None)
+    p.add_argument("--step-per-epoch", type=int, default=0,
+                   help="also log step = epoch x this (a step-based script)")
     args = p.parse_args()
 
     rep = Reporter.from_env(default_run_dir=args.run_dir, handle_signals=not args.ignore_sigterm)
@@ -99,6 +101,8 @@ def main() -> int:
         values = {name: round(a + b * epoch, 6) for name, a, b in metrics}
         values["gpu"] = int(os.environ.get("CUDA_VISIBLE_DEVICES") or -1)
         values["resumed"] = int(rep.resume)
+        if args.step_per_epoch:
+            values["step"] = epoch * args.step_per_epoch
         rep.log(epoch=epoch, **values)
         rep.save_checkpoint(
             lambda path, e=epoch: path.write_text(json.dumps({"epoch": e})),

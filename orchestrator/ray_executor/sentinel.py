@@ -1,5 +1,6 @@
 """The sentinel of a Ray attempt: a detached process that stops the worker's tree when its
-actor dies (run as ``python -m orchestrator.ray_executor.sentinel sentinel ...`` by ``RunActor``)."""
+actor dies (run as ``python -m orchestrator.ray_executor.sentinel sentinel ...`` by
+``RunActor``)."""
 
 from __future__ import annotations
 

@@ -304,7 +304,7 @@ class Dashboard:
             return
         image = (
             self.progress_path.name if self.progress_path.exists() else None
-        ) if snapshot.state.finished else self._maybe_plot(snapshot.histories, now, force)
+        ) if snapshot.state.finished else self._maybe_plot(snapshot.histories, now)
         status = self.syncer.status()
         sync_line = None
         if self.plan.sync is not None:
@@ -338,15 +338,15 @@ class Dashboard:
         status = self.syncer.status()
         return {"last_success_s": status.last_success_s, "error": status.error}
 
-    def _maybe_plot(
-        self, histories: Mapping[str, MetricHistory], now: float, force: bool
-    ) -> str | None:
+    def _maybe_plot(self, histories: Mapping[str, MetricHistory], now: float) -> str | None:
         signature = tuple((k, len(h.records)) for k, h in sorted(histories.items()))
         have = self.progress_path.exists()
         # ~0.9 CPU-s a render (4 panels): once every 30 s keeps it near 3% of a core.
         throttle = max(30.0, 4 * self.plan.dashboard_interval_s)
+        # Never forced: a render started at the decision would hold the exit. The race report's
+        # renderer draws the final plot once the race is decided.
         recent = self._last_plot is not None and now - self._last_plot < throttle
-        if signature == self._plot_signature or (not force and recent):
+        if signature == self._plot_signature or recent:
             return self.progress_path.name if have else None
         if not any(h.records for h in histories.values()):
             return None
@@ -376,26 +376,7 @@ class Dashboard:
             self._plot_thread.join(timeout_s)
 
     def _links(self) -> dict[str, list[tuple[str, str]]]:
-        out: dict[str, list[tuple[str, str]]] = {}
-        base = self.path.parent
-        for exp in self.plan.experiments:
-            items = []
-            report = self.paths.race_report(exp.name)
-            if report.exists():
-                items.append(("Race report", _relative(report, base)))
-            viz = self.paths.success_viz_dir(exp.name)
-            for name, label in (
-                ("SUCCESS_VISUALIZATION.png", "Success figure"),
-                ("SUCCESS_REPORT.md", "Success report"),
-                ("FAILURE_VISUALIZATION.png", "Failure figure"),
-                ("FAILURE_REPORT.md", "Failure report"),
-            ):
-                p = viz / name
-                if p.exists():
-                    items.append((label, _relative(p, base)))
-            if items:
-                out[exp.name] = items
-        return out
+        return dashboard_links(self.plan, self.paths)
 
     def publish(self) -> None:
         self.syncer.push_now()
@@ -404,6 +385,31 @@ class Dashboard:
         """Finish the plot in flight, flush the sync (bounded) and stop its thread."""
         self.wait(60.0)
         self.syncer.close()
+
+
+def dashboard_links(plan: Plan, paths: ResultsPaths) -> dict[str, list[tuple[str, str]]]:
+    """Per experiment, (label, path relative to the dashboard) of the race report and the
+    job's figures and reports that exist now."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    base = plan.dashboard.parent
+    for exp in plan.experiments:
+        items = []
+        report = paths.race_report(exp.name)
+        if report.exists():
+            items.append(("Race report", _relative(report, base)))
+        viz = paths.success_viz_dir(exp.name)
+        for name, label in (
+            ("SUCCESS_VISUALIZATION.png", "Success figure"),
+            ("SUCCESS_REPORT.md", "Success report"),
+            ("FAILURE_VISUALIZATION.png", "Failure figure"),
+            ("FAILURE_REPORT.md", "Failure report"),
+        ):
+            p = viz / name
+            if p.exists():
+                items.append((label, _relative(p, base)))
+        if items:
+            out[exp.name] = items
+    return out
 
 
 def _relative(path: Path, base: Path) -> str:

@@ -29,12 +29,13 @@ from typing import Any
 from orchestrator.core.accounting import RunUsage, compute_savings
 from orchestrator.core.config import ExperimentConfig, Plan, load_plan
 from orchestrator.core.ranking import best_worker, missing_text
+from orchestrator.core.runs import metric_source
 from orchestrator.core.snapshot import RaceSnapshot
 from orchestrator.core.state import ExperimentStatus, PlanState, RunRecord
-from orchestrator.formatting import duration, fmt
+from orchestrator.formatting import code, duration, fmt
 from orchestrator.paths import ResultsPaths
 from orchestrator.reporting import atomic_write_bytes
-from orchestrator.sources.metrics import MetricHistory, make_source
+from orchestrator.sources.metrics import MetricHistory
 
 FIGURE = "race_report.png"
 
@@ -44,11 +45,7 @@ def load_histories(plan: Plan, exp: ExperimentConfig) -> dict[str, MetricHistory
     paths = ResultsPaths(plan.results_dir)
     out = {}
     for w in exp.workers:
-        run_dir = paths.run(exp.name, w.name).run_dir
-        source = make_source(
-            w.metrics.source, run_dir=run_dir, path=w.metrics.path, pattern=w.metrics.pattern,
-            rename=w.metrics.rename,
-        )
+        source = metric_source(plan, exp, w, paths)
         history = MetricHistory()
         try:
             history.add(source.read_new())
@@ -127,7 +124,7 @@ def race_report_markdown(
         lines.append(f"Time to the {'decision' if erec and erec.winner else 'end'}: "
                      f"{duration(decided - started)}.")
     lines += ["", "## Criteria", ""]
-    lines += [f"- `{c.source}`" for c in exp.criteria]
+    lines += [f"- {code(c.source)}" for c in exp.criteria]
     if erec is not None:
         lines += [f"- **FLAGGED**: {flag}" for flag in erec.control_flags]
     controls = [w.name for w in exp.workers if w.control]
@@ -237,6 +234,7 @@ def render_race_figure(
     axes = fig.subplots(len(metrics), 2, squeeze=False)
     for row, metric in enumerate(metrics):
         ax_x, ax_t = axes[row]
+        timed = False
         for i, w in enumerate(exp.workers):
             hist = histories.get(f"{exp.name}/{w.name}")
             if hist is None:
@@ -250,6 +248,7 @@ def render_race_figure(
                 ax_x.plot(xs, ys, label=w.name, **style)
             if ts and len(ts) == len(ys):
                 ax_t.plot(ts, ys, **style)
+                timed = True
         threshold = thresholds.get(metric)
         for ax in (ax_x, ax_t):
             if threshold is not None:
@@ -262,6 +261,10 @@ def render_race_figure(
         ax_t.set_title(title + " vs wall clock", fontsize=9)
         ax_x.set_xlabel(_unit(exp))
         ax_t.set_xlabel("seconds since the race started")
+        if not timed:
+            ax_t.text(0.5, 0.5, "no wall-clock times in these records\n(the logger writes none)",
+                      ha="center", va="center", transform=ax_t.transAxes, fontsize=8,
+                      color="0.4")
         if ax_x.get_legend_handles_labels()[0]:
             ax_x.legend(fontsize=7, loc="best")
     buf = io.BytesIO()
@@ -317,7 +320,35 @@ def write_race_report(plan: Plan, experiment: str, *, progress: bool = True) -> 
         for e in plan.experiments:
             all_histories.update(histories if e is exp else load_histories(plan, e))
         render_progress(plan, all_histories, plan.dashboard.with_name("progress.png"))
+        _rewrite_dashboard(plan, paths, state, all_histories)
     return report
+
+
+def _rewrite_dashboard(
+    plan: Plan, paths: ResultsPaths, state: PlanState, histories: Mapping[str, MetricHistory]
+) -> None:
+    """Rewrite the dashboard from disk so that it links the report: the controller may have
+    written its last version (and exited) before the report existed. A live controller's
+    next write links it too; both writes are atomic and agree on the link."""
+    import json
+
+    from orchestrator.views.dashboard import dashboard_links, render_markdown
+
+    events = []
+    try:
+        for line in paths.events.read_text().splitlines()[-15:]:
+            e = json.loads(line)
+            events.append(f"{time.strftime('%H:%M:%S', time.localtime(e['time_s']))} "
+                          f"{e['event']}")
+    except (OSError, ValueError, KeyError):
+        pass
+    image = plan.dashboard.with_name("progress.png")
+    text = render_markdown(
+        plan, state, histories, events, now=state.updated_at,
+        progress_image=image.name if image.exists() else None,
+        links=dashboard_links(plan, paths),
+    )
+    atomic_write_bytes(plan.dashboard, text.encode())
 
 
 class RaceReportView:
