@@ -57,7 +57,7 @@ def test_a_decided_race_gets_its_report_with_the_state_in_its_table(
         rec = state.run("race", name)
         row = table[name]
         assert row[1] == rec.state.value
-        assert row[2] == f"{rec.epoch}/50"
+        assert row[2] == f"{'—' if rec.epoch is None else rec.epoch}/50"
         assert row[4] == str(rec.exit_code)
     assert table["winner"][3].startswith("0.9") or table["winner"][3].startswith("1")
     used = re.search(r"Slot-seconds used: \*\*([\d,]+)\*\*", report)

@@ -251,3 +251,16 @@ def test_readme_plans_for_unmodified_scripts_validate_as_written(tmp_path: Path)
         assert plan.experiments[0].workers[0].metrics.source in ("regex", "tensorboard", "csv")
     example = load_plan(Path(__file__).resolve().parents[1] / "examples" / "third_party.yaml")
     assert [e.unit for e in example.experiments] == ["step", "step", "step"]
+
+
+def test_an_untrained_evaluation_at_epoch_0_is_never_a_check_point(repo: Path) -> None:
+    script = (
+        "import json, os, pathlib; p = pathlib.Path(os.environ['ORCH_RUN_DIR'], 'metrics.jsonl');"
+        "f = p.open('a');"
+        "[f.write(json.dumps(dict(epoch=e, acc=1.0 if e == 0 else 0.1)) + '\\n') for e in (0, 1, 2)]"
+    )
+    plan = write_plan(repo, [{"name": "w", "branch": "r/w", "command": ["python", "-c", script]}],
+                      experiment={"max_epochs": 2})
+    code, state, _ = race(plan)
+    assert code == 1 and state.experiments["race"].winner is None
+    assert state.run("race", "w").state == RunState.exhausted

@@ -36,6 +36,7 @@ from orchestrator.formatting import code, duration, fmt
 from orchestrator.paths import ResultsPaths
 from orchestrator.reporting import atomic_write_bytes
 from orchestrator.sources.metrics import MetricHistory
+from orchestrator.views.dashboard import report_due
 
 FIGURE = "race_report.png"
 
@@ -320,35 +321,7 @@ def write_race_report(plan: Plan, experiment: str, *, progress: bool = True) -> 
         for e in plan.experiments:
             all_histories.update(histories if e is exp else load_histories(plan, e))
         render_progress(plan, all_histories, plan.dashboard.with_name("progress.png"))
-        _rewrite_dashboard(plan, paths, state, all_histories)
     return report
-
-
-def _rewrite_dashboard(
-    plan: Plan, paths: ResultsPaths, state: PlanState, histories: Mapping[str, MetricHistory]
-) -> None:
-    """Rewrite the dashboard from disk so that it links the report: the controller may have
-    written its last version (and exited) before the report existed. A live controller's
-    next write links it too; both writes are atomic and agree on the link."""
-    import json
-
-    from orchestrator.views.dashboard import dashboard_links, render_markdown
-
-    events = []
-    try:
-        for line in paths.events.read_text().splitlines()[-15:]:
-            e = json.loads(line)
-            events.append(f"{time.strftime('%H:%M:%S', time.localtime(e['time_s']))} "
-                          f"{e['event']}")
-    except (OSError, ValueError, KeyError):
-        pass
-    image = plan.dashboard.with_name("progress.png")
-    text = render_markdown(
-        plan, state, histories, events, now=state.updated_at,
-        progress_image=image.name if image.exists() else None,
-        links=dashboard_links(plan, paths),
-    )
-    atomic_write_bytes(plan.dashboard, text.encode())
 
 
 class RaceReportView:
@@ -373,8 +346,7 @@ class RaceReportView:
         for name, erec in snapshot.state.experiments.items():
             if erec.status == ExperimentStatus.running:
                 continue
-            runs = [r for r in snapshot.state.runs.values() if r.experiment == name]
-            if not all(r.state.terminal for r in runs):
+            if not report_due(snapshot.state, name):
                 continue  # written once the decided race has settled (final states, exits)
             key = (name, erec.decided_at)
             if key in self._done:
@@ -407,7 +379,10 @@ class RaceReportView:
         return None
 
     def close(self) -> None:
-        pass
+        """With a ``sync:`` target, wait (at most 60 s) for the reports being rendered, so the
+        dashboard's last push carries them; without one, never wait."""
+        if self.plan.sync is not None:
+            self.wait(60.0)
 
 
 def main(argv: list[str] | None = None) -> int:
