@@ -146,41 +146,32 @@ def test_decided_race_shows_the_winner(tmp_path: Path) -> None:
     assert "![progress]" not in text
 
 
-def test_progress_plot_has_one_panel_per_criterion_metric(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from matplotlib.figure import Figure
+def test_progress_plot_has_one_panel_per_criterion_metric(tmp_path: Path) -> None:
     from PIL import Image
 
-    from orchestrator.views.plots import render_progress
+    from orchestrator.views.plots import progress_figure, render_progress
 
-    drawn: list[Figure] = []
-    savefig = Figure.savefig
-
-    def keep(fig: Figure, *args: object, **kwargs: object) -> None:
-        drawn.append(fig)
-        savefig(fig, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", keep)
     plan, _, histories, _ = scenario(tmp_path)
     out = tmp_path / "progress.png"
     render_progress(plan, histories, out)
     with Image.open(out) as img:
-        assert img.format == "PNG" and img.size == (1080, 864)  # 2 x 3 grid at 90 dpi
-    (fig,) = drawn
+        assert img.format == "PNG" and img.size == (990, 1305)  # 5 rows of 2 panels at 90 dpi
+    fig = progress_figure(plan, histories)
     ep = ["attention-supervised", "contrastive", "multitask"]  # pretrained has no history
-    expected = [  # one panel per criterion metric: title, a curve per worker, the threshold
+    expected = [  # a row per criterion metric: title, a curve per worker, the threshold
         ("early-persistence: attention_ratio (pass >= 1.5)", ep, 1.5),
         ("early-persistence: val_accuracy (pass >= 0.75)", ep, 0.75),
-        ("early-persistence: separation_p (pass < 0.01)", ep, 0.01),
+        ("early-persistence: separation_p (pass < 0.01), log scale", ep, 0.01),
         ("char-lm: Loss/test (pass < 2.4)", ["gru", "shuffled"], 2.4),
         ("char-lm: val/acc (pass >= 0.75)", ["gru", "shuffled"], 0.75),
     ]
-    panels = [ax for ax in fig.axes if ax.get_visible()]
-    assert len(fig.axes) == 6 and len(panels) == len(expected)  # the sixth cell is hidden
-    for ax, (title, workers, threshold) in zip(panels, expected, strict=True):
-        curves = [line for line in ax.get_lines() if line.get_linestyle() == "-"]
-        dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
-        assert ax.get_title() == title
-        assert sorted(c.get_label() for c in curves) == workers, title
-        assert [list(d.get_ydata()) for d in dashed] == [[threshold, threshold]], title
+    assert len(fig.axes) == 2 * len(expected)
+    rows = zip(fig.axes[0::2], fig.axes[1::2], expected, strict=True)
+    for by_unit, by_clock, (title, workers, threshold) in rows:
+        assert by_unit.get_title() == title
+        assert by_clock.get_title() == title.split(": ")[1].split(" (")[0] + " vs wall clock"
+        for ax in (by_unit, by_clock):
+            curves = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+            dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+            assert sorted(c.get_label() for c in curves) == workers, title
+            assert [list(d.get_ydata()) for d in dashed] == [[threshold, threshold]], title

@@ -184,10 +184,15 @@ def test_gpu_wait_without_nvml_returns_at_once(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_gpus_auto_takes_the_devices_nvml_reports(monkeypatch: pytest.MonkeyPatch) -> None:
-    nvml = FakeNVML(lag_s=None)
-    nvml.nvmlDeviceGetCount = lambda: 3  # type: ignore[method-assign]
+    nvml = types.ModuleType("pynvml")
+    nvml.nvmlInit = nvml.nvmlShutdown = lambda: None  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetCount = lambda: 3  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetHandleByIndex = lambda i: i  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetUUID = lambda h: f"GPU-{h:08d}"  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetName = lambda h: b"Fake GPU"  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
     monkeypatch.delenv("ORCH_FAKE_GPUS", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     slots = make_slots("auto", workers_per_gpu=2, max_parallel=None, cpu_slots=8)
     # GPU-major: runs spread over the GPUs before two share one
     assert [s.cuda_visible_devices for s in slots] == ["0", "1", "2", "0", "1", "2"]
