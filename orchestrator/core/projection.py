@@ -44,10 +44,11 @@ import numpy as np
 from orchestrator.core.criteria import Criterion, Threshold
 from orchestrator.formatting import duration
 
-WINDOW = 8  # evaluations in the linear trend
+WINDOW = 10  # evaluations in the linear trend
 MIN_EVALUATIONS = 3  # fewer: no projection
 Z_BAND = 1.645  # two-sided 90% band (normal quantile 0.95)
 _RATES = np.geomspace(0.05, 40.0, 48)  # saturating rates per span of the evaluated x range
+BIC_STRONG = 6.0  # evidence the saturating fit needs over a line (Kass & Raftery 1995)
 _MAX_SCAN = 512  # check points evaluated directly before bisecting
 _P_MIN = 1e-300
 
@@ -285,7 +286,8 @@ def _rms(band: Band, x: np.ndarray, s: np.ndarray) -> float:
 
 def _bends(x: np.ndarray, s: np.ndarray, sat: Band, lin: Band, window: int) -> bool:
     """Whether the saturating fit is the better description: over all evaluations it beats a
-    least-squares line by BIC (Schwarz 1978; 3 parameters against 2), and it explains the last
+    least-squares line by BIC with strong evidence (Schwarz 1978; 3 parameters against 2; a
+    difference above 6 is "strong" in Kass & Raftery 1995), and it explains the last
     ``window`` evaluations about as well as their own trend (so a curve that has turned steep,
     which no saturating curve fits, keeps the line)."""
     n = len(x)
@@ -297,7 +299,8 @@ def _bends(x: np.ndarray, s: np.ndarray, sat: Band, lin: Band, window: int) -> b
     bic_line = n * math.log(sse_line / n) + 2 * math.log(n)
     bic_sat = n * math.log(sse_sat / n) + 3 * math.log(n)
     wx, ws = x[-window:], s[-window:]
-    return bic_sat < bic_line and _rms(sat, wx, ws) <= 1.25 * _rms(lin, wx, ws) + 1e-6 * scale
+    recent_ok = _rms(sat, wx, ws) <= 1.25 * _rms(lin, wx, ws) + 1e-6 * scale
+    return bic_sat < bic_line - BIC_STRONG and recent_ok
 
 
 # -- check points ----------------------------------------------------------------------------
@@ -448,7 +451,8 @@ def seconds_per_unit(records: Sequence[Mapping[str, Any]], unit: str,
     pts = [(r[unit], r["time_s"]) for r in records
            if isinstance(r.get(unit), int) and isinstance(r.get("time_s"), (int, float))]
     pts = pts[-(window + 1):]
-    rates = [(t1 - t0) / (x1 - x0) for (x0, t0), (x1, t1) in zip(pts, pts[1:]) if x1 > x0]
+    rates = [(t1 - t0) / (x1 - x0)
+             for (x0, t0), (x1, t1) in zip(pts, pts[1:], strict=False) if x1 > x0]
     return float(np.median(rates)) if rates else None
 
 
