@@ -39,6 +39,23 @@ def parse_metric(text: str) -> tuple[str, float, float]:
     return name, 0.0, float(body)
 
 
+def curve(start: float, slope: float, epoch: int, args: argparse.Namespace) -> float:
+    """The metric at ``epoch``: linear, or bent by --saturate / --knee, plus --noise."""
+    import math
+    import random
+
+    if args.saturate:
+        value = start + slope * args.saturate * (1 - math.exp(-epoch / args.saturate))
+    elif args.knee:
+        knee, factor = (float(v) for v in args.knee.split(":"))
+        value = start + slope * min(epoch, knee) + slope * factor * max(0.0, epoch - knee)
+    else:
+        value = start + slope * epoch
+    if args.noise:
+        value += random.Random(args.seed * 100_003 + epoch).gauss(0.0, args.noise)
+    return value
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--epochs", type=int, default=10)
@@ -52,6 +69,12 @@ def main() -> int:
     p.add_argument("--hang-at", type=int, help="stop reporting (but keep running) at this epoch")
     p.add_argument("--exit-code", type=int, default=0, help="exit code after the last epoch")
     p.add_argument("--run-dir", default=None)
+    p.add_argument("--saturate", type=float, default=None, metavar="TAU",
+                   help="curves bend over: START + SLOPE*TAU*(1-exp(-epoch/TAU))")
+    p.add_argument("--knee", default=None, metavar="EPOCH:FACTOR",
+                   help="the slope is FACTOR times steeper after EPOCH (a late bloomer)")
+    p.add_argument("--noise", type=float, default=0.0, help="gaussian noise sd on every metric")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (per epoch: resumes agree)")
     args = p.parse_args()
 
     rep = Reporter.from_env(default_run_dir=args.run_dir, handle_signals=not args.ignore_sigterm)
@@ -81,7 +104,7 @@ def main() -> int:
             while not rep.should_stop:
                 time.sleep(0.01)
             break
-        values = {name: round(a + b * epoch, 6) for name, a, b in metrics}
+        values = {name: round(curve(a, b, epoch, args), 6) for name, a, b in metrics}
         values["gpu"] = int(os.environ.get("CUDA_VISIBLE_DEVICES") or -1)
         values["resumed"] = int(rep.resume)
         rep.log(epoch=epoch, **values)

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from orchestrator.core.criteria import Criterion
+from orchestrator.core.pruning import PruneConfig
 from orchestrator.errors import ConfigError, CriteriaError
 from orchestrator.remote.sync_config import SyncConfig
 
@@ -162,6 +163,7 @@ class ExperimentConfig(_Frozen):
     setup: Command | None = None
     on_success: Command | None = None
     stop_losers: bool = True  # False: record the first winner but let every worker finish
+    prune: PruneConfig | None = None  # stop hopeless workers early (orchestrator.core.pruning)
     workers: tuple[WorkerConfig, ...] = Field(min_length=1)
 
     _cmd = field_validator("setup", "on_success")(

@@ -20,6 +20,7 @@ from orchestrator.core.criteria import all_pass
 from orchestrator.core.file_events import FileWatcher
 from orchestrator.core.hooks import HookRunner, last_line, run_setup, tail_lines
 from orchestrator.core.lock import ControllerLock
+from orchestrator.core.pruner import PruningMixin
 from orchestrator.core.ranking import best_summary, best_worker
 from orchestrator.core.resume import ResumeMixin
 from orchestrator.core.runs import LiveRun
@@ -42,7 +43,7 @@ from orchestrator.sources.metrics import write_order_keys
 STDERR_TAIL_LINES = 20
 
 
-class Controller(ResumeMixin, SchedulingMixin):
+class Controller(ResumeMixin, SchedulingMixin, PruningMixin):
     """Runs a plan to a decision.
 
     Args:
@@ -292,6 +293,8 @@ class Controller(ResumeMixin, SchedulingMixin):
         elif rec.epoch is not None and rec.epoch >= live.max_epochs and live.handle is not None:
             self.event(f"{rec.key}: reached max_epochs {live.max_epochs}")
             self._stop([live], self._ended_state(live), reason="max_epochs")
+        else:
+            self._maybe_prune(live, record)
 
     def _passes(self, live: LiveRun, record: dict[str, Any]) -> bool:
         if self.state.experiments[live.experiment.name].status != ExperimentStatus.running:

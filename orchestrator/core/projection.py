@@ -46,6 +46,7 @@ from orchestrator.formatting import duration
 
 WINDOW = 10  # evaluations in the linear trend
 MIN_EVALUATIONS = 3  # fewer: no projection
+MAX_EVALUATIONS = 256  # the saturating fit sees at most the latest this many
 Z_BAND = 1.645  # two-sided 90% band (normal quantile 0.95)
 _RATES = np.geomspace(0.05, 40.0, 48)  # saturating rates per span of the evaluated x range
 BIC_STRONG = 6.0  # evidence the saturating fit needs over a line (Kass & Raftery 1995)
@@ -382,6 +383,7 @@ def project_criterion(
     if t is None or t.op not in ("<", "<=", ">", ">="):
         return CriterionProjection(criterion.source, None, NOT_PROJECTABLE)
     x, y = evaluations(records, t.metric, unit)
+    x, y = x[-MAX_EVALUATIONS:], y[-MAX_EVALUATIONS:]
     n = len(x)
     if n < MIN_EVALUATIONS:
         return CriterionProjection(criterion.source, t.metric, TOO_FEW, evaluations=n,

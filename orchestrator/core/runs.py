@@ -34,6 +34,7 @@ class LiveRun:
     stopping: Future[Any] | None = None  # a stop in flight on a worker thread
     stop_state: RunState | None = None  # state to enter once the stop completes
     problems_reported_at: float | None = None  # last event about metric-file problems
+    prune_streak: int = 0  # hopeless evaluations in a row (orchestrator.core.pruning)
 
     @property
     def criteria(self) -> tuple[Criterion, ...]:

@@ -36,6 +36,7 @@ STATUS_ICON = {
     RunState.exhausted: "⌛ exhausted",
     RunState.failed: "💥 failed",
     RunState.cancelled: "🚫 cancelled",
+    RunState.pruned: "✂ pruned",
 }
 
 
