@@ -224,7 +224,7 @@ def _print_outcome(plan: Plan, state: PlanState) -> None:
                 if erec.decision_latency_s is not None
                 else ""
             )
-            print(f"{exp.name}: {erec.winner} won at epoch {erec.winner_epoch}{lat}")
+            print(f"{exp.name}: {erec.winner} won at {erec.unit} {erec.winner_epoch}{lat}")
         else:
             print(f"{exp.name}: {erec.status.value}")
     print(f"dashboard: {plan.dashboard}")

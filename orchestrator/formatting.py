@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol
+
+
+class _Bound(Protocol):
+    def passes(self, x: float) -> bool: ...
 
 
 def fmt(value: Any) -> str:
@@ -36,3 +40,30 @@ def duration(seconds: float | None) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f}m"
     return f"{seconds / 3600:.1f}h"
+
+
+def fmt_against(value: Any, threshold: _Bound | None) -> str:
+    """``fmt(value)`` with enough digits that the number shown passes the threshold exactly
+    when the value does (0.7496 against ``>= 0.75`` shows as ``0.7496``, not ``0.75``).
+
+    Args:
+        value: the metric's value.
+        threshold: a ``Threshold`` (anything with ``passes(x) -> bool``), or None.
+    """
+    text = fmt(value)
+    if threshold is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return text
+    truth = threshold.passes(float(value))
+    for digits in range(4, 13):
+        try:
+            if threshold.passes(float(text)) == truth:
+                return text
+        except ValueError:
+            return text
+        text = f"{value:.{digits}g}"
+    return text
+
+
+def code(text: str) -> str:
+    """A markdown code span for ``text``, also when it holds backquotes (`` `a/b` < 1 ``)."""
+    return f"`` {text} ``" if "`" in text else f"`{text}`"

@@ -46,7 +46,19 @@ def plan_file(tmp_path: Path) -> Path:
                     {"name": "multitask", "branch": "ep/multitask", "command": "python -m x"},
                     {"name": "pretrained", "branch": "ep/pretrained", "command": "python -m x"},
                 ],
-            }
+            },
+            {
+                # a step-based script judged on its own TensorBoard tags (carried-forward values)
+                "name": "char-lm",
+                "criteria": ["`Loss/test` < 2.4", "`val/acc` >= 0.75"],
+                "check_every": 500,
+                "max_steps": 6000,
+                "workers": [
+                    {"name": "gru", "branch": "lm/gru", "command": "python train.py"},
+                    {"name": "shuffled", "branch": "lm/shuffled", "command": "python train.py",
+                     "control": True},
+                ],
+            },
         ],
     }
     path = tmp_path / "experiments.yaml"
@@ -63,6 +75,17 @@ def history(rows: list[tuple[int, float, float, float]]) -> MetricHistory:
     return h
 
 
+def steps(rows: list[tuple[int, float, float | None, float | None]]) -> MetricHistory:
+    """Records as TensorBoard tags arrive: train loss every logging step, test values only at
+    evaluation steps (their cells carry the last known value forward)."""
+    h = MetricHistory()
+    for step, train, test, acc in rows:
+        h.add([{"step": step, "time_s": T0 + step / 10, "Loss/train": train}])
+        if test is not None:
+            h.add([{"step": step, "Loss/test": test, "val/acc": acc}])  # merged into that step
+    return h
+
+
 def scenario(tmp_path: Path):
     plan = load_plan(plan_file(tmp_path))
     state = PlanState(plan=str(plan.source), started_at=T0)
@@ -75,7 +98,14 @@ def scenario(tmp_path: Path):
         "pretrained": dict(state=RunState.pending, slot=None, epoch=None, attempt=0),
     }
     for name, fields in runs.items():
-        rec = RunRecord("early-persistence", name, f"ep/{name}", max_epochs=50, **fields)
+        rec = RunRecord("early-persistence", name, f"ep/{name}", max_epochs=50, budget=50,
+                        **fields)
+        state.runs[rec.key] = rec
+    state.experiments["char-lm"] = ExperimentRecord("char-lm", started_at=T0)
+    for name, control in (("gru", False), ("shuffled", True)):
+        rec = RunRecord("char-lm", name, f"lm/{name}", state=RunState.running, attempt=1,
+                        slot="cpu0", unit="step", step=2000, budget=6000, control=control,
+                        started_at=T0)
         state.runs[rec.key] = rec
     state.runs["early-persistence/contrastive"].stalled = True
     histories = {
@@ -84,6 +114,9 @@ def scenario(tmp_path: Path):
         ),
         "early-persistence/contrastive": history([(5, 1.0, 0.6, 0.5), (10, 0.98, 0.66, 0.3)]),
         "early-persistence/multitask": history([(1, 1.0, 0.5, 0.9), (3, 1.02, 0.55, 0.8)]),
+        "char-lm/gru": steps([(1000, 2.6, 2.7, 0.70), (1500, 2.3, 2.5, 0.7496), (2000, 2.1, None,
+                                                                                  None)]),
+        "char-lm/shuffled": steps([(1000, 4.1, 4.2, 0.25), (2000, 4.0, 4.1, 0.26)]),
     }
     events = ["00:01:00 early-persistence/multitask: FAILED (exit 1) after 3 attempts"]
     return plan, state, histories, events

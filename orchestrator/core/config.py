@@ -8,8 +8,6 @@ paths in the plan are resolved against the plan file's directory.
 from __future__ import annotations
 
 import re
-import shlex
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -26,26 +24,20 @@ from pydantic import (
     model_validator,
 )
 
+from orchestrator.core.commands import (  # noqa: F401  (expand, _fill: re-exported)
+    PLACEHOLDERS,
+    Command,
+    _cmd_str,
+    _fill,
+    check_command,
+    expand,
+)
 from orchestrator.core.criteria import Criterion
 from orchestrator.core.pruning import PruneConfig
 from orchestrator.errors import ConfigError, CriteriaError
 from orchestrator.remote.sync_config import SyncConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
-PLACEHOLDERS = (
-    "repo",
-    "worktree",
-    "run_dir",
-    "results_dir",
-    "experiment",
-    "worker",
-    "plan",
-    "viz_dir",
-    "checkpoint",
-    "attempt",
-)
-
-
 class StallAction(str, Enum):
     """What the controller does with a run that wrote no metric for stall_timeout_s."""
 
@@ -70,11 +62,17 @@ class MetricsSource(_Frozen):
     - ``tensorboard``: scalar summaries from the event files under ``path``.
 
     ``path`` is relative to the run directory (``{worktree}`` and ``{run_dir}`` are expanded).
+    For ``csv`` and ``tensorboard`` it may be a glob (``lightning_logs/version_*/metrics.csv``):
+    among the matches created after the attempt started, the newest is read, so a retried
+    Lightning attempt is followed into its new ``version_N`` folder and an older race's files
+    are never read. ``rename`` maps names as the logger writes them to names for the criteria
+    (``{Loss/test: test_loss}``); criteria may also quote such names in backquotes.
     """
 
     source: Literal["jsonl", "regex", "csv", "tensorboard"] = "jsonl"
     path: str | None = None
     pattern: str | None = None
+    rename: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> MetricsSource:
@@ -96,28 +94,6 @@ class MetricsSource(_Frozen):
         return self
 
 
-Command = str | list[str]
-
-
-def _check_command(value: Command) -> Command:
-    if isinstance(value, str):
-        try:
-            parts = shlex.split(value)
-        except ValueError as e:
-            raise ValueError(f"cannot split command into arguments: {e}") from None
-        if not parts:
-            raise ValueError("command is empty")
-    elif not value:
-        raise ValueError("command is empty")
-    for name in re.findall(r"\{([^{}]*)\}", value if isinstance(value, str) else " ".join(value)):
-        if name not in PLACEHOLDERS:
-            raise ValueError(
-                f"unknown placeholder {{{name}}}; valid: "
-                + ", ".join(f"{{{p}}}" for p in PLACEHOLDERS)
-            )
-    return value
-
-
 class WorkerConfig(_Frozen):
     """One approach: a branch, a command, its environment and optional overrides."""
 
@@ -128,10 +104,13 @@ class WorkerConfig(_Frozen):
     env: dict[str, str] = Field(default_factory=dict)
     priority: int = 0
     max_epochs: int | None = Field(default=None, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    max_time_s: float | None = Field(default=None, gt=0)
     criteria: tuple[Criterion, ...] | None = None
     metrics: MetricsSource = MetricsSource()
+    control: bool = False  # a negative control: runs and reports, never wins (see Controller)
 
-    _cmd = field_validator("command")(_check_command)
+    _cmd = field_validator("command")(check_command)
 
     @field_validator("branch")
     @classmethod
@@ -159,7 +138,9 @@ class ExperimentConfig(_Frozen):
     name: Name
     criteria: tuple[Criterion, ...] = Field(min_length=1)
     check_every: int = Field(default=1, ge=1)
-    max_epochs: int = Field(ge=1)
+    max_epochs: int | None = Field(default=None, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    max_time_s: float | None = Field(default=None, gt=0)
     setup: Command | None = None
     on_success: Command | None = None
     stop_losers: bool = True  # False: record the first winner but let every worker finish
@@ -167,7 +148,7 @@ class ExperimentConfig(_Frozen):
     workers: tuple[WorkerConfig, ...] = Field(min_length=1)
 
     _cmd = field_validator("setup", "on_success")(
-        lambda v: v if v is None else _check_command(v)
+        lambda v: v if v is None else check_command(v)
     )
 
     @field_validator("criteria", mode="before")
@@ -177,6 +158,19 @@ class ExperimentConfig(_Frozen):
 
     @model_validator(mode="after")
     def _unique_workers(self) -> ExperimentConfig:
+        if self.max_epochs is None and self.max_steps is None:
+            raise ValueError(
+                "needs a budget: max_epochs (records carry 'epoch') or max_steps (records "
+                "carry 'step'); max_time_s may be added to either"
+            )
+        for w in self.workers:
+            if self.unit == "epoch" and w.max_steps is not None and w.max_epochs is None:
+                raise ValueError(
+                    f"worker {w.name!r} sets max_steps but the experiment counts epochs "
+                    "(max_epochs); give the experiment max_steps instead"
+                )
+        if all(w.control for w in self.workers):
+            raise ValueError("every worker is a control: at least one must be able to win")
         seen: set[str] = set()
         for w in self.workers:
             if w.name in seen:
@@ -199,8 +193,26 @@ class ExperimentConfig(_Frozen):
                 return w
         raise KeyError(f"no worker {name!r} in experiment {self.name!r}")
 
-    def max_epochs_for(self, worker: WorkerConfig) -> int:
+    @property
+    def unit(self) -> str:
+        """``epoch`` when the budget is in epochs, else ``step``: the unit ``check_every``,
+        budgets, the dashboard and every report use."""
+        return "epoch" if self.max_epochs is not None else "step"
+
+    def max_epochs_for(self, worker: WorkerConfig) -> int | None:
         return worker.max_epochs if worker.max_epochs is not None else self.max_epochs
+
+    def max_steps_for(self, worker: WorkerConfig) -> int | None:
+        return worker.max_steps if worker.max_steps is not None else self.max_steps
+
+    def max_time_s_for(self, worker: WorkerConfig) -> float | None:
+        return worker.max_time_s if worker.max_time_s is not None else self.max_time_s
+
+    def budget_for(self, worker: WorkerConfig) -> int:
+        """The worker's budget in the experiment's unit (max_epochs or max_steps)."""
+        value = self.max_epochs_for(worker) if self.unit == "epoch" else self.max_steps_for(worker)
+        assert value is not None  # the validator requires a budget in the unit
+        return value
 
 
 class RayConfig(_Frozen):
@@ -555,35 +567,6 @@ def check_relative_name(name: str) -> None:
         raise ValueError(f"{name!r} would escape its folder")
 
 
-def expand(command: Command, values: dict[str, str], *, shell: bool = False) -> list[str]:
-    """Turn a plan command into an argv list with placeholders filled in.
-
-    A string command is split with shlex (unless ``shell``, when it is run by /bin/sh -c with
-    its placeholders shell-quoted). A leading ``python`` becomes this interpreter, so workers run
-    in the controller's environment.
-
-    Args:
-        command: the plan's command (string or list).
-        values: placeholder values (see PLACEHOLDERS); missing ones raise KeyError.
-
-    Returns:
-        argv list for subprocess (shell=False).
-    """
-    if shell:
-        text = command if isinstance(command, str) else shlex.join(command)
-        quoted = {k: shlex.quote(v) for k, v in values.items()}
-        return ["/bin/sh", "-c", _fill(text, quoted)]
-    argv = shlex.split(command) if isinstance(command, str) else list(command)
-    argv = [_fill(a, values) for a in argv]
-    if argv and argv[0] in ("python", "python3"):
-        argv[0] = sys.executable
-    return argv
-
-
-def _fill(text: str, values: dict[str, str]) -> str:
-    return re.sub(r"\{([a-z_]+)\}", lambda m: values.get(m.group(1), m.group(0)), text)
-
-
 def describe(plan: Plan) -> str:
     """Human-readable summary of the plan as understood (``orchestrator validate``)."""
     lines = [
@@ -602,7 +585,10 @@ def describe(plan: Plan) -> str:
     ]
     for e in plan.experiments:
         lines.append("")
-        lines.append(f"experiment {e.name}: max_epochs {e.max_epochs}, check every {e.check_every}")
+        budget = f"max_{e.unit}s {e.max_epochs if e.unit == 'epoch' else e.max_steps}"
+        if e.max_time_s:
+            budget += f", max_time_s {e.max_time_s:g}"
+        lines.append(f"experiment {e.name}: {budget}, check every {e.check_every} {e.unit}s")
         for c in e.criteria:
             lines.append(f"  criterion  {c.source}")
         if e.setup:
@@ -623,5 +609,3 @@ def describe(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def _cmd_str(command: Command) -> str:
-    return command if isinstance(command, str) else shlex.join(command)

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from orchestrator.core.config import ExperimentConfig, Plan, expand
+from orchestrator.core.controls import ControlsMixin
 from orchestrator.core.criteria import all_pass
 from orchestrator.core.file_events import FileWatcher
 from orchestrator.core.hooks import HookRunner, last_line, run_setup, tail_lines
@@ -43,7 +44,7 @@ from orchestrator.sources.metrics import write_order_keys
 STDERR_TAIL_LINES = 20
 
 
-class Controller(ResumeMixin, SchedulingMixin, PruningMixin):
+class Controller(ResumeMixin, SchedulingMixin, ControlsMixin, PruningMixin):
     """Runs a plan to a decision.
 
     Args:
@@ -195,6 +196,8 @@ class Controller(ResumeMixin, SchedulingMixin, PruningMixin):
         for live in self.runs.values():
             if live.handle is not None and live.stopping is None:
                 self._check_stall(live, now)
+                self._check_time_budget(live, now)
+        self._settle_controls()
         self._check_hooks()
         self._check_slot_holds()
         self._decide_failures()
@@ -207,7 +210,9 @@ class Controller(ResumeMixin, SchedulingMixin, PruningMixin):
         for r in self.runs.values():
             if not self._selected(r):
                 continue
-            if self.state.experiments[r.experiment.name].status != ExperimentStatus.running:
+            erec = self.state.experiments[r.experiment.name]
+            awaited = r.worker.name in erec.awaiting_controls
+            if erec.status != ExperimentStatus.running and not awaited:
                 continue
             if not r.record.state.terminal:
                 return False
@@ -276,47 +281,88 @@ class Controller(ResumeMixin, SchedulingMixin, PruningMixin):
         return new
 
     def _accept(self, live: LiveRun, record: dict[str, Any], *, decide: bool) -> None:
-        """Add one record to a run's history; if ``decide``, check criteria and max_epochs."""
+        """Merge one record into a run's history; if ``decide``, check the criteria (on the
+        merged record of that point) and the budget."""
         rec = live.record
-        live.history.add([record])
+        merged = live.history.add([record])[0]
         rec.records += 1
         rec.last_record_at = self.clock()
         rec.stalled = False
-        if "epoch" in record:
-            rec.epoch = record["epoch"]
-        rec.last_metrics = {k: v for k, v in record.items() if k != "time_s"}
+        last = live.history.last or merged
+        rec.epoch = last.get("epoch", rec.epoch)
+        rec.step = last.get("step", rec.step)
+        rec.last_metrics = {k: v for k, v in last.items() if k != "time_s"}
         self._dirty = True
+        at = self._check_point(live, merged)
+        if at is not None:
+            self._note_unreported(live, merged)
+        if live.worker.control:
+            self._control_record(live, merged, at)
         if not decide:
             return
-        if self._passes(live, record):
-            self._declare_winner(live, record)
-        elif rec.epoch is not None and rec.epoch >= live.max_epochs and live.handle is not None:
-            self.event(f"{rec.key}: reached max_epochs {live.max_epochs}")
-            self._stop([live], self._ended_state(live), reason="max_epochs")
-        else:
-            self._maybe_prune(live, record)
+        if at is not None and self._racing(live) and not live.worker.control and all_pass(
+            live.criteria, merged
+        ):
+            self._declare_winner(live, merged)
+            return
+        progress = rec.progress
+        if progress is not None and progress >= live.budget and live.handle is not None:
+            self.event(f"{rec.key}: reached max_{rec.unit}s {live.budget:,}")
+            self._stop([live], self._ended_state(live), reason=f"max_{rec.unit}s")
+            return
+        self._maybe_prune(live, merged)
 
-    def _passes(self, live: LiveRun, record: dict[str, Any]) -> bool:
-        if self.state.experiments[live.experiment.name].status != ExperimentStatus.running:
-            return False
-        epoch = record.get("epoch", record.get("step"))
+    def _check_point(self, live: LiveRun, record: dict[str, Any]) -> int | None:
+        """The record's epoch or step (in the experiment's unit) if it is a check point."""
+        unit = live.experiment.unit
+        x = record.get(unit, record.get("step" if unit == "epoch" else "epoch"))
+        if not isinstance(x, int):
+            return None
         every = live.experiment.check_every
-        if every > 1 and (epoch is None or epoch % every != 0):
-            return False
-        return all_pass(live.criteria, record)
+        return x if every <= 1 or x % every == 0 else None
+
+    def _racing(self, live: LiveRun) -> bool:
+        return self.state.experiments[live.experiment.name].status == ExperimentStatus.running
+
+    def _note_unreported(self, live: LiveRun, record: dict[str, Any]) -> None:
+        """Flag, once, a criterion metric the run never reported at two check points where it
+        reported other values (a name that does not match what its logger writes)."""
+        reported = live.history.reported_names() - {"epoch", "step", "time_s", "attempt"}
+        if not reported:
+            return
+        for name in sorted({n for c in live.criteria for n in c.names} - reported):
+            live.unreported_checks[name] = live.unreported_checks.get(name, 0) + 1
+            if live.unreported_checks[name] == 2 and name not in live.record.unreported:
+                live.record.unreported.append(name)
+                self.event(
+                    f"{live.record.key}: `{name}` never reported by {live.worker.name}; it "
+                    f"reports: {', '.join(sorted(reported)[:12])} (quote names with '/' or '.' "
+                    "in backquotes, or map them with metrics.rename)"
+                )
+
+    def _check_time_budget(self, live: LiveRun, now: float) -> None:
+        rec = live.record
+        limit = rec.max_time_s
+        if limit is None or rec.started_at is None or live.handle is None:
+            return
+        if now - rec.started_at >= limit:
+            self.event(f"{rec.key}: reached max_time_s {limit:g} (this attempt)")
+            self._stop([live], self._ended_state(live), reason="max_time_s")
 
     def _declare_winner(self, live: LiveRun, record: dict[str, Any]) -> None:
         exp = live.experiment
         erec = self.state.experiments[exp.name]
         erec.status = ExperimentStatus.succeeded
         erec.winner = live.worker.name
-        erec.winner_epoch = record.get("epoch", record.get("step"))
+        erec.unit = exp.unit
+        erec.winner_epoch = record.get(exp.unit, record.get("epoch", record.get("step")))
         erec.winner_metrics = {k: v for k, v in record.items() if k != "time_s"}
         erec.decided_at = self.clock()
         self.event(
-            f"{exp.name}: {live.worker.name} WINS at epoch {erec.winner_epoch} "
+            f"{exp.name}: {live.worker.name} WINS at {exp.unit} {erec.winner_epoch} "
             f"({', '.join(c.source for c in live.criteria)})"
         )
+        self._controls_at_decision(live, erec)
         if exp.stop_losers:
             self._stop_losers(live, erec, record.get("time_s"))
             # The winner is done too: SIGTERM lets it write its final checkpoint.
@@ -332,6 +378,7 @@ class Controller(ResumeMixin, SchedulingMixin, PruningMixin):
         losers = [
             r for r in self.runs.values()
             if r.experiment is live.experiment and r is not live and r.stopping is None
+            and r.worker.name not in erec.awaiting_controls  # evaluated at the winning point first
         ]
         for r in losers:
             if r.record.state == RunState.pending or (
@@ -349,9 +396,11 @@ class Controller(ResumeMixin, SchedulingMixin, PruningMixin):
             if erec.status != ExperimentStatus.running:
                 continue
             runs = [r for r in self.runs.values() if r.experiment is exp]
-            if all(r.record.state.terminal and r.stopping is None for r in runs):
+            real = [r for r in runs if not r.worker.control]
+            if all(r.record.state.terminal and r.stopping is None for r in real):
                 if any(r.record.stop_reason in ("interrupted", "user") for r in runs):
                     continue  # stopped by hand: resumable, not a failure
+                self._end_controls(exp, reason="race failed")
                 erec.status = ExperimentStatus.failed
                 erec.decided_at = self.clock()
                 best = best_summary(exp, self._histories())
@@ -371,14 +420,14 @@ class Controller(ResumeMixin, SchedulingMixin, PruningMixin):
             for record in self._read_source(live):
                 self._accept(live, record, decide=live.stopping is None)
             if live.stopping is not None:
-                return  # those records won the race or reached max_epochs: the stop settles it
+                return  # those records won the race or used the budget: the stop settles it
         now = self.clock()
         self._release(live, now)
         rec.exit_code = code
         rec.stderr_tail = tail_lines(live.paths.stderr, STDERR_TAIL_LINES)
         if code == 0:
             rec.transition(self._ended_state(live), why="exited 0")
-            self.event(f"{rec.key}: exited 0 at epoch {rec.epoch} ({rec.state.value})")
+            self.event(f"{rec.key}: exited 0 at {rec.unit} {rec.progress} ({rec.state.value})")
         elif rec.attempt <= self.plan.max_retries:
             delay = self.plan.retry_backoff_s * (2 ** (rec.attempt - 1))
             rec.transition(RunState.pending, why="crashed, will retry")

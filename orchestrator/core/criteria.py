@@ -5,6 +5,15 @@ A whitelist evaluator over Python's ``ast``: comparisons (chained too), ``and``/
 ``max`` only. Attribute access, subscripts, other calls, dunder names, strings and lambdas are
 rejected when the plan is loaded, never at evaluation time. ``eval`` is never used.
 
+Metric names as loggers write them (``Loss/test``, ``val/acc``, ``val_acc.top1``) are quoted in
+backquotes, as pandas' ``DataFrame.query`` does: ```Loss/test` < 2.4``.
+
+Bounded: constant sub-expressions are folded when the plan loads, in floating point, so a
+runaway (``10**10**10``, a literal beyond a float) is refused there with one error line; at run
+time every metric value is a float too, so no operation can build a huge integer (``step **
+step``) and one evaluation costs microseconds whatever the record holds. An overflow makes the
+criterion false.
+
 A metric that is missing, null or non-numeric makes the criterion false (never an exception).
 """
 
@@ -13,6 +22,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +52,7 @@ _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
 _FUNCTIONS: dict[str, Callable[..., Any]] = {"abs": abs, "min": min, "max": max}
 _OP_TEXT = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", ast.NotEq: "!="}
 MAX_LENGTH = 500
+_QUOTED = re.compile(r"`([^`]*)`")
 
 
 class _Missing(Exception):
@@ -95,12 +106,31 @@ class Criterion:
             raise CriteriaError("criterion is empty")
         if len(text) > MAX_LENGTH:
             raise CriteriaError(f"criterion is longer than {MAX_LENGTH} characters")
+        quoted: dict[str, str] = {}
+
+        def alias(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if not name.strip():
+                raise CriteriaError(f"criterion {text!r}: empty backquoted metric name")
+            key = f"_quoted_{len(quoted)}_"
+            quoted[key] = name
+            return f"({key})"
+
         try:
-            tree = ast.parse(text, mode="eval")
+            tree = ast.parse(_QUOTED.sub(alias, text), mode="eval")
         except SyntaxError as e:
-            raise CriteriaError(f"criterion {text!r} is not a valid expression: {e.msg}") from None
+            hint = " (quote metric names with '/', '.' or '-' in backquotes)" if "`" in text else ""
+            raise CriteriaError(
+                f"criterion {text!r} is not a valid expression: {e.msg}{hint}"
+            ) from None
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and node.id in quoted:
+                node.id = quoted[node.id]
+                node.ctx = ast.Load()
+                setattr(node, "quoted", True)
         names: set[str] = set()
         _validate(tree.body, text, names)
+        tree.body = _fold(tree.body, text)
         if not isinstance(tree.body, (ast.Compare, ast.BoolOp)) and not (
             isinstance(tree.body, ast.UnaryOp) and isinstance(tree.body.op, ast.Not)
         ):
@@ -162,6 +192,8 @@ def _validate(node: ast.AST, text: str, names: set[str]) -> None:
     elif isinstance(node, ast.Constant):
         if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
             raise bad(f"the constant {node.value!r}")
+    elif isinstance(node, ast.Name) and getattr(node, "quoted", False):
+        names.add(node.id)
     elif isinstance(node, ast.Name):
         if node.id.startswith("_"):
             raise bad(f"the name {node.id!r}")
@@ -211,11 +243,15 @@ def _eval(node: ast.AST, metrics: Mapping[str, Any]) -> Any:
     if isinstance(node, ast.BinOp):
         return _BINARY[type(node.op)](_eval(node.left, metrics), _eval(node.right, metrics))
     if isinstance(node, ast.Constant):
-        return node.value
+        return float(node.value)  # type: ignore[arg-type]  # validated: int or float
     if isinstance(node, ast.Name):
         value = metrics.get(node.id)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _Missing(node.id)
+        try:
+            value = float(value)  # floats only: no operation can build a huge integer
+        except OverflowError:
+            raise _Missing(node.id) from None
         if not math.isfinite(value):
             raise _Missing(node.id)
         return value
@@ -223,6 +259,49 @@ def _eval(node: ast.AST, metrics: Mapping[str, Any]) -> Any:
         assert isinstance(node.func, ast.Name)
         return _FUNCTIONS[node.func.id](*(_eval(a, metrics) for a in node.args))
     raise AssertionError(f"unvalidated node {type(node).__name__}")
+
+
+def _fold(node: ast.expr, text: str) -> ast.expr:
+    """Replace constant sub-expressions by their float value (bottom-up).
+
+    Raises:
+        CriteriaError: a constant beyond a float, or an operation on constants that overflows
+            or divides by zero (e.g. ``10**10**10``), naming the part.
+    """
+    for field_name, value in ast.iter_fields(node):
+        if isinstance(value, ast.expr):
+            setattr(node, field_name, _fold(value, text))
+        elif isinstance(value, list):
+            setattr(node, field_name, [_fold(v, text) if isinstance(v, ast.expr) else v
+                                       for v in value])
+    if isinstance(node, ast.Constant):
+        try:
+            as_float = float(node.value)  # type: ignore[arg-type]  # validated number
+        except OverflowError:
+            raise CriteriaError(
+                f"criterion {text!r}: the number {str(node.value)[:20]}... is too large"
+            ) from None
+        if not math.isfinite(as_float):
+            raise CriteriaError(f"criterion {text!r}: the number {node.value!r} is not finite")
+        return ast.copy_location(ast.Constant(as_float), node)
+    constant = (
+        isinstance(node, ast.BinOp)
+        and isinstance(node.left, ast.Constant) and isinstance(node.right, ast.Constant)
+    ) or (isinstance(node, ast.UnaryOp) and isinstance(node.operand, ast.Constant)
+          and not isinstance(node.op, ast.Not))
+    if not constant:
+        return node
+    try:
+        value = float(_eval(node, {}))
+    except (OverflowError, ZeroDivisionError, ValueError) as e:
+        part = ast.unparse(node)
+        raise CriteriaError(
+            f"criterion {text!r}: {part} cannot be computed ({type(e).__name__}: {e}); "
+            "write the number itself"
+        ) from None
+    if not math.isfinite(value):
+        raise CriteriaError(f"criterion {text!r}: {ast.unparse(node)} is not a finite number")
+    return ast.copy_location(ast.Constant(value), node)
 
 
 def _threshold(node: ast.AST) -> Threshold | None:

@@ -65,11 +65,14 @@ def worker_env(
         ORCH_WORKER=worker.name,
         ORCH_ATTEMPT=str(attempt),
         ORCH_RESUME="1" if resume else "0",
-        ORCH_MAX_EPOCHS=str(exp.max_epochs_for(worker)),
         CUDA_VISIBLE_DEVICES=cuda_visible_devices,
         PYTHONPATH=os.pathsep.join(pythonpath),
         PYTHONUNBUFFERED="1",
     )
+    for name, value in (("ORCH_MAX_EPOCHS", exp.max_epochs_for(worker)),
+                        ("ORCH_MAX_STEPS", exp.max_steps_for(worker))):
+        if value is not None:
+            env[name] = str(value)
     env.update({k: _fill(v, values) for k, v in worker.env.items()})
     return env
 

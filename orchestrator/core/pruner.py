@@ -44,12 +44,16 @@ class PruningMixin:
             return
         if self.state.experiments[exp.name].status != ExperimentStatus.running:
             return
-        if getattr(live.worker, "control", False):
+        if live.worker.control:
             return  # a negative control runs to its end: it is there to be measured
         metrics = {c.threshold.metric for c in live.criteria if c.threshold is not None}
         if not any(_number(record.get(m)) for m in metrics):
             return  # not an evaluation of any criterion metric
-        unit, budget = _budget(live)
+        unit, budget = live.experiment.unit, live.budget
+        x = record.get(unit)
+        if not isinstance(x, int) or (live.prune_at is not None and x <= live.prune_at):
+            return  # a second row of an evaluation already counted (records of a step merge)
+        live.prune_at = x
         verdict = prune_verdict(
             config, live.criteria, live.history.records, streak=live.prune_streak, unit=unit,
             check_every=exp.check_every, budget=budget, now=self.clock(),
@@ -66,19 +70,10 @@ class PruningMixin:
         if not others:
             return  # its slot would go to no one: let it run to its budget
         reason = verdict.reason()
-        at = record.get(unit)
-        self.event(f"{live.record.key}: PRUNED at {unit} {at}: {reason.removeprefix('pruned: ')}")
+        self.event(f"{live.record.key}: PRUNED at {unit} {x}: {reason.removeprefix('pruned: ')}")
         self._stop([live], RunState.pruned, reason=reason)
         self._dirty = True
 
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _budget(live: LiveRun) -> tuple[str, int]:
-    """(unit, budget) of a run: its max_steps in steps when it has one, else max_epochs."""
-    max_steps = getattr(live, "max_steps", None)
-    if isinstance(max_steps, int):
-        return "step", max_steps
-    return "epoch", live.max_epochs

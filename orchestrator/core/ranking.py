@@ -11,7 +11,7 @@ from typing import Any
 
 from orchestrator.core.config import ExperimentConfig
 from orchestrator.core.criteria import Criterion
-from orchestrator.formatting import fmt
+from orchestrator.formatting import code, fmt, fmt_against
 from orchestrator.sources.metrics import MetricHistory
 
 
@@ -33,11 +33,11 @@ def missing_text(criteria: Sequence[Criterion], metrics: Mapping[str, Any]) -> l
         if c.threshold is not None:
             value = metrics.get(c.threshold.metric)
             out.append(
-                f"{c.threshold.metric} {fmt(value)} "
+                f"{c.threshold.metric} {fmt_against(value, c.threshold)} "
                 f"(need {c.threshold.op} {fmt(c.threshold.value)})"
             )
         else:
-            out.append(f"`{c.source}`")
+            out.append(code(c.source))
     return out
 
 
@@ -95,13 +95,14 @@ def best_worker(
 
 
 def best_summary(exp: ExperimentConfig, histories: Mapping[str, MetricHistory]) -> str:
-    """``mlp at epoch 5: 1/2 criteria; missing val_acc 0.7 (need >= 0.9)`` or ``""``."""
+    """``mlp at epoch 5: 1/2 criteria; missing val_acc 0.7 (need >= 0.9)`` or ``""``; the
+    unit is the experiment's (``step`` with a max_steps budget)."""
     best = best_worker(exp, histories)
     if best is None:
         return ""
     name, passed, record = best
     criteria = exp.criteria_for(exp.worker(name))
     missing = missing_text(criteria, record)
-    at = record.get("epoch", record.get("step"))
-    text = f"{name} at epoch {at}: {passed}/{len(criteria)} criteria"
+    at = record.get(exp.unit, record.get("epoch", record.get("step")))
+    text = f"{name} at {exp.unit} {at}: {passed}/{len(criteria)} criteria"
     return text + (f"; missing {', '.join(missing)}" if missing else " (all met)")

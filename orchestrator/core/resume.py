@@ -71,6 +71,9 @@ class ResumeMixin:
         self.state.controller = controller_identity()
         self.state.finished = False
         self.runs = live_runs(self.plan, self.state, self.paths)
+        for live in self.runs.values():
+            if live.record.started_at is not None and live.record.state.active:
+                live.source.begin_attempt(live.record.started_at)  # follow its current files
         for key, live in self.runs.items():
             self._replay[key] = self._read_source(live)  # history already on disk (resume)
         for exp in self.plan.experiments:

@@ -34,15 +34,20 @@ class LiveRun:
     stopping: Future[Any] | None = None  # a stop in flight on a worker thread
     stop_state: RunState | None = None  # state to enter once the stop completes
     problems_reported_at: float | None = None  # last event about metric-file problems
+    # check points at which a criterion metric was missing while others were reported
+    unreported_checks: dict[str, int] = field(default_factory=dict)
+    control_passed_at: int | None = None  # a control's first check point meeting the criteria
     prune_streak: int = 0  # hopeless evaluations in a row (orchestrator.core.pruning)
+    prune_at: int | None = None  # epoch or step of the last evaluation the rule saw
 
     @property
     def criteria(self) -> tuple[Criterion, ...]:
         return self.experiment.criteria_for(self.worker)
 
     @property
-    def max_epochs(self) -> int:
-        return self.experiment.max_epochs_for(self.worker)
+    def budget(self) -> int:
+        """max_epochs or max_steps, in the experiment's unit."""
+        return self.experiment.budget_for(self.worker)
 
     def read_new(self, now: float) -> tuple[list[dict[str, Any]], list[str]]:
         """New records of this run, and the events to report about its metric file.
@@ -85,12 +90,17 @@ def live_runs(plan: Plan, state: PlanState, paths: ResultsPaths) -> dict[str, Li
             rec = RunRecord(exp.name, worker.name, worker.branch)
             state.runs[key] = rec
         rec.max_epochs = exp.max_epochs_for(worker)
+        rec.unit = exp.unit
+        rec.budget = exp.budget_for(worker)
+        rec.max_time_s = exp.max_time_s_for(worker)
+        rec.control = worker.control
         run_paths = paths.run(exp.name, worker.name)
         source = make_source(
             worker.metrics.source,
             run_dir=run_paths.run_dir,
             path=worker.metrics.path,
             pattern=worker.metrics.pattern,
+            rename=worker.metrics.rename,
         )
         out[key] = LiveRun(rec, exp, worker, run_paths, source)
     return out

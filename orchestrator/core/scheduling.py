@@ -169,16 +169,17 @@ class SchedulingMixin:
                 r for r in self.runs.values()
                 if r.record.state == RunState.pending
                 and self._selected(r)
-                and self.state.experiments[r.experiment.name].status == ExperimentStatus.running
+                and self._may_start(r)
                 and (r.record.retry_at or 0) <= now
             ),
-            key=lambda r: (r.worker.priority, order[id(r.worker)]),
+            # controls first: they must be evaluated wherever the race is decided
+            key=lambda r: (not r.worker.control, r.worker.priority, order[id(r.worker)]),
         )
         free_iter = iter(free)
         for live in waiting:
             if live.record.state != RunState.pending:
                 continue  # cancelled: its race was decided while we were launching
-            if self.state.experiments[live.experiment.name].status != ExperimentStatus.running:
+            if not self._may_start(live):
                 continue
             slot = next(free_iter, None)
             if slot is None:
@@ -187,6 +188,11 @@ class SchedulingMixin:
             # Launching many runs takes a while: decide on records written meanwhile, so a
             # worker that passes early is not kept waiting behind the launch queue.
             self._ingest([r for r in self.runs.values() if r.handle is not None])
+
+    def _may_start(self, live: LiveRun) -> bool:
+        """Its race is undecided, or it is a control the decision waits for."""
+        erec = self.state.experiments[live.experiment.name]
+        return erec.status == ExperimentStatus.running or live.worker.name in erec.awaiting_controls
 
     def _start(self, live: LiveRun, slot: Slot) -> None:
         rec = live.record
@@ -216,6 +222,8 @@ class SchedulingMixin:
             # controller killed right after the launch leaves a "preparing" run whose attempt
             # the next controller finds by its tag (``_stop_strays``) and counts.
             self._save_state()
+            live.history.begin_attempt()
+            live.source.begin_attempt(time.time())  # files are stamped by the real clock
             live.handle = self.launcher.start(spec)
         except (WorktreeError, LaunchError) as e:
             live.slot = None

@@ -30,7 +30,7 @@ class RunState(str, Enum):
     running = "running"  # a process of the current attempt is alive
     succeeded = "succeeded"  # met every criterion: the experiment's winner
     stopped = "stopped"  # terminated because another worker won, or by the user
-    exhausted = "exhausted"  # reached max_epochs or exited 0 without meeting the criteria
+    exhausted = "exhausted"  # used its budget (epochs, steps or time) or exited 0 unmet
     failed = "failed"  # crashed more often than max_retries allows, or could not start
     cancelled = "cancelled"  # never started because the race ended
     pruned = "pruned"  # stopped early: its projection cannot meet the criteria (``prune:``)
@@ -121,6 +121,20 @@ class RunRecord:
     # After the last attempt on a GPU slot: "released in 0.4s", or "NOT released after 30s
     # (pids [...])" when NVML still showed the run's processes holding memory.
     gpu_release: str | None = None
+    # Budgets and progress in the experiment's unit ("epoch" or "step"): ``epoch`` and ``step``
+    # are the last reported values of each; ``budget`` is max_epochs or max_steps.
+    unit: str = "epoch"
+    step: int | None = None
+    budget: int | None = None
+    max_time_s: float | None = None
+    control: bool = False  # a negative control: can never win
+    # Criterion metrics never reported at two check points where the run reported others.
+    unreported: list[str] = field(default_factory=list)
+
+    @property
+    def progress(self) -> int | None:
+        """The last reported epoch or step, in the unit of the budget."""
+        return self.epoch if self.unit == "epoch" else self.step
 
     @property
     def key(self) -> str:
@@ -174,6 +188,12 @@ class ExperimentRecord:
     decision_latency_s: float | None = None  # winning record written -> last loser reaped
     hook: str | None = None  # on_success outcome: "ok", "exit N", "running"
     setup_done: bool = False
+    unit: str = "epoch"  # of winner_epoch (which is a step when the budget is in steps)
+    # Controls that met the criteria at or before the winning check point: the experiment is
+    # flagged (and failed): its criteria do not separate real results from a control.
+    control_flags: list[str] = field(default_factory=list)
+    # Controls the decision waits for: each must be evaluated at the winning check point.
+    awaiting_controls: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -4,8 +4,10 @@ All sources share one interface, ``MetricSource.read_new() -> list[dict]``: only
 appeared since the last call, each with ``epoch`` or ``step`` and numeric values (None for
 NaN/inf/null). The jsonl tailer reads only new bytes, keeps a partial last line for the next
 read, notices truncation and replacement (inode change), and counts (never raises on) corrupt
-lines. ``MetricHistory`` merges records by epoch/step so a resumed attempt that re-reports an
-epoch replaces the old record instead of duplicating it.
+lines. CSV and TensorBoard paths may be globs (a Lightning ``version_*`` folder per attempt):
+the newest match created since the attempt began is read. ``MetricHistory`` merges records
+of the same step (or epoch) within an attempt, and lets a new attempt replace the history
+from its first record on.
 """
 
 from __future__ import annotations
@@ -88,10 +90,41 @@ class SourceStats:
         return {k: v for k, v in self.__dict__.items() if v}
 
 
+def newest_match(pattern: Path, since_s: float | None) -> Path | None:
+    """The newest existing path matching ``pattern`` (a glob, or a plain path), by modification
+    time, among those modified at or after ``since_s`` (Unix seconds; None: any).
+
+    Worktrees and run directories are reused across races: files older than the attempt belong
+    to an earlier race or attempt and are never read.
+    """
+    text = str(pattern)
+    if not any(ch in text for ch in "*?["):
+        candidates = [pattern] if pattern.exists() else []
+    else:
+        anchor = Path(pattern.anchor) if pattern.is_absolute() else Path(".")
+        rel = str(pattern.relative_to(anchor)) if pattern.is_absolute() else text
+        candidates = list(anchor.glob(rel))
+    best: tuple[float, str] | None = None
+    found = None
+    for path in candidates:
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            continue
+        if since_s is not None and mtime < since_s:
+            continue
+        if best is None or (mtime, str(path)) > best:
+            best, found = (mtime, str(path)), path
+    return found
+
+
 class MetricSource:
     """Interface: ``read_new()`` returns records that appeared since the last call."""
 
     stats: SourceStats
+
+    def begin_attempt(self, since_s: float) -> None:
+        """The controller started a new attempt at ``since_s`` (Unix seconds)."""
 
     def read_new(self) -> list[Record]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -230,6 +263,16 @@ class RegexSource(MetricSource):
         return [self.tailer.path.parent]
 
 
+def _glob_root(path: Path) -> Path:
+    """The deepest folder of ``path`` without glob characters (what file events can watch)."""
+    parts = []
+    for part in path.parts:
+        if any(ch in part for ch in "*?["):
+            break
+        parts.append(part)
+    return Path(*parts) if parts else Path(".")
+
+
 class CsvSource(MetricSource):
     """A CSV log with a header row, as Lightning's CSVLogger writes (metrics.csv).
 
@@ -240,15 +283,27 @@ class CsvSource(MetricSource):
     """
 
     def __init__(self, path: Path) -> None:
-        self.path = path
+        self.pattern = path
+        self.path: Path | None = None  # the file being read (the newest glob match)
         self.rows_seen = 0
         self.stats = SourceStats()
         self._signature: tuple[int, int] | None = None
+        self._short: tuple[int, int] | None = None
+        self._since_s: float | None = None
+
+    def begin_attempt(self, since_s: float) -> None:
+        """A new attempt started at ``since_s``: only files written from then on are read."""
+        self._since_s = since_s
 
     def read_new(self) -> list[Record]:
+        current = newest_match(self.pattern, self._since_s)
+        if current is None:
+            return []
+        if current != self.path:  # a new version_N folder (or the first file): read it whole
+            self.path, self.rows_seen, self._signature = current, 0, None
         try:
-            st = os.stat(self.path)
-            text = self.path.read_text(errors="replace")
+            st = os.stat(current)
+            text = current.read_text(errors="replace")
         except FileNotFoundError:
             return []
         signature = (st.st_ino, st.st_size)
@@ -258,9 +313,15 @@ class CsvSource(MetricSource):
         if not text.endswith("\n"):
             text = text[: text.rfind("\n") + 1]  # a partial last row waits
         rows = _csv_rows(text.replace("\0", ""))
-        if len(rows) < self.rows_seen:  # rewritten shorter: start over
+        if len(rows) < self.rows_seen:
+            # CSVLogger rewrites the whole file in place (a wider header): a shorter read is a
+            # rewrite in progress, to be read again; the same short file twice is a truncation.
+            if self._short != signature:
+                self._short, self._signature = signature, None
+                return []
             self.stats.truncations += 1
             self.rows_seen = 0
+        self._short = None
         new = rows[self.rows_seen :]
         self.rows_seen = len(rows)
         out = []
@@ -281,7 +342,7 @@ class CsvSource(MetricSource):
         return out
 
     def watch_paths(self) -> list[Path]:
-        return [self.path.parent]
+        return [self.path.parent if self.path is not None else _glob_root(self.pattern.parent)]
 
 
 def _csv_rows(text: str) -> list[dict[str, Any] | None]:
@@ -306,9 +367,15 @@ class TensorBoardSource(MetricSource):
     """
 
     def __init__(self, folder: Path) -> None:
-        self.folder = folder
+        self.pattern = folder
+        self.folder: Path | None = None
         self.stats = SourceStats()
         self._loaders: dict[Path, Any] = {}
+        self._since_s: float | None = None
+
+    def begin_attempt(self, since_s: float) -> None:
+        """A new attempt started at ``since_s``: a glob then follows the folder it creates."""
+        self._since_s = since_s
 
     def read_new(self) -> list[Record]:
         try:
@@ -322,7 +389,12 @@ class TensorBoardSource(MetricSource):
                 "pip install tensorboard"
             ) from e
         by_step: dict[int, Record] = {}
-        for path in sorted(self.folder.rglob("events.out.tfevents.*")):
+        folder = newest_match(self.pattern, self._since_s)
+        if folder is None:
+            return []
+        if folder != self.folder:
+            self.folder, self._loaders = folder, {}
+        for path in sorted(folder.rglob("events.out.tfevents.*")):
             loader = self._loaders.get(path)
             if loader is None:
                 loader = self._loaders[path] = EventFileLoader(str(path))
@@ -346,7 +418,25 @@ class TensorBoardSource(MetricSource):
         return [by_step[s] for s in sorted(by_step)]
 
     def watch_paths(self) -> list[Path]:
-        return [self.folder]
+        return [self.folder if self.folder is not None else _glob_root(self.pattern)]
+
+
+class RenamedSource(MetricSource):
+    """Another source with metric names mapped (``rename: {Loss/test: test_loss}``)."""
+
+    def __init__(self, inner: MetricSource, rename: dict[str, str]) -> None:
+        self.inner = inner
+        self.rename = rename
+        self.stats = inner.stats
+
+    def begin_attempt(self, since_s: float) -> None:
+        self.inner.begin_attempt(since_s)
+
+    def read_new(self) -> list[Record]:
+        return [{self.rename.get(k, k): v for k, v in r.items()} for r in self.inner.read_new()]
+
+    def watch_paths(self) -> list[Path]:
+        return self.inner.watch_paths()
 
 
 def write_order_keys(records: list[dict[str, Any]]) -> list[tuple[float, dict[str, Any]]]:
@@ -374,42 +464,93 @@ def x_key(record: Record) -> str:
 
 @dataclass
 class MetricHistory:
-    """A worker's records in order, latest attempt winning.
+    """A worker's records in order of their step (or epoch), merged.
 
-    A record whose step (or epoch) is not past the last one's means a resumed attempt went back
-    to its checkpoint: the records at or after that point are replaced, so the history never
-    holds an epoch twice and never mixes two attempts' versions of it.
+    Within one attempt, records with the same step (or epoch) merge, later values winning per
+    key (Lightning writes a train row and a validation row at one step; TensorBoard tags of one
+    step arrive at different times); a step that goes back within an attempt is merged into its
+    place, never a rewind. ``begin_attempt`` marks a new attempt: its first record replaces the
+    history from that record's step on, so a resumed attempt that re-reports an epoch replaces
+    the old one instead of mixing two attempts' versions. Records that carry an ``attempt`` field
+    (``orchestrator.reporting``) mark new attempts themselves.
     """
 
     records: list[Record] = field(default_factory=list)
+    _new_attempt: bool = field(default=False, repr=False)
+    _attempt: Any = field(default=None, repr=False)
+
+    def begin_attempt(self) -> None:
+        """The next record starts a new attempt (the controller calls it at each launch)."""
+        self._new_attempt = True
 
     def add(self, new: Iterable[Record]) -> list[Record]:
-        """Merge records in arrival order; returns them."""
-        added = []
+        """Merge records in arrival order.
+
+        Returns:
+            The merged record of each point touched, in arrival order (what the criteria see).
+        """
+        merged_out = []
         for rec in new:
             key = x_key(rec)
             x = rec[key]
-            if self.records and _x(self.records[-1], key) is not None and _x(
-                self.records[-1], key
-            ) >= x:
+            attempt = rec.get("attempt")
+            if attempt is not None and self._attempt is not None and attempt != self._attempt:
+                self._new_attempt = True
+            if attempt is not None:
+                self._attempt = attempt
+            if self._new_attempt:
+                self._new_attempt = False
                 self.records = [r for r in self.records if (_x(r, key) or -1) < x]
-            self.records.append(rec)
-            added.append(rec)
-        return added
+            merged = None
+            for i, old in enumerate(self.records):
+                if _x(old, key) == x:
+                    merged = self.records[i] = {**old, **rec}
+                    break
+            if merged is None:
+                merged = dict(rec)
+                at = len(self.records)
+                while at > 0 and (_x(self.records[at - 1], key) or -1) > x:
+                    at -= 1
+                self.records.insert(at, merged)
+            merged_out.append(merged)
+        return merged_out
 
     @property
     def last(self) -> Record | None:
         return self.records[-1] if self.records else None
 
-    def series(self, metric: str) -> tuple[list[int], list[float]]:
-        """(epoch-or-step values, metric values), skipping records without a number."""
+    def last_value(self, metric: str) -> tuple[float, Record] | None:
+        """The newest number reported for ``metric`` and the record it came from, or None."""
+        for r in reversed(self.records):
+            v = r.get(metric)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return float(v), r
+        return None
+
+    def series(self, metric: str, unit: str | None = None) -> tuple[list[int], list[float]]:
+        """(x values, metric values), skipping records without a number.
+
+        Args:
+            metric: the metric's name as written.
+            unit: ``epoch`` or ``step`` for the x values (default: epoch when the record has
+                one, else step).
+        """
         xs, ys = [], []
         for r in self.records:
             v = r.get(metric)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
-                xs.append(int(r.get("epoch", r.get("step", 0)) or 0))
+                if unit is not None:
+                    x = r.get(unit, r.get("step" if unit == "epoch" else "epoch", 0))
+                else:
+                    x = r.get("epoch", r.get("step", 0))
+                xs.append(int(x or 0))
                 ys.append(float(v))
         return xs, ys
+
+    def reported_names(self) -> set[str]:
+        """Every metric name that holds a number in some record."""
+        return {k for r in self.records for k, v in r.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _x(record: Record, key: str) -> int | None:
@@ -417,15 +558,27 @@ def _x(record: Record, key: str) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def make_source(kind: str, *, run_dir: Path, path: str | None, pattern: str | None) -> MetricSource:
+def make_source(
+    kind: str,
+    *,
+    run_dir: Path,
+    path: str | None,
+    pattern: str | None,
+    rename: dict[str, str] | None = None,
+) -> MetricSource:
     """Build the MetricSource a worker's ``metrics:`` section names.
 
     Args:
         kind: jsonl | regex | csv | tensorboard.
         run_dir: the run directory; relative ``path`` values are resolved against it.
-        path: file or folder of the source (regex defaults to the run's stdout.log).
+        path: file or folder of the source (regex defaults to the run's stdout.log); a glob
+            for csv and tensorboard.
         pattern: regex with named groups (regex only).
+        rename: metric names to map (as written -> as the criteria name them).
     """
+    if rename:
+        return RenamedSource(make_source(kind, run_dir=run_dir, path=path, pattern=pattern),
+                             rename)
     resolved = Path(path) if path else None
     if resolved is not None and not resolved.is_absolute():
         resolved = run_dir / resolved

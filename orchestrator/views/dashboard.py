@@ -19,7 +19,7 @@ from orchestrator.core.ranking import best_worker, missing_text
 from orchestrator.core.snapshot import RaceSnapshot
 from orchestrator.core.state import ExperimentStatus, PlanState, RunRecord, RunState
 from orchestrator.errors import WriteErrors
-from orchestrator.formatting import duration, fmt
+from orchestrator.formatting import code, duration, fmt_against
 from orchestrator.paths import ResultsPaths
 from orchestrator.reporting import atomic_write_bytes
 from orchestrator.sources.metrics import MetricHistory
@@ -47,10 +47,26 @@ def criterion_cell(c: Criterion, metrics: Mapping[str, Any]) -> str:
         value = metrics.get(c.threshold.metric)
         if value is None:
             return "—"
-        return f"{fmt(value)} {'✓' if c.evaluate(metrics) else '✗'}"
+        return f"{fmt_against(value, c.threshold)} {'✓' if c.evaluate(metrics) else '✗'}"
     if not all(metrics.get(n) is not None for n in names):
         return "—"
     return "✓" if c.evaluate(metrics) else "✗"
+
+
+def history_cell(c: Criterion, history: MetricHistory, unit: str) -> str:
+    """A criterion's cell for a run: its metric's last known value, with the epoch/step it came
+    from when the newest record lacks it (``0.81 ✓ (epoch 5)``), ✓/✗ against the criterion."""
+    last = history.last or {}
+    if c.threshold is None:
+        return criterion_cell(c, last)
+    found = history.last_value(c.threshold.metric)
+    if found is None:
+        return "—"
+    value, record = found
+    cell = criterion_cell(c, {c.threshold.metric: value})
+    if record is not history.last:
+        cell += f" ({unit} {record.get(unit, record.get('step', record.get('epoch')))})"
+    return cell
 
 
 def _trend(history: MetricHistory, metric: str | None, higher_is_better: bool) -> str:
@@ -67,17 +83,28 @@ def _trend(history: MetricHistory, metric: str | None, higher_is_better: bool) -
 
 
 def _eta(rec: RunRecord, history: MetricHistory, now: float) -> str:
-    if rec.state != RunState.running or rec.epoch is None or rec.max_epochs is None:
+    """Time to the budget from the measured rate (``~14m to max``), for a running run."""
+    unit = rec.unit
+    if rec.state != RunState.running or rec.progress is None or rec.budget is None:
         return ""
-    times = [(r["epoch"], r["time_s"]) for r in history.records if "epoch" in r and "time_s" in r]
+    times = [(r[unit], r["time_s"]) for r in history.records if unit in r and "time_s" in r]
     if len(times) < 2:
         return ""
     (e0, t0), (e1, t1) = times[0], times[-1]
     if e1 <= e0:
         return ""
-    per_epoch = (t1 - t0) / (e1 - e0)
-    remaining = max(0, rec.max_epochs - e1) * per_epoch
+    per_unit = (t1 - t0) / (e1 - e0)
+    remaining = max(0, rec.budget - e1) * per_unit
+    if rec.max_time_s is not None and rec.started_at is not None:
+        remaining = min(remaining, max(0.0, rec.started_at + rec.max_time_s - now))
     return f"~{duration(remaining)} to max"
+
+
+def _progress(rec: RunRecord) -> str:
+    """``step 2,000 / 6,000`` or ``5/50`` (epochs)."""
+    done = "—" if rec.progress is None else f"{rec.progress:,}"
+    total = "—" if rec.budget is None else f"{rec.budget:,}"
+    return f"{done}/{total}" if rec.unit == "epoch" else f"step {done} / {total}"
 
 
 def render_markdown(
@@ -119,14 +146,27 @@ def render_markdown(
             continue
         out.append(f"## {exp.name}: {_exp_status(erec)}")
         out.append("")
-        crit = " AND ".join(f"`{c.source}`" for c in exp.criteria)
-        out.append(
-            f"Criteria: {crit} · checked every {exp.check_every} epoch"
-            f"{'s' if exp.check_every > 1 else ''} · max {exp.max_epochs} epochs"
+        crit = " AND ".join(code(c.source) for c in exp.criteria)
+        unit = exp.unit
+        budget = exp.max_epochs if unit == "epoch" else exp.max_steps
+        limits = f"max {budget:,} {unit}s" + (
+            f" or {duration(exp.max_time_s)} an attempt" if exp.max_time_s else ""
         )
+        out.append(
+            f"Criteria: {crit} · checked every {exp.check_every} {unit}"
+            f"{'s' if exp.check_every > 1 else ''} · {limits}"
+        )
+        controls = [w.name for w in exp.workers if w.control]
+        if controls:
+            out.append("")
+            out.append(f"Controls (can never win; they must fail the criteria): "
+                       f"{', '.join(controls)}")
+        for flag in erec.control_flags:
+            out.append("")
+            out.append(f"⚠ **FLAGGED**: {flag}")
         out.append("")
         metric_cols = [c for c in exp.criteria]
-        header = ["worker", "branch", "slot", "epoch/max"]
+        header = ["worker", "branch", "slot", f"{unit}/max"]
         header += [c.threshold.metric if c.threshold else c.source for c in metric_cols]
         header += ["status", "trend", "ETA"]
         out.append("| " + " | ".join(header) + " |")
@@ -137,23 +177,25 @@ def render_markdown(
             if rec is None:
                 continue
             hist = histories.get(key, MetricHistory())
-            last = hist.last or {}
             first = exp.criteria_for(w)[0]
             trend = _trend(
                 hist,
                 first.threshold.metric if first.threshold else None,
                 first.threshold.higher_is_better if first.threshold else True,
             )
-            epoch = "—" if rec.epoch is None else str(rec.epoch)
             status_cell = STATUS_ICON[rec.state]
+            if rec.control:
+                status_cell += " (control)"
+            for name in rec.unreported:
+                status_cell += f" ⚠ never reports `{name}`"
             if rec.stalled:
                 status_cell += " ⚠ stalled"
             if rec.attempt > 1:
                 status_cell += f" (attempt {rec.attempt})"
             if rec.state == RunState.stopped and rec.stop_reason:
                 status_cell += f": {rec.stop_reason}"
-            row = [w.name, f"`{w.branch}`", rec.slot or "—", f"{epoch}/{rec.max_epochs}"]
-            row += [criterion_cell(c, last) for c in metric_cols]
+            row = [w.name, f"`{w.branch}`", rec.slot or "—", _progress(rec)]
+            row += [history_cell(c, hist, unit) for c in metric_cols]
             row += [status_cell, trend, _eta(rec, hist, now)]
             out.append("| " + " | ".join(_cell(x) for x in row) + " |")
         out.append("")
@@ -187,9 +229,14 @@ def render_markdown(
 
 def _exp_status(erec: Any) -> str:
     if erec.status == ExperimentStatus.succeeded:
-        return f"🏆 **{erec.winner}** won at epoch {erec.winner_epoch}"
+        return f"🏆 **{erec.winner}** won at {erec.unit} {erec.winner_epoch}"
+    if erec.status == ExperimentStatus.failed and erec.control_flags:
+        return f"❌ failed: a control met the criteria ({erec.winner or 'no'} winner flagged)"
     if erec.status == ExperimentStatus.failed:
         return "❌ failed: no worker met every criterion"
+    if erec.awaiting_controls:
+        return (f"🏁 **{erec.winner}** met the criteria at {erec.unit} {erec.winner_epoch}; "
+                f"waiting for controls {', '.join(erec.awaiting_controls)}")
     return "racing"
 
 
@@ -202,8 +249,8 @@ def _best_lines(
     name, passed, rec = best
     criteria = exp.criteria_for(exp.worker(name))
     missing = missing_text(criteria, rec)
-    at = rec.get("epoch", rec.get("step"))
-    text = f"Best so far: **{name}** at epoch {at}: {passed}/{len(criteria)} criteria"
+    at = rec.get(exp.unit, rec.get("epoch", rec.get("step")))
+    text = f"Best so far: **{name}** at {exp.unit} {at}: {passed}/{len(criteria)} criteria"
     text += f"; missing {', '.join(missing)}" if missing else " (all met)"
     return [text, ""]
 

@@ -48,18 +48,18 @@ def render_table(plan: Plan, state: PlanState, events: list[str] | None = None) 
     from rich.console import Group
     from rich.table import Table
 
-    from orchestrator.views.dashboard import STATUS_ICON, criterion_cell
+    from orchestrator.views.dashboard import STATUS_ICON, _progress, criterion_cell
 
     parts: list[Any] = []
     for exp in plan.experiments:
         erec = state.experiments.get(exp.name)
         title = exp.name
         if erec is not None and erec.winner:
-            title += f": {erec.winner} won at epoch {erec.winner_epoch}"
+            title += f": {erec.winner} won at {erec.unit} {erec.winner_epoch}"
         elif erec is not None:
             title += f": {erec.status.value}"
         table = Table(title=title, title_justify="left")
-        for col in ("worker", "slot", "epoch/max"):
+        for col in ("worker", "slot", f"{exp.unit}/max"):
             table.add_column(col)
         for c in exp.criteria:
             table.add_column(c.threshold.metric if c.threshold else c.source)
@@ -68,12 +68,13 @@ def render_table(plan: Plan, state: PlanState, events: list[str] | None = None) 
             rec = state.runs.get(f"{exp.name}/{w.name}")
             if rec is None:
                 continue
-            epoch = "—" if rec.epoch is None else str(rec.epoch)
             cells = [criterion_cell(c, rec.last_metrics) for c in exp.criteria]
             status = STATUS_ICON[rec.state] + (" ⚠ stalled" if rec.stalled else "")
             if rec.error and rec.state in (RunState.failed, RunState.pending):
                 status += f" ({rec.error[:60]})"
-            table.add_row(w.name, rec.slot or "—", f"{epoch}/{rec.max_epochs}", *cells, status)
+            if rec.control:
+                status += " (control)"
+            table.add_row(w.name, rec.slot or "—", _progress(rec), *cells, status)
         parts.append(table)
     if events:
         parts.append("\n".join(events[-8:]))

@@ -46,7 +46,8 @@ def load_histories(plan: Plan, exp: ExperimentConfig) -> dict[str, MetricHistory
     for w in exp.workers:
         run_dir = paths.run(exp.name, w.name).run_dir
         source = make_source(
-            w.metrics.source, run_dir=run_dir, path=w.metrics.path, pattern=w.metrics.pattern
+            w.metrics.source, run_dir=run_dir, path=w.metrics.path, pattern=w.metrics.pattern,
+            rename=w.metrics.rename,
         )
         history = MetricHistory()
         try:
@@ -68,13 +69,13 @@ def _metrics(exp: ExperimentConfig) -> list[str]:
     return names
 
 
-def _last_value(history: MetricHistory, metric: str) -> tuple[float, int] | None:
-    xs, ys = history.series(metric)
+def _last_value(history: MetricHistory, metric: str, unit: str) -> tuple[float, int] | None:
+    xs, ys = history.series(metric, unit)
     return (ys[-1], xs[-1]) if ys else None
 
 
 def _unit(exp: ExperimentConfig) -> str:
-    return "epoch"
+    return exp.unit
 
 
 def _usage(exp: ExperimentConfig, state: PlanState) -> list[RunUsage]:
@@ -82,9 +83,9 @@ def _usage(exp: ExperimentConfig, state: PlanState) -> list[RunUsage]:
     out = []
     for w in exp.workers:
         rec = state.runs.get(f"{exp.name}/{w.name}")
-        done = int(rec.epoch or 0) if rec is not None else 0
+        done = int(rec.progress or 0) if rec is not None else 0
         won = erec is not None and erec.winner == w.name
-        out.append(RunUsage(w.name, rec, done, exp.max_epochs_for(w), won=won))
+        out.append(RunUsage(w.name, rec, done, exp.budget_for(w), won=won))
     return out
 
 
@@ -127,6 +128,11 @@ def race_report_markdown(
                      f"{duration(decided - started)}.")
     lines += ["", "## Criteria", ""]
     lines += [f"- `{c.source}`" for c in exp.criteria]
+    if erec is not None:
+        lines += [f"- **FLAGGED**: {flag}" for flag in erec.control_flags]
+    controls = [w.name for w in exp.workers if w.control]
+    if controls:
+        lines.append(f"- controls (never win): {', '.join(controls)}")
     lines.append(f"- checked every {exp.check_every} {unit}{'s' if exp.check_every > 1 else ''}")
     lines.append("")
     if erec is not None and erec.winner and erec.winner_metrics:
@@ -139,7 +145,7 @@ def race_report_markdown(
         if best is not None:
             name, passed, record = best
             criteria = exp.criteria_for(exp.worker(name))
-            at = record.get("epoch", record.get("step"))
+            at = record.get(unit, record.get("epoch", record.get("step")))
             missing = missing_text(criteria, record)
             lines += ["## Closest worker", "",
                       f"**{name}** at {unit} {at}: {passed}/{len(criteria)} criteria"
@@ -155,13 +161,13 @@ def race_report_markdown(
         hist = histories.get(key, MetricHistory())
         cells = []
         for m in metrics:
-            last = _last_value(hist, m)
+            last = _last_value(hist, m, unit)
             cells.append("—" if last is None else f"{fmt(last[0])} ({unit} {last[1]})")
         row = [
             w.name,
             rec.state.value if rec is not None else "—",
-            f"{rec.epoch if rec is not None and rec.epoch is not None else '—'}"
-            f"/{exp.max_epochs_for(w)}",
+            f"{rec.progress if rec is not None and rec.progress is not None else '—'}"
+            f"/{exp.budget_for(w)}",
             *cells,
             "—" if rec is None or rec.exit_code is None else str(rec.exit_code),
             _run_duration(rec),
@@ -253,7 +259,7 @@ def render_race_figure(
             hist = histories.get(f"{exp.name}/{w.name}")
             if hist is None:
                 continue
-            xs, ys = hist.series(metric)
+            xs, ys = hist.series(metric, exp.unit)
             ts = [r["time_s"] - t0 for r in hist.records
                   if isinstance(r.get(metric), (int, float)) and not isinstance(r.get(metric), bool)
                   and isinstance(r.get("time_s"), (int, float))]

@@ -110,6 +110,7 @@ def load_runs(
             run_dir=run_dir,
             path=worker.metrics.path,
             pattern=worker.metrics.pattern,
+            rename=worker.metrics.rename,
         )
         history = MetricHistory()
         history.add(source.read_new())
