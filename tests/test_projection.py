@@ -139,7 +139,7 @@ def test_step_budget_with_many_check_points_bisects_to_the_exact_one() -> None:
                           now=T0 + 200)
     assert proj.check_point == 58_500
     assert proj.eta_s == pytest.approx((58_500 - 20_000) / 100, rel=0.01)
-    assert proj.text().endswith("(step 58500)")
+    assert proj.text().endswith("(step 58,500)")
 
 
 def test_records_without_the_metric_are_not_evaluations() -> None:

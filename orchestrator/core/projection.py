@@ -164,10 +164,13 @@ class WorkerProjection:
     unit: str = "epoch"
 
     def text(self) -> str:
-        """The dashboard cell: ``~14m (epoch 23)``, ``not on course: val_accuracy``, ..."""
+        """The dashboard cell: ``~14m (epoch 23)``, ``due (epoch 25)`` (the check point's time
+        has passed without its record), ``not on course: val_accuracy``, ..."""
         if self.status in (ON_COURSE, MET):
-            at = f"{self.unit} {self.check_point}" if self.check_point is not None else "now"
-            eta = f"~{duration(self.eta_s)} " if self.eta_s is not None else ""
+            at = f"{self.unit} {self.check_point:,}" if self.check_point is not None else "now"
+            eta = "" if self.eta_s is None else (
+                f"~{duration(self.eta_s)} " if self.eta_s > 0 else "due "
+            )
             extra = f"; {self.blocking} not projectable" if self.blocking else ""
             return f"{eta}({at}){extra}"
         if self.status in (NOT_ON_COURSE, NOT_PROJECTABLE):

@@ -13,8 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.core.config import ExperimentConfig, Plan
+from orchestrator.core.config import ExperimentConfig, Plan, WorkerConfig
 from orchestrator.core.criteria import Criterion
+from orchestrator.core.projection import WINDOW, project_worker
 from orchestrator.core.ranking import best_worker, missing_text
 from orchestrator.core.snapshot import RaceSnapshot
 from orchestrator.core.state import ExperimentStatus, PlanState, RunRecord, RunState
@@ -100,6 +101,20 @@ def _eta(rec: RunRecord, history: MetricHistory, now: float) -> str:
     return f"~{duration(remaining)} to max"
 
 
+def eta_to_criteria(
+    exp: ExperimentConfig, worker: WorkerConfig, rec: RunRecord, history: MetricHistory,
+    now: float,
+) -> str:
+    """When a running worker meets all its criteria by projection (``~14m (epoch 23)``), or
+    why not (``not on course: val_accuracy``); see ``orchestrator.core.projection``."""
+    if rec.state != RunState.running or rec.budget is None:
+        return ""
+    return project_worker(
+        exp.criteria_for(worker), history.records, unit=exp.unit, check_every=exp.check_every,
+        budget=rec.budget, now=now, window=exp.prune.window if exp.prune else WINDOW,
+    ).text()
+
+
 def _progress(rec: RunRecord) -> str:
     """``step 2,000 / 6,000`` or ``5/50`` (epochs)."""
     done = "—" if rec.progress is None else f"{rec.progress:,}"
@@ -168,7 +183,7 @@ def render_markdown(
         metric_cols = [c for c in exp.criteria]
         header = ["worker", "branch", "slot", f"{unit}/max"]
         header += [c.threshold.metric if c.threshold else c.source for c in metric_cols]
-        header += ["status", "trend", "ETA"]
+        header += ["status", "trend", "ETA to criteria", "ETA to max"]
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "|".join("---" for _ in header) + "|")
         for w in exp.workers:
@@ -194,9 +209,12 @@ def render_markdown(
                 status_cell += f" (attempt {rec.attempt})"
             if rec.state == RunState.stopped and rec.stop_reason:
                 status_cell += f": {rec.stop_reason}"
+            if rec.state == RunState.pruned and rec.stop_reason:
+                status_cell += f" ({rec.stop_reason.removeprefix('pruned: ').split(';')[0]})"
             row = [w.name, f"`{w.branch}`", rec.slot or "—", _progress(rec)]
             row += [history_cell(c, hist, unit) for c in metric_cols]
-            row += [status_cell, trend, _eta(rec, hist, now)]
+            row += [status_cell, trend, eta_to_criteria(exp, w, rec, hist, now),
+                    _eta(rec, hist, now).removesuffix(" to max")]
             out.append("| " + " | ".join(_cell(x) for x in row) + " |")
         out.append("")
         out.extend(_best_lines(exp, state, histories))
