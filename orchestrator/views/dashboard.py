@@ -323,7 +323,10 @@ class Dashboard:
             return
         image = (
             self.progress_path.name if self.progress_path.exists() else None
-        ) if snapshot.state.finished else self._maybe_plot(snapshot.histories, now, force)
+        ) if snapshot.state.finished else self._maybe_plot(
+            snapshot.histories, now, force,
+            running={k for k, r in snapshot.state.runs.items() if r.state == RunState.running},
+        )
         status = self.syncer.status()
         sync_line = None
         if self.plan.sync is not None:
@@ -358,7 +361,8 @@ class Dashboard:
         return {"last_success_s": status.last_success_s, "error": status.error}
 
     def _maybe_plot(
-        self, histories: Mapping[str, MetricHistory], now: float, force: bool
+        self, histories: Mapping[str, MetricHistory], now: float, force: bool,
+        running: frozenset[str] | set[str] = frozenset(),
     ) -> str | None:
         signature = tuple((k, len(h.records)) for k, h in sorted(histories.items()))
         have = self.progress_path.exists()
@@ -373,18 +377,20 @@ class Dashboard:
             return self.progress_path.name if have else None
         snapshot = {k: MetricHistory(list(h.records)) for k, h in histories.items()}
         self._plot_thread = threading.Thread(
-            target=self._render_plot, args=(snapshot,), name="plot"
+            target=self._render_plot, args=(snapshot, frozenset(running)), name="plot"
         )
         self._plot_thread.start()
         self._plot_signature = signature
         self._last_plot = now
         return self.progress_path.name if have else None
 
-    def _render_plot(self, histories: Mapping[str, MetricHistory]) -> None:
+    def _render_plot(
+        self, histories: Mapping[str, MetricHistory], running: frozenset[str] = frozenset()
+    ) -> None:
         from orchestrator.views.plots import render_progress
 
         try:
-            render_progress(self.plan, histories, self.progress_path)
+            render_progress(self.plan, histories, self.progress_path, running=running)
         except OSError as e:
             self.write_errors.report("progress plot", e)
         self.syncer.notify_changed()

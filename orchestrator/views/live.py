@@ -3,11 +3,14 @@ the body of ``status``."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
 from typing import Any
 
 from orchestrator.core.config import Plan
 from orchestrator.core.snapshot import RaceSnapshot
 from orchestrator.core.state import PlanState, RunState
+from orchestrator.sources.metrics import MetricHistory
 
 
 class LiveTable:
@@ -23,7 +26,8 @@ class LiveTable:
         self.live.start()
 
     def refresh(self, snapshot: RaceSnapshot, *, force: bool) -> None:
-        self.live.update(render_table(self.plan, snapshot.state, list(snapshot.events)))
+        self.live.update(render_table(self.plan, snapshot.state, list(snapshot.events),
+                                      histories=snapshot.histories, now=snapshot.now))
 
     def publish(self) -> None:
         pass
@@ -43,12 +47,28 @@ class LiveTable:
         self.live.stop()
 
 
-def render_table(plan: Plan, state: PlanState, events: list[str] | None = None) -> Any:
-    """A rich renderable of the plan's state (used by `run` and `status`)."""
+def render_table(
+    plan: Plan,
+    state: PlanState,
+    events: list[str] | None = None,
+    *,
+    histories: Mapping[str, MetricHistory] | None = None,
+    now: float | None = None,
+) -> Any:
+    """A rich renderable of the plan's state (used by `run` and `status`).
+
+    With ``histories`` (and ``now``, Unix seconds) it has an "ETA to criteria" column (see
+    ``orchestrator.core.projection``).
+    """
     from rich.console import Group
     from rich.table import Table
 
-    from orchestrator.views.dashboard import STATUS_ICON, _progress, criterion_cell
+    from orchestrator.views.dashboard import (
+        STATUS_ICON,
+        _progress,
+        criterion_cell,
+        eta_to_criteria,
+    )
 
     parts: list[Any] = []
     for exp in plan.experiments:
@@ -64,6 +84,8 @@ def render_table(plan: Plan, state: PlanState, events: list[str] | None = None) 
         for c in exp.criteria:
             table.add_column(c.threshold.metric if c.threshold else c.source)
         table.add_column("status")
+        if histories is not None:
+            table.add_column("ETA to criteria")
         for w in exp.workers:
             rec = state.runs.get(f"{exp.name}/{w.name}")
             if rec is None:
@@ -74,7 +96,14 @@ def render_table(plan: Plan, state: PlanState, events: list[str] | None = None) 
                 status += f" ({rec.error[:60]})"
             if rec.control:
                 status += " (control)"
-            table.add_row(w.name, rec.slot or "—", _progress(rec), *cells, status)
+            if rec.state == RunState.pruned and rec.stop_reason:
+                status += f" ({rec.stop_reason.removeprefix('pruned: ').split(':')[0]})"
+            extra = []
+            if histories is not None:
+                hist = histories.get(rec.key, MetricHistory())
+                extra.append(eta_to_criteria(exp, w, rec, hist, time.time() if now is None
+                                             else now))
+            table.add_row(w.name, rec.slot or "—", _progress(rec), *cells, status, *extra)
         parts.append(table)
     if events:
         parts.append("\n".join(events[-8:]))
