@@ -123,3 +123,22 @@ def test_run_again_resumes_interrupted_workers_but_leaves_pruned_ones_pruned(
     assert state.run("race", "flat").state == RunState.pruned
     assert state.run("race", "flat").attempt == 1
     assert marked_processes(leak_check) == []
+
+
+def test_a_control_is_never_pruned(repo: Path, leak_check: str) -> None:
+    plan = write_plan(repo, [
+        {"name": "ctl", "branch": "r/ctl", "control": True,
+         "command": fake("--epochs", 40, "--interval", FAST, "--metric", "acc=0.3")},
+        {"name": "flat", "branch": "r/flat",
+         "command": fake("--epochs", 40, "--interval", FAST, "--metric", "acc=0.3")},
+        {"name": "steady", "branch": "r/steady",
+         "command": fake("--epochs", 40, "--interval", FAST, "--metric", "acc=0.025*epoch")},
+    ], experiment={"max_epochs": 40, "prune": {}})
+    code, state, _ = race(plan)
+    assert code == 0
+    assert state.experiments["race"].winner == "steady"
+    assert state.run("race", "flat").state == RunState.pruned  # the same curve, not a control
+    ctl = state.run("race", "ctl")
+    assert ctl.state != RunState.pruned and (ctl.epoch or 0) > 7
+    assert not any("race/ctl: PRUNED" in e for e in events(repo / "results"))
+    assert marked_processes(leak_check) == []
