@@ -134,6 +134,12 @@ def write_plan(repo: Path, name: str, workers: list[dict[str, Any]], *, prune: b
 
 
 def run_ours(repo: Path, plan: Path) -> dict[str, Any]:
+    row = _run_ours(repo, plan)
+    print(f"{plan.stem}: {row}", file=sys.stderr, flush=True)
+    return row
+
+
+def _run_ours(repo: Path, plan: Path) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(plan), "--plain",
@@ -263,8 +269,10 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3, help="real races per bloomer in race 2")
     p.add_argument("--replay-seeds", type=int, default=200)
     p.add_argument("--no-tune", action="store_true", help="skip the Ray Tune + ASHA run")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_pruning.json",
+                   help="raw results (JSON)")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         repo = make_repo(Path(tmp))
         workers = race1_workers()
         off = run_ours(repo, write_plan(repo, "off", workers, prune=False, seed=0))
@@ -278,6 +286,9 @@ def main() -> None:
                 for s in range(args.seeds)
             ]
         shutil.rmtree(repo / ".worktrees", ignore_errors=True)
+    raw = {"race1": {"off": off, "on": on, "tune": tune_row}, "race2": late}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(raw, indent=1))
     print(f"\nrace 1: 16 fake workers on {SLOTS} slots, {BUDGET} epochs of {INTERVAL_S} s, "
           f"12 plateaus, 3 slow, the winner queued last\n")
     print("| way | time to the decision s | slot-s used | workers started | winner | pruned |")

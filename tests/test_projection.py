@@ -238,3 +238,19 @@ def test_prune_config_defaults_and_horizon() -> None:
     assert horizon_for(config, 40) == 60
     with pytest.raises(ValueError):
         PruneConfig(patience=1)
+
+
+def test_a_curve_bending_over_below_the_threshold_is_pruned_early() -> None:
+    def bend(x: int) -> float:
+        return 0.4 + 0.3 * (1 - math.exp(-x / 4))  # towards 0.7
+
+    for seed in range(10):
+        at = first_prune(bend, noise=0.005, seed=seed)
+        assert at is not None and at <= 10, seed  # the recent line alone would wait to ~21
+
+
+def test_a_slow_steady_improver_is_never_pruned() -> None:
+    crit = Criterion.parse("acc >= 0.9")
+    for seed in range(20):
+        assert first_prune(lambda x: 0.45 + 0.0095 * x, noise=0.01, seed=seed,
+                           crit=crit) is None, seed

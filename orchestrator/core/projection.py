@@ -22,10 +22,13 @@ where larger is better (the metric negated for ``<``/``<=``; p-values, i.e. ``< 
 
 The centre projection is the saturating fit when it explains the last ``window`` evaluations
 about as well as the line (the curve is bending over), else the line. The optimistic edge is
-the larger of the two models' upper bands: for a concave (diminishing returns) curve the
-secant through its recent points lies above all its future, so a worker whose optimistic
-edge misses the threshold is hopeless unless its curve is about to steepen (a late bloomer;
-see ``orchestrator.core.pruning`` for the margin and patience that guard against it).
+the largest upper band of the saturating fits at every rate the data allow (a profile-
+likelihood interval of the rate) and, unless the curve bends over beyond reasonable doubt
+(BIC evidence above 10), of the recent line: for a concave (diminishing returns) curve the
+secant through its recent points lies above all its future. A worker whose optimistic edge
+misses the threshold is hopeless unless its curve is about to steepen (a late bloomer, or a
+learning-rate drop; see ``orchestrator.core.pruning`` for the margin and patience that guard
+against it).
 
 Check points are the multiples of ``check_every`` after the last record, up to the budget; a
 projection names the first check point at which it passes (``threshold.passes``), or none.
@@ -49,7 +52,9 @@ MIN_EVALUATIONS = 3  # fewer: no projection
 MAX_EVALUATIONS = 256  # the saturating fit sees at most the latest this many
 Z_BAND = 1.645  # two-sided 90% band (normal quantile 0.95)
 _RATES = np.geomspace(0.05, 40.0, 48)  # saturating rates per span of the evaluated x range
+CHI2_99_1DF = 6.63  # profile-likelihood interval (99%) of the saturating rate
 BIC_STRONG = 6.0  # evidence the saturating fit needs over a line (Kass & Raftery 1995)
+BIC_VERY_STRONG = 10.0  # ... to drop the recent line from the optimistic edge
 _MAX_SCAN = 512  # check points evaluated directly before bisecting
 _P_MIN = 1e-300
 
@@ -237,15 +242,21 @@ def fit_linear(x: np.ndarray, s: np.ndarray) -> Band:
                 sigma / math.sqrt(n))
 
 
-def fit_saturating(x: np.ndarray, s: np.ndarray) -> tuple[Band, float] | None:
+def fit_saturating(
+    x: np.ndarray, s: np.ndarray
+) -> tuple[Band, float, tuple[Band, ...]] | None:
     """Fit ``s = a - b exp(-c (x - x0) / span)`` with b, c > 0 by variable projection.
 
     For each rate on a fixed grid, (a, b) come from Huber-weighted least squares (two
     reweighting passes, k = 1.345 MAD); the rate with the least weighted squared error wins.
+    The rates whose fit is not significantly worse form a profile-likelihood interval of the
+    rate (n log(SSE_c / SSE_min) <= 6.63, chi-squared with 1 degree of freedom at 99%;
+    Venzon & Moolgavkar 1988): their bands together carry the rate's uncertainty, which the
+    band of the best rate alone (conditional on it) ignores.
 
     Returns:
-        (band, sigma of the residuals), or None with fewer than 4 points or when no rate gives
-        a rising curve (b > 0).
+        (band at the best rate, sigma of its residuals, bands of every rate in the interval),
+        or None with fewer than 4 points or when no rate gives a rising curve (b > 0).
     """
     n = len(x)
     if n < 4:
@@ -275,25 +286,31 @@ def fit_saturating(x: np.ndarray, s: np.ndarray) -> tuple[Band, float] | None:
         return None
     r = int(np.argmin(np.where(valid, sse, np.inf)))
     dof = max(n - 3, 1)
-    sigma2 = float(sse[r]) / dof
-    inv = np.linalg.pinv(np.array([[sw[r], swp[r]], [swp[r], swpp[r]]]))
-    cov = (sigma2 * inv[0, 0], -sigma2 * inv[0, 1], sigma2 * inv[1, 1])  # (a, b = -beta)
-    band = Band("saturating", float(np.median(x)), 0.0, 0.0, 0.0, 0.0, 0.0,
-                a=float(a[r]), b=float(-beta[r]), c=float(_RATES[r]), x0=x0, span=span,
-                cov=cov)
-    return band, math.sqrt(sigma2)
+
+    def band(i: int) -> Band:
+        sigma2 = float(sse[i]) / dof
+        inv = np.linalg.pinv(np.array([[sw[i], swp[i]], [swp[i], swpp[i]]]))
+        cov = (sigma2 * inv[0, 0], -sigma2 * inv[0, 1], sigma2 * inv[1, 1])  # (a, b = -beta)
+        return Band("saturating", float(np.median(x)), 0.0, 0.0, 0.0, 0.0, 0.0,
+                    a=float(a[i]), b=float(-beta[i]), c=float(_RATES[i]), x0=x0, span=span,
+                    cov=cov)
+
+    floor = n * (1e-9 * (float(np.ptp(s)) or 1.0)) ** 2
+    ratio = n * np.log((np.where(valid, sse, np.inf) + floor) / (float(sse[r]) + floor))
+    profile = tuple(band(int(i)) for i in np.flatnonzero(valid & (ratio <= CHI2_99_1DF)))
+    return band(r), math.sqrt(float(sse[r]) / dof), profile
 
 
 def _rms(band: Band, x: np.ndarray, s: np.ndarray) -> float:
     return float(np.sqrt(np.mean((band.at(x)[0] - s) ** 2)))
 
 
-def _bends(x: np.ndarray, s: np.ndarray, sat: Band, lin: Band, window: int) -> bool:
-    """Whether the saturating fit is the better description: over all evaluations it beats a
-    least-squares line by BIC with strong evidence (Schwarz 1978; 3 parameters against 2; a
-    difference above 6 is "strong" in Kass & Raftery 1995), and it explains the last
-    ``window`` evaluations about as well as their own trend (so a curve that has turned steep,
-    which no saturating curve fits, keeps the line)."""
+def _bends(x: np.ndarray, s: np.ndarray, sat: Band, lin: Band, window: int) -> float:
+    """How strongly the saturating fit is the better description: the BIC of a least-squares
+    line over all evaluations less the saturating fit's (Schwarz 1978; 3 parameters against
+    2; above 6 is "strong" evidence and above 10 "very strong" in Kass & Raftery 1995), or
+    -inf when the saturating fit explains the last ``window`` evaluations clearly worse than
+    their own trend (a curve that has turned steep, which no saturating curve fits)."""
     n = len(x)
     scale = float(np.ptp(s)) or 1.0
     floor = (1e-9 * scale) ** 2
@@ -304,7 +321,7 @@ def _bends(x: np.ndarray, s: np.ndarray, sat: Band, lin: Band, window: int) -> b
     bic_sat = n * math.log(sse_sat / n) + 3 * math.log(n)
     wx, ws = x[-window:], s[-window:]
     recent_ok = _rms(sat, wx, ws) <= 1.25 * _rms(lin, wx, ws) + 1e-6 * scale
-    return bic_sat < bic_line - BIC_STRONG and recent_ok
+    return bic_line - bic_sat if recent_ok else -math.inf
 
 
 # -- check points ----------------------------------------------------------------------------
@@ -400,9 +417,14 @@ def project_criterion(
     lin = fit_linear(x[-window:], s[-window:])
     sat = fit_saturating(x, s)
     centre = lin
-    if sat is not None and _bends(x, s, sat[0], lin, window):
+    evidence = _bends(x, s, sat[0], lin, window) if sat is not None else -math.inf
+    if sat is not None and evidence > BIC_STRONG:
         centre = sat[0]
-    bands = [lin] + ([sat[0]] if sat is not None else [])
+    # The optimistic edge: the upper bands of every rate in the saturating fit's interval, and
+    # of the recent line too unless the curve is bending over beyond reasonable doubt.
+    bands = list(sat[2]) if sat is not None else []
+    if evidence <= BIC_VERY_STRONG or not bands:
+        bands.append(lin)
 
     def passes_centre(xs: np.ndarray) -> np.ndarray:
         c = centre.at(xs)[0]
