@@ -157,6 +157,7 @@ def _run_ours(repo: Path, plan: Path) -> dict[str, Any]:
         "decision_s": (exp["decided_at"] or 0) - (exp["started_at"] or 0),
         "slot_s": sum(r["busy_s"] for r in runs),
         "started": sum(1 for r in runs if r["attempt"] > 0),
+        "epochs": sum(r["epoch"] or 0 for r in runs),
         "winner": exp["winner"],
         "pruned": sorted(r["worker"] for r in runs if r["state"] == "pruned"),
     }
@@ -199,6 +200,7 @@ def run_tune(workers: list[dict[str, Any]], seed: int, storage: Path) -> dict[st
             self.win_s: float | None = None
             self.winner: str | None = None
             self.started = 0
+            self.epochs: dict[str, int] = {}
 
         def on_trial_start(self, iteration: int, trials: list[Any], trial: Any,
                            **info: Any) -> None:
@@ -208,6 +210,7 @@ def run_tune(workers: list[dict[str, Any]], seed: int, storage: Path) -> dict[st
 
         def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
                             result: dict[str, Any], **info: Any) -> None:
+            self.epochs[trial.trial_id] = result["epoch"]
             if self.win_s is None and result["acc"] >= THRESHOLD:
                 self.win_s = result["time_s"]
                 self.winner = workers[result["config"]["index"]]["name"]
@@ -233,7 +236,7 @@ def run_tune(workers: list[dict[str, Any]], seed: int, storage: Path) -> dict[st
     decision = (timing.win_s - timing.first_start
                 if timing.win_s is not None and timing.first_start is not None else None)
     return {"wall_s": wall, "decision_s": decision, "started": timing.started,
-            "winner": timing.winner}
+            "winner": timing.winner, "epochs": sum(timing.epochs.values())}
 
 
 # -- the pure rule over many seeds -----------------------------------------------------------
@@ -291,19 +294,20 @@ def main() -> None:
     args.out.write_text(json.dumps(raw, indent=1))
     print(f"\nrace 1: 16 fake workers on {SLOTS} slots, {BUDGET} epochs of {INTERVAL_S} s, "
           f"12 plateaus, 3 slow, the winner queued last\n")
-    print("| way | time to the decision s | slot-s used | workers started | winner | pruned |")
-    print("|---|---|---|---|---|---|")
+    print("| way | time to the decision s | slot-s used | epochs run (all workers) "
+          "| workers started | winner | pruned |")
+    print("|---|---|---|---|---|---|---|")
     for label, r in (("orchestrator, no pruning", off), ("orchestrator, `prune: {}`", on)):
-        print(f"| {label} | {r['decision_s']:.1f} | {r['slot_s']:.1f} | {r['started']} | "
-              f"{r['winner']} | {len(r['pruned'])} |")
+        print(f"| {label} | {r['decision_s']:.1f} | {r['slot_s']:.1f} | {r['epochs']} | "
+              f"{r['started']} | {r['winner']} | {len(r['pruned'])} |")
     print(f"| ratio (no pruning / pruning) | {off['decision_s'] / on['decision_s']:.2f}x | "
-          f"{off['slot_s'] / on['slot_s']:.2f}x | | | |")
+          f"{off['slot_s'] / on['slot_s']:.2f}x | {off['epochs'] / on['epochs']:.2f}x | | | |")
     if tune_row is not None:
         d = tune_row["decision_s"]
         print(f"| Ray Tune + ASHA (grace 5, max_t {BUDGET}, rf 4) | "
               f"{'—' if d is None else f'{d:.1f}'} (first trial start ->; fit() wall "
-              f"{tune_row['wall_s']:.1f}) | — | {tune_row['started']} | {tune_row['winner']} "
-              "| — |")
+              f"{tune_row['wall_s']:.1f}) | — | {tune_row['epochs']} | {tune_row['started']} "
+              f"| {tune_row['winner']} | — |")
     print(f"\nrace 2: late bloomers (8 workers on {SLOTS} slots; the bloomer is the true "
           "winner)\n")
     print("| bloomer | passes at epoch | real races: winner pruned | time to the decision s "

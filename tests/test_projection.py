@@ -168,7 +168,8 @@ def test_or_criterion_and_arithmetic_are_not_projectable() -> None:
 
 
 def test_too_few_evaluations_and_already_met() -> None:
-    assert project_worker([ACC], records(linear, 2), budget=50).status == TOO_FEW
+    assert project_worker([ACC], records(linear, 1), budget=50).status == TOO_FEW
+    assert project_worker([ACC], records(linear, 2), budget=50).check_point == 30
     met = project_worker([ACC], records(linear, 31), check_every=5, budget=50)
     assert met.status == MET and met.check_point == 35
 

@@ -48,7 +48,7 @@ from orchestrator.core.criteria import Criterion, Threshold
 from orchestrator.formatting import duration
 
 WINDOW = 10  # evaluations in the linear trend
-MIN_EVALUATIONS = 3  # fewer: no projection
+MIN_EVALUATIONS = 2  # fewer: no projection (two give a line without a band: display only)
 MAX_EVALUATIONS = 256  # the saturating fit sees at most the latest this many
 Z_BAND = 1.645  # two-sided 90% band (normal quantile 0.95)
 _RATES = np.geomspace(0.05, 40.0, 48)  # saturating rates per span of the evaluated x range
