@@ -17,8 +17,8 @@ Race 2 (late bloomers, the cost of a wrong prune): 8 workers on 4 slots: 6 plate
 (passes at ~35) and 1 late bloomer, the true winner, whose early slope is flat for 12 epochs
 and then steep. Two bloomers: "mild" (0.01/epoch, then 0.04: passes at epoch 21) and "steep"
 (0.004/epoch, then 0.06: passes at 19). Real races with pruning for ``--seeds`` noise seeds,
-plus the pure pruning rule replayed on the same curve for 200 seeds (no processes): how often
-the true winner was pruned.
+one race without pruning for comparison, and the pure pruning rule replayed on the same curve
+for 200 seeds (no processes): how often the true winner was pruned.
 
     python benchmarks/bench_pruning.py   # race 1: ours 3x each way, Tune once; race 2: 3 seeds
     python benchmarks/bench_pruning.py --seeds 1 --no-tune
@@ -291,14 +291,18 @@ def main() -> None:
         off, on = median_row(offs), median_row(ons)
         tune_row = None if args.no_tune else run_tune(workers, 0, Path(tmp) / "tune")
         late: dict[str, list[dict[str, Any]]] = {}
+        unpruned: dict[str, dict[str, Any]] = {}
         for bloomer in BLOOMERS:
             late[bloomer] = [
                 run_ours(repo, write_plan(repo, f"late-{bloomer}-{s}", race2_workers(bloomer),
                                           prune=True, seed=s))
                 for s in range(args.seeds)
             ]
+            unpruned[bloomer] = run_ours(repo, write_plan(
+                repo, f"late-{bloomer}-off", race2_workers(bloomer), prune=False, seed=0))
         shutil.rmtree(repo / ".worktrees", ignore_errors=True)
-    raw = {"race1": {"off": offs, "on": ons, "tune": tune_row}, "race2": late}
+    raw = {"race1": {"off": offs, "on": ons, "tune": tune_row}, "race2": late,
+           "race2_unpruned": unpruned}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(raw, indent=1))
     print(f"\nrace 1: 16 fake workers on {SLOTS} slots, {BUDGET} epochs of {INTERVAL_S} s, "
@@ -322,8 +326,9 @@ def main() -> None:
     print(f"\nrace 2: late bloomers (8 workers on {SLOTS} slots; the bloomer is the true "
           "winner)\n")
     print("| bloomer | passes at epoch | real races: winner pruned | time to the decision s "
-          f"(median) | rule replay: pruned of {args.replay_seeds} seeds |")
-    print("|---|---|---|---|---|")
+          f"(median) | same race without pruning s (winner) | rule replay: pruned of "
+          f"{args.replay_seeds} seeds |")
+    print("|---|---|---|---|---|---|")
     for bloomer, rows in late.items():
         wrong = sum("bloomer" in r["pruned"] for r in rows)
         times = sorted(r["decision_s"] for r in rows if r["winner"])
@@ -332,8 +337,9 @@ def main() -> None:
         passes = next(e for e in range(1, BUDGET + 1)
                       if value(BLOOMERS[bloomer], 0, e) >= THRESHOLD)
         rate = replay_pruned(BLOOMERS[bloomer], args.replay_seeds)
+        base = unpruned[bloomer]
         print(f"| {bloomer} | ~{passes} | {wrong} of {len(rows)} (winners: {winners}) | "
-              f"{median} | {rate:.0%} |")
+              f"{median} | {base['decision_s']:.1f} ({base['winner']}) | {rate:.0%} |")
 
 
 if __name__ == "__main__":

@@ -142,3 +142,21 @@ def test_a_control_is_never_pruned(repo: Path, leak_check: str) -> None:
     assert ctl.state != RunState.pruned and (ctl.epoch or 0) > 7
     assert not any("race/ctl: PRUNED" in e for e in events(repo / "results"))
     assert marked_processes(leak_check) == []
+
+
+def test_saved_slot_seconds_are_split_by_cause() -> None:
+    from orchestrator.core.accounting import RunUsage, compute_savings, saved_by_cause
+    from orchestrator.core.state import RunRecord
+
+    def rec(name: str, state: RunState, busy_s: float) -> RunRecord:
+        return RunRecord("race", name, f"r/{name}", state=state, busy_s=busy_s)
+
+    rows = compute_savings([
+        RunUsage("winner", rec("winner", RunState.succeeded, 100.0), 10, 50, won=True),
+        RunUsage("loser", rec("loser", RunState.stopped, 50.0), 5, 50),
+        RunUsage("flat", rec("flat", RunState.pruned, 70.0), 7, 50),
+        RunUsage("done", rec("done", RunState.exhausted, 500.0), 50, 50),
+    ])
+    assert [r.cause for r in rows] == ["decision", "decision", "pruning", ""]
+    assert saved_by_cause(rows) == {"decision": 400.0 + 450.0, "pruning": 430.0}
+    assert rows[2].note.startswith("pruned; 7 of 50 epochs")

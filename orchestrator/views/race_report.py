@@ -209,7 +209,7 @@ def _pruned_lines(exp: ExperimentConfig, state: PlanState, unit: str) -> list[st
         if rec is None or rec.state != RunState.pruned:
             continue
         why = (rec.stop_reason or "pruned").removeprefix("pruned: ")
-        out.append(f"- **{w.name}** at {unit} {rec.epoch}, after {duration(rec.busy_s)} of "
+        out.append(f"- **{w.name}** at {unit} {rec.progress}, after {duration(rec.busy_s)} of "
                    f"slot time: {why}")
     if not out:
         return []
