@@ -7,6 +7,12 @@ in a real git repository with real worktrees (created once, reused). Reported pe
 - wall: `run` start to exit (s)
 - latency: the winning record's write time -> last loser reaped (s), from the state file
 - controller CPU seconds and peak RSS, measured by the controller itself (getrusage)
+- the race's overhead (wall minus the winner's 1.3 s of work) split into phases, from the
+  event log's timestamps: `run` -> first launch; first launch -> the winner's first record
+  (the worker's own interpreter start); winning record -> decision; decision -> last loser
+  reaped; last event -> process exit (final rendering and shutdown)
+- the controller's import time (`import orchestrator.cli, orchestrator.session`, minus an
+  empty interpreter)
 
     python benchmarks/bench_race.py                    # 20 races of 4, 3 races of 64
     python benchmarks/bench_race.py --repeats 5 --large-repeats 1
@@ -66,17 +72,47 @@ def write_plan(repo: Path, n: int) -> Path:
 def one_race(repo: Path, plan: Path) -> dict:
     shutil.rmtree(repo / "results", ignore_errors=True)
     start = time.perf_counter()
+    t0 = time.time()
     out = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(plan), "--plain"],
                          cwd=repo, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    t_exit = time.time()
     if out.returncode != 0:
         raise SystemExit(f"race failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
     state = json.loads((repo / "results" / "state.json").read_text())
     exp = state["experiments"]["race"]
     assert exp["winner"] == "w00", exp
     started = sum(1 for r in state["runs"].values() if r["attempt"] > 0)
+    events = [json.loads(line) for line in (repo / "results" / "events.jsonl").open()]
+    first_launch = min(e["time_s"] for e in events if "started attempt" in e["event"])
+    decided = next(e["time_s"] for e in events if " WINS at " in e["event"])
+    records = [json.loads(line) for line in
+               (repo / "results" / "race" / "w00" / "metrics.jsonl").open()]
+    first_record = records[0]["time_s"]
+    won = next(r["time_s"] for r in records if r["epoch"] == exp["winner_epoch"])
+    phases = {
+        "start": first_launch - t0,
+        "worker start": first_record - first_launch,
+        "decide": decided - won,
+        "reap": won + exp["decision_latency_s"] - decided,
+        "exit": t_exit - events[-1]["time_s"],
+    }
     return {"wall_s": wall, "latency_s": exp["decision_latency_s"], "started": started,
-            "cpu_s": state["controller"]["cpu_s"], "rss_mib": state["controller"]["peak_rss_mib"]}
+            "cpu_s": state["controller"]["cpu_s"], "rss_mib": state["controller"]["peak_rss_mib"],
+            "phases": phases, "overhead_s": wall - (won - first_record)}
+
+
+def import_time_s(repeats: int = 5) -> float:
+    """Median seconds to import the controller's modules, an empty interpreter subtracted."""
+    def run(code: str) -> float:
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        return time.perf_counter() - t
+
+    full = statistics.median(run("import orchestrator.cli, orchestrator.session")
+                             for _ in range(repeats))
+    empty = statistics.median(run("pass") for _ in range(repeats))
+    return full - empty
 
 
 def pct(values: list[float], q: float) -> float:
@@ -93,6 +129,7 @@ def main() -> None:
     p.add_argument("--large", type=int, default=64, help="workers in the large race (0: skip)")
     p.add_argument("--large-repeats", type=int, default=3)
     args = p.parse_args()
+    small: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         repo = make_repo(Path(tmp))
         rows = []
@@ -102,6 +139,8 @@ def main() -> None:
             plan = write_plan(repo, n)
             one_race(repo, plan)  # warm-up: creates the worktrees
             runs = [one_race(repo, plan) for _ in range(repeats)]
+            if n == args.workers:
+                small = runs
             lat = [r["latency_s"] for r in runs]
             rows.append((n, repeats, statistics.median(r["started"] for r in runs),
                          statistics.median(r["wall_s"] for r in runs),
@@ -117,6 +156,13 @@ def main() -> None:
     for n, k, started, wall, lat, p95, cpu, rss in rows:
         print(f"| {n} | {k} | {started:.0f} | {wall:.2f} | {lat:.3f} | {p95:.3f} | {cpu:.2f} "
               f"| {rss:.0f} |")
+    names = list(small[0]["phases"])
+    print(f"\n{args.workers}-worker race: overhead (wall minus the winner's work), medians\n")
+    print("| overhead s | " + " | ".join(f"{n} s" for n in names) + " |")
+    print("|---|" + "---|" * len(names))
+    print(f"| {statistics.median(r['overhead_s'] for r in small):.2f} | " + " | ".join(
+        f"{statistics.median(r['phases'][n] for r in small):.2f}" for n in names) + " |")
+    print(f"\ncontroller import time: {import_time_s():.2f} s (median of 5)")
 
 
 if __name__ == "__main__":

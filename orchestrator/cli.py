@@ -75,11 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detach from the terminal (survives a dropped SSH session); "
                    "log to RESULTS/controller.log")
     p.add_argument("--plain", action="store_true", help="print events as lines, no live table")
+    p.add_argument("--notify", action="store_true",
+                   help="desktop notification when an experiment is decided or fails")
+    p.add_argument("--wide", action="store_true",
+                   help="live table: every column and full statuses, however narrow the terminal")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="show the state of a plan (works from any shell)")
     p.add_argument("plan", nargs="?", default="experiments.yaml")
     p.add_argument("--json", action="store_true", help="print the state file as JSON")
+    p.add_argument("--wide", action="store_true", help="every column and full statuses")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("stop", help="stop the whole plan, or named workers")
@@ -159,13 +164,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     if sys.stdout.isatty() and not args.plain:
         from orchestrator.views.live import LiveTable
 
-        live_ui = LiveTable(plan)
+        live_ui = LiveTable(plan, wide=args.wide)
     echo = None if live_ui else (lambda line: print(line, flush=True))
+    extra_views: list[Any] = [live_ui] if live_ui else []
+    if args.notify:
+        from orchestrator.terminal import Notifier, default_notify_command
+        from orchestrator.views.live import DecisionNotifierView
+
+        extra_views.append(DecisionNotifierView(Notifier(default_notify_command())))
     controller = build_controller(
         plan,
         only=args.only,
         fresh=args.fresh,
-        extra_views=[live_ui] if live_ui else None,
+        extra_views=extra_views or None,
         subreaper=True,
         echo=echo,
     )
@@ -254,7 +265,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     console.print(f"plan {plan.source} · state of {when} · {who}")
     from orchestrator.views.live import render_table
 
-    console.print(render_table(plan, state))
+    console.print(render_table(plan, state, wide=args.wide))
     return 0
 
 
@@ -396,6 +407,14 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan)
     print(describe(plan))
+    from orchestrator.running.gpus import describe_slots
+
+    print()  # the slots a controller on this machine would use (CUDA_VISIBLE_DEVICES honoured)
+    for line in describe_slots(
+        plan.gpus, workers_per_gpu=plan.workers_per_gpu, max_parallel=plan.max_parallel,
+        cpu_slots=sum(len(e.workers) for e in plan.experiments), executor=plan.executor,
+    ):
+        print(line)
     print("\nplan is valid")
     return 0
 

@@ -10,8 +10,10 @@ passes the best worker's run directory, and this script says FAILURE on its own)
         --experiment {experiment} --run-dir {run_dir} --wait-s 120
 
 Writes <results_dir>/<experiment>/success_viz/{SUCCESS,FAILURE}_VISUALIZATION.png (2x2, 150 dpi),
-each panel alone, and {SUCCESS,FAILURE}_REPORT.md. See docs/success_figure.md and
-workers/persistence_report/report.py.
+each panel alone, and {SUCCESS,FAILURE}_REPORT.md. After a success it first scores the winner's
+checkpoint (the controller's pin in <results_dir>/<experiment>/winner/, else the run's own) ONCE on
+the untouched test split (cached in success_viz/test_split.json) and the report shows test beside
+val. See docs/success_figure.md and workers/persistence_report/.
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default=None, help="output folder (default <results_dir>/<experiment>/success_viz)"
     )
     p.add_argument(
+        "--data-dir",
+        default=None,
+        help="dataset for the winner's test-split score (default: the one in its checkpoint)",
+    )
+    p.add_argument(
+        "--no-test", action="store_true", help="do not score the winner on the test split"
+    )
+    p.add_argument(
         "--wait-s",
         type=float,
         default=0.0,
@@ -49,13 +59,26 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--wait-s must be >= 0")
 
     from orchestrator.errors import ConfigError, OrchestratorError
+    from workers.persistence_report.heldout import score_winner_on_test
     from workers.persistence_report.report import load_outcome, write_outputs
 
     try:
         outcome = load_outcome(
             args.plan, args.experiment, run_dir=args.run_dir, worker=args.worker, wait_s=args.wait_s
         )
-        files = write_outputs(outcome, Path(args.out) if args.out else None)
+        heldout, note = None, None
+        if args.no_test:
+            note = "--no-test was given"
+        elif not outcome.succeeded:
+            note = "no worker met the criteria, so nothing was selected to score on test"
+        else:
+            try:  # once: cached by the checkpoint's sha256 (workers/persistence_report/heldout.py)
+                heldout = score_winner_on_test(outcome, args.data_dir)
+            except ValueError as e:
+                note = str(e)
+        files = write_outputs(
+            outcome, Path(args.out) if args.out else None, heldout=heldout, heldout_note=note
+        )
     except OrchestratorError as e:
         print(f"error: {e}", file=sys.stderr)
         if isinstance(e, ConfigError):

@@ -18,5 +18,5 @@ fi
 python3 -m venv .venv
 . .venv/bin/activate
 pip install -q --disable-pip-version-check torch==2.13.0   # CPU build; pin it before the project
-pip install -q --disable-pip-version-check -e ".[dev,ray]"
+pip install -q --disable-pip-version-check -c constraints/ci.txt -e ".[dev,ray,jobs]"
 python -m pytest "$@"

@@ -75,6 +75,8 @@ def main() -> int:
                    help="the slope is FACTOR times steeper after EPOCH (a late bloomer)")
     p.add_argument("--noise", type=float, default=0.0, help="gaussian noise sd on every metric")
     p.add_argument("--seed", type=int, default=0, help="noise seed (per epoch: resumes agree)")
+    p.add_argument("--step-per-epoch", type=int, default=0,
+                   help="also log step = epoch x this (a step-based script)")
     args = p.parse_args()
 
     rep = Reporter.from_env(default_run_dir=args.run_dir, handle_signals=not args.ignore_sigterm)
@@ -107,6 +109,8 @@ def main() -> int:
         values = {name: round(curve(a, b, epoch, args), 6) for name, a, b in metrics}
         values["gpu"] = int(os.environ.get("CUDA_VISIBLE_DEVICES") or -1)
         values["resumed"] = int(rep.resume)
+        if args.step_per_epoch:
+            values["step"] = epoch * args.step_per_epoch
         rep.log(epoch=epoch, **values)
         rep.save_checkpoint(
             lambda path, e=epoch: path.write_text(json.dumps({"epoch": e})),

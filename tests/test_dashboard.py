@@ -110,14 +110,12 @@ def scenario(tmp_path: Path):
     state.runs["early-persistence/contrastive"].stalled = True
     histories = {
         "early-persistence/attention-supervised": history(
-            [(0, 0.9, 0.62, 0.5), (5, 1.1, 0.70, 0.2), (10, 1.28, 0.78, 0.004)]
+            [(5, 1.1, 0.70, 0.2), (10, 1.28, 0.78, 0.004)]
         ),
-        "early-persistence/contrastive": history(
-            [(0, 1.0, 0.55, 0.6), (5, 1.0, 0.6, 0.5), (10, 0.98, 0.66, 0.3)]
-        ),
+        "early-persistence/contrastive": history([(5, 1.0, 0.6, 0.5), (10, 0.98, 0.66, 0.3)]),
         "early-persistence/multitask": history([(1, 1.0, 0.5, 0.9), (3, 1.02, 0.55, 0.8)]),
-        "char-lm/gru": steps([(500, 2.8, 2.9, 0.65), (1000, 2.6, 2.7, 0.70),
-                              (1500, 2.3, 2.5, 0.7496), (2000, 2.1, None, None)]),
+        "char-lm/gru": steps([(1000, 2.6, 2.7, 0.70), (1500, 2.3, 2.5, 0.7496), (2000, 2.1, None,
+                                                                                  None)]),
         "char-lm/shuffled": steps([(1000, 4.1, 4.2, 0.25), (2000, 4.0, 4.1, 0.26)]),
     }
     events = ["00:01:00 early-persistence/multitask: FAILED (exit 1) after 3 attempts"]

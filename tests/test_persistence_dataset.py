@@ -199,13 +199,15 @@ def _track_cues(split):
     return crowd, edge, label
 
 
-def test_non_appearance_cues_are_measured(dataset):
-    """Not a leak of appearance, but cues a model without temporal association can use: a
-    persistent object is in every frame, so it is more often alone in a frame; persistent
-    trajectories stay nearer the centre. Documented in docs/early_persistence.md."""
+def test_crowding_is_measured_and_position_is_not_a_cue(dataset):
+    """Crowding is a cue a model without temporal association can use: a transient is only ever
+    seen in frames that hold it, so its frames are a little more crowded than a persistent
+    object's average frame (documented in docs/early_persistence.md with the trivial baselines).
+    Distance to the centre no longer is one: transients follow hidden trajectories drawn like
+    the persistent ones (tests/test_persistence_shortcuts.py tests every cue at scale)."""
     c_tr, e_tr, y_tr = _track_cues(load_split(dataset, "train"))
     c_te, e_te, y_te = _track_cues(load_split(dataset, "test"))
     crowd = _best_threshold_balanced(c_tr, y_tr, c_te, y_te)
     edge = _best_threshold_balanced(e_tr, y_tr, e_te, y_te)
     print(f"balanced accuracy from frame crowding {crowd:.3f}, from distance to centre {edge:.3f}")
-    assert 0.6 < crowd < 0.95 and 0.55 < edge < 0.8
+    assert 0.5 < crowd < 0.95 and edge < 0.58  # 400 clips: +-0.04 around chance

@@ -10,10 +10,15 @@ from scipy import stats
 from workers.persistence_metrics import (
     attention_received,
     classification_metrics,
+    confusion_bootstrap_ci,
     expected_calibration_error,
+    mean_bootstrap_ci,
+    own_track_association,
+    per_clip_confusion,
     persistent_transient_attention,
     summarize_attention,
     track_predictions,
+    track_weights_np,
 )
 
 
@@ -54,7 +59,9 @@ def test_summary_geometric_mean_consistency_and_paired_wilcoxon():
     r = p / t
     assert s["attention_ratio"] == pytest.approx(np.exp(np.log(r).mean()))
     assert s["consistency"] == pytest.approx(np.mean(r > 1.3)) == pytest.approx(6 / 8)
-    assert s["separation_p"] == pytest.approx(stats.wilcoxon(p, t).pvalue)
+    log_r = np.log(p) - np.log(t)
+    assert s["separation_p"] == pytest.approx(stats.wilcoxon(log_r, alternative="greater").pvalue)
+    assert s["consistency_ci_low"] < s["consistency"] < s["consistency_ci_high"]
     assert s["attention_ratio_ci_low"] < s["attention_ratio"] < s["attention_ratio_ci_high"]
     assert s["effect_size_dz"] == pytest.approx(np.log(r).mean() / np.log(r).std(ddof=1))
     # uniform attention: ratio exactly 1, no separation
@@ -83,7 +90,7 @@ def test_track_aggregation_and_classification_metrics():
         tl.tolist() == [1, 0, 1, 0] and tc.tolist() == [0, 0, 1, 1] and ti.tolist() == [0, 1, 0, 1]
     )
     m = classification_metrics(tl, (tp > 0.5).astype(int))
-    assert m["accuracy"] == 0.75 and m["confusion"] == [[2, 0], [1, 1]]
+    assert m["accuracy"] == 0.75 and m["confusion"] == [[2.0, 0.0], [1.0, 1.0]]
     assert m["balanced_accuracy"] == 0.75
     assert m["macro_f1"] == pytest.approx(
         np.mean([2 * (2 / 3) * 1 / (2 / 3 + 1), 2 * 1 * 0.5 / 1.5])
@@ -95,3 +102,63 @@ def test_ece():
     assert expected_calibration_error(
         np.array([0.9] * 10), np.array([1] * 5 + [0] * 5)
     ) == pytest.approx(0.4)
+
+
+def test_separation_p_is_one_sided_in_the_claimed_direction():
+    """A model attending MORE to transients (r < 1 in every clip) must not pass; the same clips
+    mirrored must. Two-sided, both passed."""
+    rng = np.random.default_rng(1)
+    t = rng.uniform(0.05, 0.1, 30)
+    wrong = summarize_attention(t * np.exp(-rng.uniform(0.05, 0.3, 30)), t)
+    assert wrong["attention_ratio"] < 1 and wrong["separation_p"] > 0.99
+    right = summarize_attention(t * np.exp(rng.uniform(0.05, 0.3, 30)), t)
+    assert right["separation_p"] < 1e-5
+
+
+def test_scoring_is_per_token_with_each_track_weighted_once():
+    """A track of 16 tokens and a track of 2: each weighs 1, whatever its token count; a track
+    half right scores 0.5 (no pooling over the track's true extent)."""
+    clip = np.zeros(18, dtype=int)
+    track = np.array([0] * 16 + [1] * 2)
+    label = np.array([1] * 16 + [0] * 2)
+    w = track_weights_np(clip, track)
+    assert w.sum() == pytest.approx(2.0)
+    pred = np.array([1] * 8 + [0] * 8 + [0, 0])  # the persistent track half right
+    m = classification_metrics(label, pred, w)
+    assert m["accuracy"] == pytest.approx(0.75) and m["balanced_accuracy"] == pytest.approx(0.75)
+    assert m["confusion"] == [[1.0, 0.0], [0.5, 0.5]]
+
+
+def test_confusion_and_mean_bootstrap_cis_cover_the_estimate():
+    rng = np.random.default_rng(0)
+    n_clips, per_clip = 60, 10
+    clip = np.repeat(np.arange(n_clips), per_clip)
+    label = rng.integers(0, 2, len(clip))
+    pred = np.where(rng.random(len(clip)) < 0.8, label, 1 - label)
+    conf = per_clip_confusion(label, pred, np.ones(len(clip)), clip, n_clips)
+    assert conf.sum() == len(clip)
+    ci = confusion_bootstrap_ci(conf)
+    acc = classification_metrics(label, pred)
+    assert ci["accuracy"][0] < acc["accuracy"] < ci["accuracy"][1]
+    assert ci["balanced_accuracy"][0] < acc["balanced_accuracy"] < ci["balanced_accuracy"][1]
+    lo, hi = mean_bootstrap_ci(np.r_[rng.normal(2.0, 0.5, 50), np.nan])
+    assert lo < 2.0 < hi
+    assert confusion_bootstrap_ci(conf[:3])["accuracy"] == (None, None)
+
+
+def test_association_is_one_for_uniform_zero_within_frame_and_high_for_own_track():
+    # one clip, 2 objects x 3 frames (tokens ordered object-major) + 1 one-token object
+    track = torch.tensor([[0, 0, 0, 1, 1, 1, 2]])
+    frame = torch.tensor([[0, 1, 2, 0, 1, 2, 1]])
+    valid = torch.ones(1, 7, dtype=torch.bool)
+    uniform = torch.full((1, 2, 7, 7), 1 / 7)
+    assert float(own_track_association(uniform, track, valid)[0]) == pytest.approx(1.0)
+    same_frame = (frame[0][:, None] == frame[0][None]).float()
+    within = (same_frame / same_frame.sum(1, keepdim=True)).expand(1, 2, 7, 7)
+    assert float(own_track_association(within, track, valid)[0]) == pytest.approx(0.0)
+    own = ((track[0][:, None] == track[0][None]) & ~torch.eye(7, dtype=torch.bool)).float()
+    own[6, 6] = 1.0  # the lone token can only attend to itself
+    own = (own / own.sum(1, keepdim=True)).expand(1, 2, 7, 7)
+    # every multi-token query puts all its mass on its own object: 1 / (2/7) = 3.5
+    assert float(own_track_association(own, track, valid)[0]) == pytest.approx(3.5)
+    assert torch.isnan(own_track_association(uniform, torch.arange(7)[None], valid)[0])

@@ -30,6 +30,11 @@ REQUIRED = (
     "separation_p",
     "effect_size_dz",
     "samples_per_s",
+    "val_accuracy_ci_low",
+    "balanced_accuracy_ci_low",
+    "consistency_ci_low",
+    "association",
+    "association_ci_low",
 )
 COMPARED = (
     "train_loss",
@@ -102,6 +107,9 @@ def test_each_approach_writes_valid_metrics_checkpoints_and_evals(data_dir, tmp_
     )
     assert 0.0 < last["separation_p"] <= 1.0
     assert (tmp_path / "checkpoints" / "latest.pt").exists()
+    before = json.loads((tmp_path / "evals" / "epoch_000000.json").read_text())
+    assert before["epoch"] == 0 and len(before["samples"]) == last["n_val_clips"]
+    assert ("RANDOM" in before["backbone"]) == (approach == "pretrained_features")
     ev = json.loads((tmp_path / "evals" / "epoch_000002.json").read_text())
     assert len(ev["samples"]) == last["n_val_clips"] >= 5
     s = ev["samples"][0]
@@ -174,3 +182,22 @@ def test_bad_input_is_one_error_line(tmp_path):
     assert (
         proc.stderr.strip().startswith("error:") and "generate_persistence_dataset" in proc.stderr
     )
+
+
+def test_a_scored_checkpoint_reproduces_the_logged_evaluation(data_dir, tmp_path):
+    """score_checkpoint (the winner's test-split scoring) rebuilds the model from the checkpoint,
+    frozen random backbone included: on the worker's own val clips it gives the logged record."""
+    from workers.early_persistence import score_checkpoint
+
+    _run(_cmd(data_dir, "pretrained_features", "--epochs", "2", "--eval-every", "1"), tmp_path)
+    logged = _records(tmp_path)[-1]
+    metrics, records = score_checkpoint(
+        tmp_path / "checkpoints" / "epoch_000002.pt", data_dir, "val", limit=12
+    )
+    assert records["checkpoint_epoch"] == 2 and records["split"] == "val"
+    for key in ("val_accuracy", "balanced_accuracy", "attention_ratio", "association"):
+        assert metrics[key] == pytest.approx(logged[key], rel=1e-5, abs=1e-6), key
+    test_metrics, test_records = score_checkpoint(
+        tmp_path / "checkpoints" / "epoch_000002.pt", data_dir, "test"
+    )
+    assert test_records["split"] == "test" and test_metrics["n_val_clips"] >= 5

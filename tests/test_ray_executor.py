@@ -24,13 +24,20 @@ import yaml
 
 from orchestrator.core.config import load_plan
 from orchestrator.core.state import PlanState, RunState
+from orchestrator.paths import RunPaths
 from orchestrator.ray_executor.executor import (
+    WORKING_DIR_EXCLUDES,
     NodeSpec,
+    Pull,
     RayLauncher,
     RayRunHandle,
     RunActor,
     is_append_only,
+    job_runtime_env,
+    last_recorded,
 )
+from orchestrator.ray_executor.packaging import pack_worktree, unpack_worktree
+from orchestrator.running.gpus import Slot
 from orchestrator.running.launchers import LaunchSpec
 from orchestrator.running.processes import RUN_ID_ENV
 from orchestrator.session import build_controller
@@ -53,7 +60,8 @@ def local_ray() -> Any:
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
     if ray.is_initialized():  # an earlier test's call may have auto-started one
         ray.shutdown()
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
+             runtime_env=job_runtime_env())
     yield ray
     ray.shutdown()
 
@@ -134,9 +142,60 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def test_core_does_not_import_ray() -> None:
-    code = ("import sys, orchestrator.core.controller, orchestrator.cli, orchestrator.running.launchers; "
-            "sys.exit(1 if 'ray' in sys.modules else 0)")
+    code = ("import sys, orchestrator.core.controller, orchestrator.cli, "
+            "orchestrator.running.launchers; sys.exit(1 if 'ray' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_public_ray_apis_only() -> None:
+    """No module of the orchestrator imports Ray's private modules (they change without notice
+    between Ray versions)."""
+    root = Path(__file__).resolve().parent.parent / "orchestrator"
+    private = [f"{p.relative_to(root)}:{i}" for p in sorted(root.rglob("*.py"))
+               for i, line in enumerate(p.read_text().splitlines(), 1)
+               if "ray._private" in line or "from ray._" in line or "import ray._" in line]
+    assert private == []
+
+
+def test_worktree_package_is_deterministic_and_honours_excludes(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    (repo / ".gitignore").write_text("ignored.bin\n")
+    (repo / "ignored.bin").write_bytes(b"x")
+    (repo / "untracked.py").write_text("print('hi')\n")
+    (repo / "results").mkdir()
+    (repo / "results" / "old.json").write_text("{}")
+    (repo / "big.mp4").write_bytes(b"y")
+    os.chmod(repo / "fake_worker.py", 0o755)
+    excludes = [*WORKING_DIR_EXCLUDES, "*.mp4"]
+    digest, data = pack_worktree(repo, excludes)
+    assert pack_worktree(repo, excludes) == (digest, data)  # same files, same bytes
+    out = tmp_path / "node copy"
+    unpack_worktree(data, out)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        ".gitignore", "fake_worker.py", "untracked.py"]
+    assert os.stat(out / "fake_worker.py").st_mode & 0o777 == 0o755
+    (repo / "untracked.py").write_text("print('changed')\n")
+    assert pack_worktree(repo, excludes)[0] != digest
+
+
+def test_resumed_attempt_drops_records_the_controller_holds(tmp_path: Path) -> None:
+    """A retry re-runs the epochs between its checkpoint (4) and the controller's last record
+    (6): those records are dropped, split lines included, and the drop is noted in stderr."""
+    paths = RunPaths(tmp_path / "run")
+    paths.ensure()
+    held = "".join(json.dumps({"epoch": e, "acc": 0.1}) + "\n" for e in range(1, 7))
+    paths.metrics.write_text(held)
+    assert last_recorded(paths.metrics) == 6
+    spec = LaunchSpec(key="r/w", argv=["x"], cwd=tmp_path, env={}, paths=paths, run_id="r/w/2/x",
+                      attempt=2, slot=Slot(0, None))
+    handle = RayRunHandle(spec, None, None, recorded_upto=last_recorded(paths.metrics))
+    handle.apply(Pull({"metrics.jsonl": b'{"epoch": 5, "acc": 0.2}\n{"epo'}, {}, None, 0.0))
+    handle.apply(Pull({"metrics.jsonl": b'ch": 6, "acc": 0.2}\n{"epoch": 7, "acc": 0.3}\n{"e'},
+                      {}, None, 0.0))
+    handle.apply(Pull({"metrics.jsonl": b'poch": 8, "acc": 0.4}\n'}, {}, 0, 0.0))
+    epochs = [json.loads(line)["epoch"] for line in paths.metrics.read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert "re-ran epochs (or steps) 5..6" in paths.stderr.read_text()
 
 
 def test_append_only_classification() -> None:
@@ -231,7 +290,11 @@ def test_race_decides_stops_losers_and_returns_results(
     assert state.runs[f"{RACE}/slow"].state == RunState.stopped
     assert state.runs[f"{RACE}/stubborn"].state == RunState.stopped
     assert state.experiments[RACE].decision_latency_s is not None
-    # No orphan on the node: the children, the setsid helper and the SIGTERM-ignorer are gone.
+    # No orphan on the node: the children, the setsid helper and the SIGTERM-ignorer are gone
+    # (a run whose actor was still starting is cleaned up by its sentinel, within grace_s).
+    deadline = time.monotonic() + plan.grace_s + 10
+    while tagged_processes(f"{RACE}/") and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert tagged_processes(f"{RACE}/") == []
 
     fast = plan.results_dir / RACE / "fast"

@@ -256,3 +256,154 @@ def test_a_same_second_same_size_rewrite_is_still_fetched(
         assert fetcher.fetch(session).fetched == []  # verified: nothing more to fetch
     finally:
         session.close()
+
+
+ROWS = [
+    "| worker | branch | slot | epoch/max | attention_ratio | val_accuracy | separation_p "
+    "| status | trend | ETA |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+    "| attention-supervised | `early-persistence/attention-supervised` | gpu0 | 10/50 | 1.62 ✓ "
+    "| 0.81 ✓ | 0.004 ✓ | 🏆 succeeded | ↗ |  |",
+    "| contrastive-persistence | `early-persistence/contrastive-persistence` | — | 10/50 "
+    "| 0.98 ✗ | 0.66 ✗ | 0.3 ✗ | ⏹ stopped: lost to attention-supervised | ↘ (worse) |  |",
+]
+DECIDED_DASHBOARD = (
+    "# Parallel progress\n\n## early-persistence: {status}\n\n" + "\n".join(ROWS) + """
+
+- [Race report](results/early-persistence/race_report/RACE_REPORT.md)
+- [Success figure](results/early-persistence/success_viz/SUCCESS_VISUALIZATION.png)
+- [Success report](results/early-persistence/success_viz/SUCCESS_REPORT.md)
+- [elsewhere](https://example.com/r.md) [up](../secret.md)
+
+![progress](progress.png)
+"""
+)
+WON = "🏆 **attention-supervised** won at epoch 10"
+
+
+def make_decided_remote(root: Path) -> Path:
+    """A plan folder after the decision: the dashboard links the race report, the success
+    figure and the success report; those pages embed or link more figures."""
+    exp = root / "results" / "early-persistence"
+    (exp / "race_report").mkdir(parents=True)
+    (exp / "success_viz" / "checkpoints").mkdir(parents=True)
+    (root / "PARALLEL_PROGRESS.md").write_text(DECIDED_DASHBOARD.format(status=WON))
+    (root / "progress.png").write_bytes(os.urandom(10_000))
+    (exp / "race_report" / "RACE_REPORT.md").write_text(
+        "# Race report\n\n![criterion metrics per worker](race_report.png)\n"
+    )
+    (exp / "race_report" / "race_report.png").write_bytes(os.urandom(8_000))
+    (exp / "success_viz" / "SUCCESS_VISUALIZATION.png").write_bytes(os.urandom(9_000))
+    (exp / "success_viz" / "SUCCESS_REPORT.md").write_text(
+        "![success figure](SUCCESS_VISUALIZATION.png)\n\n"
+        "- [panel a](panel_a.png)\n- [checkpoint](checkpoints/best.pt)\n"
+        "- [records](evals.jsonl)\n- [outside](../../../../secret.md)\n"
+    )
+    (exp / "success_viz" / "panel_a.png").write_bytes(os.urandom(7_000))
+    (exp / "success_viz" / "checkpoints" / "best.pt").write_bytes(b"weights")
+    (exp / "success_viz" / "evals.jsonl").write_text("{}\n")
+    (root.parent / "secret.md").write_text("outside the target")
+    return root
+
+
+def test_watch_once_mirrors_linked_reports_and_figures(sshd: SshServer, tmp_path: Path) -> None:
+    remote = make_decided_remote(tmp_path / "gpu box" / "project")
+    out = tmp_path / "laptop" / "dash"
+    env = {**run_env(), "COLUMNS": "80"}
+    done = subprocess.run(
+        watch_argv(sshd, remote, out, "--once"), capture_output=True, text=True, env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    got = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    exp = "results/early-persistence"
+    assert got == [
+        "PARALLEL_PROGRESS.md",
+        "progress.png",
+        f"{exp}/race_report/RACE_REPORT.md",
+        f"{exp}/race_report/race_report.png",
+        f"{exp}/success_viz/SUCCESS_REPORT.md",
+        f"{exp}/success_viz/SUCCESS_VISUALIZATION.png",
+        f"{exp}/success_viz/panel_a.png",
+    ]
+    for rel in got:
+        assert (out / rel).read_bytes() == (remote / rel).read_bytes(), rel
+    assert not (tmp_path / "laptop" / "secret.md").exists()
+    # the view lists the linked files with their local paths, and fits 80 columns
+    flat = done.stdout.replace("\n", "")
+    assert str(out / exp / "race_report" / "RACE_REPORT.md") in flat
+    assert str(out / exp / "success_viz" / "SUCCESS_VISUALIZATION.png") in flat
+    lines = done.stdout.splitlines()
+    table = [line for line in lines if "✓" in line or "✗" in line]
+    assert table and max(len(line) for line in table) <= 80
+    assert "1.62 ✓" in done.stdout and "stopped (lost)" in done.stdout
+    assert "early-persistence/attention-supervised" not in done.stdout  # branch dropped first
+
+
+def test_linked_files_are_fetched_only_when_changed(sshd: SshServer, tmp_path: Path) -> None:
+    remote = make_decided_remote(tmp_path / "project")
+    fetcher = DashboardFetcher(tmp_path / "dash")
+    session = open_session(parse_target(sshd.target(remote)), sshd.options())
+    try:
+        first = fetcher.fetch(session)
+        assert len(first.fetched) == 7 and first.missing == []
+        assert [label for label, _ in first.linked] == [
+            "Race report", "Success figure", "Success report",
+        ]
+        time.sleep(DashboardFetcher.RACY_S)
+        fetcher.fetch(session)  # the racy re-check of files fetched within the same second
+        assert fetcher.fetch(session).fetched == []
+        report = remote / "results/early-persistence/race_report/RACE_REPORT.md"
+        report.write_text(report.read_text() + "\nupdated\n")
+        changed = fetcher.fetch(session).fetched
+        assert changed == ["results/early-persistence/race_report/RACE_REPORT.md"]
+    finally:
+        session.close()
+
+
+def fake_notify_send(folder: Path, record: Path) -> dict[str, str]:
+    """A `notify-send` first on PATH that appends its arguments to ``record``; the env to use."""
+    folder.mkdir()
+    script = folder / "notify-send"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys\n"
+        f"with open({str(record)!r}, 'a') as fh:\n"
+        "    fh.write(json.dumps(sys.argv[1:]) + '\\n')\n"
+    )
+    script.chmod(0o755)
+    return {**run_env(), "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_watch_notify_pings_once_per_decision(sshd: SshServer, tmp_path: Path) -> None:
+    import json
+
+    remote = make_decided_remote(tmp_path / "project")
+    page = remote / "PARALLEL_PROGRESS.md"
+    page.write_text(DECIDED_DASHBOARD.format(status="racing"))
+    record = tmp_path / "notified.jsonl"
+    env = fake_notify_send(tmp_path / "bin", record)
+    out = tmp_path / "dash"
+    local = out / "PARALLEL_PROGRESS.md"
+    proc = subprocess.Popen(
+        watch_argv(sshd, remote, out, "--interval-s", "0.2", "--notify"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        wait_for(lambda: local.exists() and "racing" in local.read_text(), 20, "the first fetch")
+        page.write_text(DECIDED_DASHBOARD.format(status=WON))
+        wait_for(lambda: record.exists() and record.read_text().strip() != "", 30, "the ping")
+        # a few more rounds showing the same decision (and a change elsewhere on the page)
+        page.write_text(DECIDED_DASHBOARD.format(status=WON) + "\nlater\n")
+        wait_for(lambda: "later" in local.read_text(), 30, "the next fetch")
+        page.write_text(DECIDED_DASHBOARD.format(status=WON) + "\nlater still\n")
+        wait_for(lambda: "later still" in local.read_text(), 30, "the fetch after that")
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert calls == [["early-persistence: decided", "attention-supervised won at epoch 10"]]

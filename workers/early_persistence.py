@@ -13,7 +13,8 @@ difference varies:
   clipped once r >= 10). It optimises the race's attention metric directly, so its attention win
   must be read together with its accuracy (ML_NOTES: never judged on its own loss alone).
 - pretrained_features: frozen ResNet-18 (transformers ResNetModel, microsoft/resnet-18 with
-  --preset full; a tiny random ResNetConfig with --preset tiny) + a trained projection. The
+  --preset full; a tiny RANDOMLY initialised ResNetConfig with --preset tiny, i.e. NOT
+  pretrained: records say so in ``backbone``) + a trained projection. The
   frozen features are computed once per token at start-up (the backbone is deterministic in
   eval()), and the projection trains.
 - contrastive: CE + 0.1 x contrastive loss (Hadsell et al. 2006) on L2-normalised final
@@ -22,10 +23,15 @@ difference varies:
   visible, divided by T).
 
 CE is per token, weighted so that every ground-truth track counts once (tracks are the unit of
-val_accuracy). Evaluation is on the held-out val split only; the attention metrics use the last
-layer (workers/persistence_metrics.py). Metrics go to metrics.jsonl, per-clip records to
-evals/epoch_NNNNNN.json, checkpoints every epoch and on SIGTERM (mid-epoch included: resuming
-skips the batches already done, so a resumed run follows the uninterrupted trajectory exactly).
+val_accuracy). Evaluation is on the held-out val split only, once before training
+(evals/epoch_000000.json, never a metrics record) and every ``--eval-every`` epochs; every token
+is scored on its own, each track weighted once (no pooling over a track's true extent); the
+attention metrics use the last layer (workers/persistence_metrics.py). ``score_checkpoint``
+rescores a saved checkpoint on any split (the winner on test, once, from the on_success hook).
+Metrics go to metrics.jsonl, per-clip records to
+evals/epoch_NNNNNN.json, checkpoints every epoch and on SIGTERM (mid-epoch: a ``_partial``
+checkpoint that never replaces the evaluated epoch's; resuming skips the batches already done, so
+a resumed run follows the uninterrupted trajectory exactly).
 """
 
 from __future__ import annotations
@@ -46,8 +52,13 @@ from synthvid.persistence import ObjectTokens, extract_tokens, load_split
 from workers.persistence_metrics import (
     attention_received,
     classification_metrics,
+    confusion_bootstrap_ci,
+    mean_bootstrap_ci,
+    own_track_association,
+    per_clip_confusion,
     summarize_attention,
     track_predictions,
+    track_weights_np,
 )
 from workers.training_loop import train_epochs, warmup_cosine
 
@@ -95,7 +106,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model/optimiser size")
     p.add_argument("--seed", type=int, default=0, help="seed of init, data order and dropout")
     p.add_argument("--epochs", type=int, default=50, help="epochs to train (the plan's max_epochs)")
-    p.add_argument("--eval-every", type=int, default=5, help="evaluate on val every N epochs")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=1,
+        help="evaluate on val every N epochs (the untrained model is evaluated once too, into "
+        "evals/epoch_000000.json; the race checks its criteria every check_every epochs)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="clips per batch (preset default)")
     p.add_argument(
         "--lr", type=float, default=None, help="peak AdamW learning rate (preset default)"
@@ -308,10 +325,15 @@ def build_model(args, crops_train, crops_val, device):
 
 
 @torch.no_grad()
-def evaluate(model, data: TokenBatches, args, num_frames: int, epoch: int):
-    """Held-out metrics and per-clip records. Returns (metrics dict, records dict)."""
+def evaluate(model, data: TokenBatches, args, num_frames: int, epoch: int, split: str = "val"):
+    """Held-out metrics and per-clip records. Returns (metrics dict, records dict).
+
+    Every token is classified on its own (p > 0.5); each ground-truth track weighs 1, its tokens
+    1/n each (workers/persistence_metrics.py), so the score never pools a track's tokens over its
+    true extent. The attention metrics use the last layer.
+    """
     model.eval()
-    probs, received, losses, n_batches = [], [], 0.0, 0
+    probs, received, assoc, losses, n_batches = [], [], [], 0.0, 0
     order = torch.arange(len(data))
     for clips in torch.split(order, 64):
         b = data.batch(clips)
@@ -321,7 +343,9 @@ def evaluate(model, data: TokenBatches, args, num_frames: int, epoch: int):
         )
         n_batches += 1
         p = out["logits"].float().softmax(-1)[..., 1]
-        a = attention_received(out["attentions"][-1].float(), b["valid"])
+        last = out["attentions"][-1].float()
+        a = attention_received(last, b["valid"])
+        assoc.append(own_track_association(last, b["track"], b["valid"]).cpu().numpy())
         for i in range(len(clips)):
             v = b["valid"][i]
             probs.append(p[i][v].cpu().numpy())
@@ -331,9 +355,15 @@ def evaluate(model, data: TokenBatches, args, num_frames: int, epoch: int):
     clip = np.repeat(np.arange(len(tok)), np.diff(tok.offsets))
     prob = np.concatenate(probs)
     att = np.concatenate(received)
+    association = np.concatenate(assoc)  # [N] per clip, NaN without a multi-token object
+    pred = (prob > 0.5).astype(np.int64)
+    weight = track_weights_np(clip, tok.track)
+    cls = classification_metrics(tok.label, pred, weight)
+    cis = confusion_bootstrap_ci(
+        per_clip_confusion(tok.label, pred, weight, clip, len(tok)), seed=epoch
+    )
     t_prob, t_label, t_clip, t_id = track_predictions(prob, clip, tok.track, tok.label)
-    t_pred = (t_prob > 0.5).astype(np.int64)
-    cls = classification_metrics(t_label, t_pred)
+    t_acc = track_predictions((pred == tok.label).astype(np.float64), clip, tok.track, tok.label)[0]
     samples, pers, trans = [], [], []
     for i, sid in enumerate(tok.sample_ids):
         sl = slice(tok.offsets[i], tok.offsets[i + 1])
@@ -347,13 +377,13 @@ def evaluate(model, data: TokenBatches, args, num_frames: int, epoch: int):
         objects = [
             {
                 "track": int(k),
-                "kind": "persistent" if lab[trk == k][0] == 1 else "transient",
+                "kind": "persistent" if lb == 1 else "transient",
                 "num_tokens": int((trk == k).sum()),
                 "attention": float(a_i[trk == k].mean()),
-                "prob_persistent": float(pr),
-                "correct": bool(pd == lb),
+                "prob_persistent": float(pr),  # mean over its tokens: display only, not scored
+                "correct": float(ok),  # fraction of its tokens classified right (its score)
             }
-            for k, pr, pd, lb in zip(t_id[m], t_prob[m], t_pred[m], t_label[m], strict=True)
+            for k, pr, ok, lb in zip(t_id[m], t_prob[m], t_acc[m], t_label[m], strict=True)
         ]
         samples.append(
             {
@@ -362,29 +392,95 @@ def evaluate(model, data: TokenBatches, args, num_frames: int, epoch: int):
                 "persistent_attention": p_mean,
                 "transient_attention": t_mean,
                 "ratio": p_mean / t_mean if t_mean else None,
+                "association": None if np.isnan(association[i]) else float(association[i]),
                 "object_accuracy": float(np.mean([o["correct"] for o in objects])),
             }
         )
     att_stats = summarize_attention(np.array(pers), np.array(trans), seed=epoch)
+    assoc_ci = mean_bootstrap_ci(association, seed=epoch)
     metrics = {
         "val_loss": losses / max(n_batches, 1),
         "val_accuracy": cls["accuracy"],
-        "macro_f1": cls["macro_f1"],
+        "val_accuracy_ci_low": cis["accuracy"][0],
+        "val_accuracy_ci_high": cis["accuracy"][1],
         "balanced_accuracy": cls["balanced_accuracy"],
+        "balanced_accuracy_ci_low": cis["balanced_accuracy"][0],
+        "balanced_accuracy_ci_high": cis["balanced_accuracy"][1],
+        "macro_f1": cls["macro_f1"],
         "majority_accuracy": float(max(t_label.mean(), 1 - t_label.mean())),
         **att_stats,
+        "association": float(np.nanmean(association)) if np.isfinite(association).any() else None,
+        "association_ci_low": assoc_ci[0],
+        "association_ci_high": assoc_ci[1],
         "n_val_clips": len(tok),
         "n_excluded_no_transient": len(tok) - len(pers),
     }
     records = {
         "epoch": epoch,
         "approach": args.approach,
-        "split": "val",
+        "backbone": backbone_description(args),
+        "split": split,
         "layer": "last",
+        "scoring": "per token (p > 0.5), each ground-truth track weighted 1 (tokens 1/n)",
         "confusion": cls["confusion"],
         "summary": metrics,
         "samples": samples,
     }
+    return metrics, records
+
+
+def backbone_description(args) -> str:
+    """What turns a crop into a token, and where its weights come from (records, reports)."""
+    if args.approach != "pretrained_features":
+        return f"SimpleCNNTokenizer (width {args.cnn_width}), trained from scratch"
+    if args.resnet == "tiny":
+        return (
+            "frozen ResNet (tiny config, widths 16-128), RANDOM initialisation "
+            f"(torch seed {args.seed}), NOT pretrained; only the projection trains"
+        )
+    return f"frozen ResNet from {args.resnet} (transformers from_pretrained); projection trains"
+
+
+# -- scoring a saved checkpoint (the winner's, on the test split) --------------------------------
+
+
+def score_checkpoint(checkpoint, data_dir, split: str = "test", limit: int | None = None):
+    """Score a checkpoint of this worker on a split, exactly as the worker scores val.
+
+    The model is rebuilt from the arguments stored in the checkpoint, in the order ``main`` uses
+    (so the frozen random backbone of ``pretrained_features --resnet tiny``, which is not in the
+    checkpoint, is the same), then the checkpoint's weights are loaded.
+
+    Args:
+        checkpoint: path of a checkpoint written by this worker (``torch.save`` of a dict with
+            ``model``, ``args``, ``epoch``).
+        data_dir: dataset folder (the checkpoint's own ``data_dir`` may be another machine's).
+        split: "train", "val" or "test".
+        limit: score only the split's first ``limit`` clips (tests).
+
+    Returns:
+        (metrics, records) as ``evaluate`` returns them; records carry ``checkpoint_epoch``.
+
+    Raises:
+        ValueError: missing dataset or unknown split; OSError / RuntimeError from torch.load.
+    """
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    args = argparse.Namespace(**state["args"])
+    data = load_split(data_dir, split, limit)
+    tok = extract_tokens(data)
+    torch.manual_seed(args.seed)
+    crops = resize_crops(torch.from_numpy(tok.crops), args.token_size)
+    model, _, inputs = build_model(args, crops[:1], crops, torch.device("cpu"))
+    model.load_state_dict(state["model"])
+    metrics, records = evaluate(
+        model,
+        TokenBatches(tok, inputs, torch.device("cpu")),
+        args,
+        data.video.shape[1],
+        int(state["epoch"]),
+        split,
+    )
+    records["checkpoint_epoch"] = int(state["epoch"])
     return metrics, records
 
 
@@ -421,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.approach}: {sum(p.numel() for p in params):,} trainable params, "
         f"{len(train)} train / "
-        f"{len(val)} val clips, {steps_per_epoch} steps/epoch, device {device}",
+        f"{len(val)} val clips, {steps_per_epoch} steps/epoch, device {device}; "
+        f"tokenizer: {backbone_description(args)}",
         flush=True,
     )
 

@@ -344,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         args=vars(args),
         stop_after_steps=args.stop_after_steps,
         show_progress=not args.no_progress,
+        evaluate_before=False,
     )
 
 

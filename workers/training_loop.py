@@ -5,9 +5,16 @@ One loop, so every worker of the race checkpoints, resumes and reports the same 
 - batches are a seeded permutation per epoch (``seed * 100_003 + epoch``), so a resumed attempt
   draws the same batches as the uninterrupted run;
 - a stop request (SIGTERM from the controller, or ``--stop-after-steps``) mid-epoch checkpoints
-  the batch position: the resumed attempt skips the batches already done and follows the
+  the batch position in a PARTIAL checkpoint (``epoch_000005_step_000001234_partial.pt``,
+  ``Reporter.save_checkpoint(partial=True)``), never in the file of the last evaluated epoch:
+  the weights that produced a record (and may have met the criteria) are never replaced by
+  weights trained further. The resumed attempt skips the batches already done and follows the
   uninterrupted trajectory exactly (model, optimizer, scheduler, CPU/CUDA RNG and the running
   loss are all in the checkpoint);
+- before the first step of a fresh run, ``evaluate(0)`` runs once and its per-sample records go
+  to evals/epoch_000000.json (the "before" of the success figure). It is NOT logged to
+  metrics.jsonl: epoch 0 is a multiple of every check interval, and an untrained model must
+  never be a check point of the race;
 - every epoch ends with a record (train loss, step, samples/s, CPU seconds, lr; the evaluation's
   metrics every ``eval_every`` epochs and at the last) and a checkpoint written *after* the
   record, as the worker contract asks.
@@ -73,6 +80,7 @@ def train_epochs(
     stop_after_steps: int | None = None,
     grad_clip: float = 1.0,
     show_progress: bool = True,
+    evaluate_before: bool = True,
 ) -> int:
     """Train for ``epochs`` epochs (resuming from the run's latest checkpoint when the
     controller says ``ORCH_RESUME=1``); returns the exit code (0).
@@ -86,6 +94,7 @@ def train_epochs(
             evals/epoch_NNNNNN.json).
         args: the worker's arguments, stored in every checkpoint.
         stop_after_steps: request a stop after this many optimizer steps (tests, time boxing).
+        evaluate_before: evaluate the untrained model once into evals/epoch_000000.json.
 
     Raises:
         RuntimeError / OSError: from the model or the file system; nothing is caught here.
@@ -106,7 +115,7 @@ def train_epochs(
             f"resumed from {ckpt.name}: epoch {pos.epoch}, batch {pos.batch_in_epoch}", flush=True
         )
 
-    def checkpoint() -> None:
+    def checkpoint(partial: bool = False) -> None:
         state = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -116,8 +125,13 @@ def train_epochs(
             **asdict(pos),
             "args": args,
         }
-        rep.save_checkpoint(lambda p: torch.save(state, p), epoch=pos.epoch, step=pos.step)
+        rep.save_checkpoint(
+            lambda p: torch.save(state, p), epoch=pos.epoch, step=pos.step, partial=partial
+        )
 
+    if pos == LoopPosition() and evaluate_before:
+        _, records = evaluate(0)  # untrained: the "before"; never a metrics record (see above)
+        rep.write_eval(f"epoch_{0:06d}", records)
     model.train()
     while pos.epoch < epochs:
         order = torch.randperm(
@@ -151,7 +165,7 @@ def train_epochs(
                 break
         train_time, train_cpu = time.perf_counter() - t0, time.process_time() - cpu0
         if rep.should_stop and pos.batch_in_epoch < len(batches):
-            checkpoint()  # mid-epoch: the resumed attempt skips the batches already done
+            checkpoint(partial=True)  # mid-epoch: the resumed attempt skips the batches done
             print(
                 f"stop requested: checkpoint at epoch {pos.epoch}, batch {pos.batch_in_epoch}",
                 flush=True,

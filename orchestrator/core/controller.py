@@ -155,7 +155,7 @@ class Controller(ResumeMixin, SchedulingMixin, ControlsMixin, PruningMixin):
             self._files.stop()
             self._stopper.shutdown(wait=True)
             self.slot_holds.close()
-            for view in self.views:
+            for view in reversed(self.views):  # the dashboard's syncer flushes last
                 view.close()
             self.launcher.close()
             self._lock.release()
@@ -316,8 +316,8 @@ class Controller(ResumeMixin, SchedulingMixin, ControlsMixin, PruningMixin):
         """The record's epoch or step (in the experiment's unit) if it is a check point."""
         unit = live.experiment.unit
         x = record.get(unit, record.get("step" if unit == "epoch" else "epoch"))
-        if not isinstance(x, int):
-            return None
+        if not isinstance(x, int) or x <= 0:
+            return None  # epoch/step 0 (an untrained evaluation) is never a check point
         every = live.experiment.check_every
         return x if every <= 1 or x % every == 0 else None
 
@@ -435,7 +435,7 @@ class Controller(ResumeMixin, SchedulingMixin, ControlsMixin, PruningMixin):
             rec.resume = True
             rec.error = last_line(rec.stderr_tail) or f"exit {code}"
             self.event(
-                f"{rec.key}: crashed (exit {code}) on attempt {rec.attempt}; "
+                f"{rec.key}: crashed (exit {code}) on attempt {rec.attempt}: {rec.error}; "
                 f"retrying with resume in {delay:.0f}s"
             )
         else:

@@ -127,7 +127,7 @@ class Criterion:
             if isinstance(node, ast.Name) and node.id in quoted:
                 node.id = quoted[node.id]
                 node.ctx = ast.Load()
-                setattr(node, "quoted", True)
+                node.quoted = True  # type: ignore[attr-defined]  # see _validate
         names: set[str] = set()
         _validate(tree.body, text, names)
         tree.body = _fold(tree.body, text)

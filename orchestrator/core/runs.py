@@ -8,8 +8,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.core.config import ExperimentConfig, Plan, WorkerConfig
+from orchestrator.core.config import ExperimentConfig, Plan, WorkerConfig, _fill
 from orchestrator.core.criteria import Criterion
+from orchestrator.core.environment import placeholder_values
 from orchestrator.core.state import PlanState, RunRecord, RunState
 from orchestrator.paths import ResultsPaths, RunPaths
 from orchestrator.running.gpus import Slot
@@ -95,12 +96,26 @@ def live_runs(plan: Plan, state: PlanState, paths: ResultsPaths) -> dict[str, Li
         rec.max_time_s = exp.max_time_s_for(worker)
         rec.control = worker.control
         run_paths = paths.run(exp.name, worker.name)
-        source = make_source(
-            worker.metrics.source,
-            run_dir=run_paths.run_dir,
-            path=worker.metrics.path,
-            pattern=worker.metrics.pattern,
-            rename=worker.metrics.rename,
-        )
-        out[key] = LiveRun(rec, exp, worker, run_paths, source)
+        out[key] = LiveRun(rec, exp, worker, run_paths, metric_source(plan, exp, worker, paths))
     return out
+
+
+def metric_source(
+    plan: Plan, exp: ExperimentConfig, worker: WorkerConfig, paths: ResultsPaths
+) -> MetricSource:
+    """The worker's ``metrics:`` source, its ``path`` placeholders (``{worktree}``,
+    ``{run_dir}``, ``{repo}`` ...) filled in; relative paths are under the run directory."""
+    run_paths = paths.run(exp.name, worker.name)
+    path = worker.metrics.path
+    if path is not None:
+        values = placeholder_values(
+            plan, exp, worker, run_paths, plan.worktree_path(worker, exp), attempt=0
+        )
+        path = _fill(path, values)
+    return make_source(
+        worker.metrics.source,
+        run_dir=run_paths.run_dir,
+        path=path,
+        pattern=worker.metrics.pattern,
+        rename=worker.metrics.rename,
+    )

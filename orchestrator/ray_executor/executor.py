@@ -21,9 +21,13 @@ The controller, criteria, dashboard, state and sync are unchanged: this module i
 
 Two ways to give the worker its files, chosen once per launcher:
 
-- **shipped** (a multi-node cluster, or ``ORCH_RAY_SHIP=1``): the worktree travels as the actor's
-  ``runtime_env.working_dir`` (excluding .git, results/, runs/, data/, .worktrees/, caches;
-  Ray also honours the worktree's .gitignore), the orchestrator package as ``py_modules``; the
+- **shipped** (a multi-node cluster, or ``ORCH_RAY_SHIP=1``): the worktree is packed into a
+  deterministic zip (packaging.py: the files git would commit, minus .git, results/, runs/,
+  data/, .worktrees/, caches and ``ray.runtime_env.excludes``), put in the cluster's object store
+  once per content (``ray.put``) and unpacked by the actor into a node-local folder
+  (``$ORCH_RAY_SCRATCH`` or the node's temp directory); the orchestrator package travels as the
+  job's ``py_modules`` (``job_runtime_env``, given to ``ray.init``). Public Ray APIs only: Ray
+  takes a local ``working_dir`` per actor only as a URI its private upload functions make. The
   worker writes to a node-local run directory that is streamed back as above. Paths in the
   command and env that point into the controller's worktree or run directory are rewritten to
   the node's copies, and a leading controller interpreter becomes the node's. Data under
@@ -33,29 +37,30 @@ Two ways to give the worker its files, chosen once per launcher:
   worktree and writes the controller's run directory directly; nothing is copied.
 
 Resume after a crash: a dead actor or node makes ``poll`` return -9, a crash like any other, so
-the controller retries with ORCH_RESUME=1 (max_retries). In shipped mode the new attempt's node
-run directory is seeded with the controller's copy of metrics.jsonl and checkpoints/latest.*
-(at most ``checkpoint_sync_s`` old); in place, the worker reads its own run directory.
+the controller retries with ORCH_RESUME=1 (max_retries). A lost node is named (``ip id8
+[custom resources]``) in the run's stderr.log, hence its error on the dashboard, and in the
+next attempt's start event. In shipped mode the new attempt's node run directory is seeded with
+the controller's copy of metrics.jsonl and checkpoints/latest.* (at most ``checkpoint_sync_s``
+old), and the records it re-runs between that checkpoint and the controller's last record are
+dropped (each epoch is recorded once); in place, the worker reads its own run directory.
 Ray actors die with their driver, so runs do not survive a controller restart: ``attach``
 returns None and the restarted controller resumes them from the checkpoints it holds.
 
 References: Ray actors and runtime environments (docs.ray.io, "Actors", "Runtime environments");
 Ray Tune's function trainables do the same job in-process (see benchmarks/bench_ray_vs_tune.py).
 
-Layout: this module is the controller side (``RayLauncher``, ``RayRunHandle``); the actor and
-what it runs on the node are in ray_node.py (``RunActor``, ``NodeSpec``, ``Pull``), the sentinel
-in ray_sentinel.py. Their public names are re-exported here.
+Layout: this module is the controller side (``RayLauncher``; ``RayRunHandle`` in handle.py);
+the actor and what it runs on the node are in node.py (``RunActor``, ``NodeSpec``, ``Pull``),
+the sentinel in sentinel.py, the worktree package in packaging.py. Their public names are
+re-exported here.
 """
 
 from __future__ import annotations
 
-import inspect
-import logging
+import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -63,17 +68,20 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import LaunchError
 from orchestrator.paths import RunPaths
+from orchestrator.ray_executor.handle import RayRunHandle, last_recorded
 from orchestrator.ray_executor.node import (
     APPEND_SUFFIXES,
     DEAD_ACTOR_CODE,
     MAX_CHUNK_BYTES,
     RESCAN_S,
+    SCRATCH_ENV,
     NodeSpec,
     Pull,
     RunActor,
     is_append_only,
 )
-from orchestrator.reporting import LATEST, atomic_write_bytes
+from orchestrator.ray_executor.packaging import pack_worktree
+from orchestrator.reporting import LATEST
 from orchestrator.running.launchers import Launcher, LaunchSpec, RunHandle
 from orchestrator.running.processes import StopReport
 
@@ -86,6 +94,8 @@ __all__ = [
     "MAX_CHUNK_BYTES",
     "NAMESPACE",
     "RESCAN_S",
+    "RESOURCES_ENV",
+    "SCRATCH_ENV",
     "SHIP_ENV",
     "WORKING_DIR_EXCLUDES",
     "NodeSpec",
@@ -94,78 +104,42 @@ __all__ = [
     "RayRunHandle",
     "RunActor",
     "is_append_only",
+    "job_runtime_env",
+    "last_recorded",
 ]
 
 NAMESPACE = "orchestrator"
 SHIP_ENV = "ORCH_RAY_SHIP"  # "1": ship worktrees, "0": use them in place; unset: auto
+# A worker's env may carry extra Ray resources for its actor, as JSON ('{"node_b": 1}'), to pin
+# it to the nodes that offer them (custom resources of `ray start --resources`).
+RESOURCES_ENV = "ORCH_RAY_RESOURCES"
+STANDARD_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+NODE_DEATH_WAIT_S = 10.0  # how long a failed actor call waits for the GCS to call its node dead
+UNAVAILABLE_GRACE_S = 30.0  # how long an actor may stay unavailable before it counts as dead
+
+
+def package_dir() -> Path:
+    """The ``orchestrator`` package directory this controller runs (shipped as py_modules)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def job_runtime_env(runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The job-level runtime_env a controller's Ray connection needs (for ``ray.init``).
+
+    Ray uploads local ``py_modules`` only for the job (public ``ray.init(runtime_env=...)``):
+    the ``orchestrator`` package goes there, so that actors on any node can import it (and
+    their workers ``orchestrator.reporting``). The launcher calls ``ray.init`` with this itself;
+    code that connects to Ray before creating a ``RayLauncher`` must pass it too.
+
+    Args:
+        runtime_env: the plan's ``ray.runtime_env``; its ``py_modules`` join the package.
+    """
+    modules = [str(package_dir()), *(runtime_env or {}).get("py_modules", [])]
+    return {"py_modules": modules}
 WORKING_DIR_EXCLUDES = [
     ".git", ".worktrees/", "results/", "runs/", "data/", "__pycache__/", "*.pyc", ".venv/",
     ".mypy_cache/", ".pytest_cache/", ".ruff_cache/",
 ]
-
-
-# -- the controller side --------------------------------------------------------------------
-
-
-class RayRunHandle(RunHandle):
-    """One attempt running in a Ray actor; the launcher's pump thread feeds it.
-
-    ``pid`` is the launch wrapper's pid on its node once the actor started it, -1 before.
-    """
-
-    def __init__(self, spec: LaunchSpec, actor: Any, start_ref: Any) -> None:
-        self.spec = spec
-        self.actor = actor
-        self.start_ref = start_ref  # ObjectRef of RunActor.start()
-        self.pid: int | None = -1
-        self.create_time: float | None = time.time()
-        self.node: str | None = None  # the node's IP, once started
-        self.node_cwd: str | None = None  # where the worker runs on the node
-        self.node_run_dir: str | None = None  # where it writes there
-        self.error: str | None = None
-        self.done = threading.Event()  # set once the final pull (or the death) is applied
-        self._returncode: int | None = None
-        self._cpu_s = 0.0
-        self._killed = False
-
-    def poll(self) -> int | None:
-        return self._returncode if self.done.is_set() else None
-
-    def where(self) -> str:
-        if self.pid is None or self.pid < 0:
-            return "a Ray actor, starting"
-        return f"pid {self.pid} on node {self.node or '?'}"
-
-    def refresh(self) -> None:
-        """Nothing to do per tick: the launcher's pump thread appends new bytes as they arrive
-        (which wakes the controller through its file watcher)."""
-
-    def cpu_seconds(self) -> float:
-        return self._cpu_s
-
-    def apply(self, pull: Pull) -> None:
-        """Append streamed bytes and write whole files into the controller's run directory."""
-        run_dir = self.spec.paths.run_dir
-        for rel, data in pull.appends.items():
-            path = run_dir / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "ab") as f:
-                f.write(data)
-        for rel, data in pull.snapshots.items():
-            atomic_write_bytes(run_dir / rel, data)
-        self._cpu_s = max(self._cpu_s, pull.cpu_s)
-        if pull.returncode is not None:
-            self._finish(pull.returncode)
-
-    def _finish(self, returncode: int, error: str | None = None) -> None:
-        if self.done.is_set():
-            return
-        self._returncode = returncode
-        self.error = error
-        if error:
-            with open(self.spec.paths.stderr, "ab") as f:
-                f.write(f"orchestrator: {error}\n".encode())
-        self.done.set()
 
 
 class RayLauncher(Launcher):
@@ -214,7 +188,8 @@ class RayLauncher(Launcher):
         self._owns_ray = False
         if not ray.is_initialized():
             address = self.config.address
-            kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
+            kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False,
+                                      "runtime_env": job_runtime_env(self.config.runtime_env)}
             try:
                 if address == "local":
                     ray.init(**kwargs)
@@ -230,7 +205,17 @@ class RayLauncher(Launcher):
         if ship is None and os.environ.get(SHIP_ENV) in ("0", "1"):
             ship = os.environ[SHIP_ENV] == "1"
         self.ship = self._all_nodes_here() is False if ship is None else ship
-        self._scratch = tempfile.mkdtemp(prefix="orch-ray-upload-")
+        if self.ship and not self._owns_ray and not self._job_has_py_modules():
+            raise LaunchError(
+                "shipped runs need the orchestrator package on every node, but this process "
+                "connected to Ray without it",
+                hint="connect with ray.init(..., runtime_env="
+                "orchestrator.ray_executor.job_runtime_env()), or let the launcher connect",
+            )
+        self._packages: dict[str, Any] = {}  # sha256 of a worktree zip -> its ObjectRef
+        self._node_labels: dict[str, str] = {}  # node id -> label
+        self._lost: dict[str, str] = {}  # run key -> label of the node its last attempt lost
+        self.lost_nodes: list[tuple[str, str, float]] = []  # (node label, run key, time.time())
         self._handles: list[RayRunHandle] = []
         self._pending: dict[Any, tuple[RayRunHandle, str]] = {}  # ObjectRef -> (handle, kind)
         self._lock = threading.Lock()
@@ -243,35 +228,57 @@ class RayLauncher(Launcher):
         nodes = [n for n in self.ray.nodes() if n.get("Alive")]
         return bool(nodes) and all(n.get("NodeManagerAddress") == here for n in nodes)
 
+    def _job_has_py_modules(self) -> bool:
+        """Whether the job this process is connected as ships py_modules (the package)."""
+        try:
+            job_env = self.ray.get_runtime_context().runtime_env
+        except Exception:  # an older Ray without it: trust the caller
+            return True
+        return bool(job_env.get("py_modules"))
+
     # -- starting ---------------------------------------------------------------------------
 
-    def _runtime_env(self, spec: LaunchSpec) -> dict[str, Any]:
-        """The actor's runtime_env: the plan's, plus (shipped) the worktree and this package.
+    def _runtime_env(self) -> dict[str, Any]:
+        """The actor's runtime_env: the plan's (env_vars, pip, ...), public Ray fields only.
 
-        Ray uploads local directories only for a job-level runtime_env (ray.init), so each
-        worktree is zipped and stored in the cluster's GCS here, with the same functions
-        ray.init uses (content-addressed: an unchanged worktree is uploaded once), and the
-        actor gets the resulting ``gcs://`` URIs.
+        ``excludes`` apply to our own worktree package; ``py_modules`` went to the job's
+        runtime_env (``job_runtime_env``): Ray takes local paths there only.
         """
         env = dict(self.config.runtime_env)
-        if not self.ship:
-            return env
-        from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
-        from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
-
-        env["working_dir"] = str(spec.cwd)
-        env["excludes"] = [*WORKING_DIR_EXCLUDES, *env.get("excludes", [])]
-        package = str(Path(__file__).resolve().parent)  # this orchestrator package
-        env["py_modules"] = [*env.get("py_modules", []), package]
-        kwargs: dict[str, Any] = {"scratch_dir": self._scratch, "logger": _quiet_logger()}
-        if "include_gitignore" in inspect.signature(upload_working_dir_if_needed).parameters:
-            kwargs["include_gitignore"] = (
-                os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
-            )  # as ray.init decides it (older Rays always honour .gitignore)
-        env = upload_py_modules_if_needed(env, **kwargs)
-        env = upload_working_dir_if_needed(env, **kwargs)
         env.pop("excludes", None)
+        if self._owns_ray:
+            env.pop("py_modules", None)
         return env
+
+    def _worktree_ref(self, cwd: Path) -> Any:
+        """The worktree's zip in the object store (``ray.put`` once per distinct content)."""
+        excludes = [*WORKING_DIR_EXCLUDES, *self.config.runtime_env.get("excludes", [])]
+        digest, data = pack_worktree(cwd, excludes)
+        with self._lock:
+            ref = self._packages.get(digest)
+            if ref is None:
+                ref = self._packages[digest] = self.ray.put(data)
+        return ref
+
+    def _resources(self, spec: LaunchSpec) -> dict[str, float]:
+        """Custom Ray resources the worker asks for (its ``ORCH_RAY_RESOURCES`` env, JSON).
+
+        Raises:
+            LaunchError: the value is not a JSON object of numbers.
+        """
+        text = spec.env.get(RESOURCES_ENV)
+        if not text:
+            return {}
+        try:
+            value = json.loads(text)
+            if not isinstance(value, dict):
+                raise ValueError("not an object")
+            return {str(k): float(v) for k, v in value.items()}
+        except (ValueError, TypeError) as e:
+            raise LaunchError(
+                f"{spec.key}: {RESOURCES_ENV}={text!r} is not a JSON object of numbers ({e})",
+                hint=f'write it as {RESOURCES_ENV}: \'{{"node_b": 1}}\' in the worker\'s env',
+            ) from None
 
     def _seed_files(self, paths: RunPaths) -> dict[str, bytes]:
         """What a shipped attempt needs from the controller's run directory to resume."""
@@ -296,6 +303,10 @@ class RayLauncher(Launcher):
         env = spec.env if not self.ship else {
             k: v for k, v in spec.env.items() if os.environ.get(k) != v
         }
+        env = {k: v for k, v in env.items() if k != RESOURCES_ENV}
+        resources = self._resources(spec)
+        recorded_upto = last_recorded(spec.paths.metrics) if self.ship and spec.attempt > 1 \
+            else None
         node_spec = NodeSpec(
             argv=list(spec.argv), env=dict(env), cwd=str(spec.cwd),
             run_dir=str(spec.paths.run_dir), run_id=spec.run_id, attempt=spec.attempt,
@@ -305,20 +316,23 @@ class RayLauncher(Launcher):
         )
         cls: Any = self.ray.remote(RunActor)
         try:
+            package = self._worktree_ref(spec.cwd) if self.ship else None
             actor: Any = cls.options(
                 num_cpus=self.config.num_cpus_per_worker,
                 num_gpus=self.config.num_gpus_per_worker,
+                resources=resources or None,
                 max_concurrency=4,
                 max_restarts=0,
                 name=_actor_name(spec.run_id),
                 namespace=NAMESPACE,
-                runtime_env=self._runtime_env(spec),
+                runtime_env=self._runtime_env(),
             ).remote(node_spec)
-            ref = actor.start.remote()
+            ref = actor.start.remote(package)
         except (ValueError, TypeError, OSError, self.ray.exceptions.RayError,
                 self.ray.exceptions.RuntimeEnvSetupError) as e:
             raise LaunchError(f"{spec.key}: Ray refused the run: {e}") from None
-        handle = RayRunHandle(spec, actor, ref)
+        handle = RayRunHandle(spec, actor, ref, recorded_upto=recorded_upto,
+                              previous_loss=self._lost.pop(spec.key, None))
         with self._lock:
             self._handles.append(handle)
             self._pending[ref] = (handle, "start")
@@ -352,28 +366,97 @@ class RayLauncher(Launcher):
         except ray.exceptions.RayError as e:
             if handle._killed:  # we killed it (stop before start, close): not a crash
                 handle._finish(DEAD_ACTOR_CODE)
-            else:
-                handle._finish(DEAD_ACTOR_CODE, f"Ray actor of {handle.spec.key} ended: "
-                               f"{_first_line(e)}")
-            self._release(handle)
+                self._release(handle)
+            else:  # find out why off the pump thread (asking the GCS may take seconds)
+                threading.Thread(target=self._on_error, args=(handle, kind, e),
+                                 name="ray-actor-error", daemon=True).start()
             return
         if kind == "start":
             handle.pid = value["pid"]
             handle.create_time = value["create_time"] or handle.create_time
             handle.node = value["node"]
+            handle.node_id = value.get("node_id") or None
+            handle.node_label = self._node_label(handle.node_id, handle.node)
             handle.node_cwd = value.get("cwd")
             handle.node_run_dir = value.get("run_dir")
+            handle.node_package = value.get("package")
         else:
+            handle._unavailable_since = None
             try:
                 handle.apply(value)
             except OSError as e:
                 handle.error = f"cannot write into {handle.spec.paths.run_dir}: {e}"
         if handle.done.is_set():
-            self._release(handle)
+            if not handle._stopping:  # else stop() releases it once the tree is gone
+                self._release(handle)
             return
         next_ref = handle.actor.pull.remote(self.pull_wait_s)
         with self._lock:
             self._pending[next_ref] = (handle, "pull")
+
+    def _node_label(self, node_id: str | None, ip: str | None) -> str:
+        """``ip id8 [custom resources]`` of a node, e.g. ``10.0.0.5 3f2a9c1e [node_b]``."""
+        if not node_id:
+            return ip or "?"
+        if node_id not in self._node_labels:
+            custom: list[str] = []
+            for n in self.ray.nodes():
+                if n.get("NodeID") == node_id:
+                    custom = sorted(r for r in n.get("Resources", {})
+                                    if r not in STANDARD_RESOURCES and ":" not in r)
+            extra = f" [{', '.join(custom)}]" if custom else ""
+            self._node_labels[node_id] = f"{ip or '?'} {node_id[:8]}{extra}"
+        return self._node_labels[node_id]
+
+    def _on_error(self, handle: RayRunHandle, kind: str, error: BaseException) -> None:
+        """A call to the attempt's actor failed (not one we killed): a lost node, an actor
+        that is only unavailable for a moment (the pull is retried), or a dead actor."""
+        ray = self.ray
+        lost = self._node_lost(handle, error)
+        if lost is None and kind == "pull" and isinstance(
+                error, ray.exceptions.ActorUnavailableError):
+            now = time.monotonic()
+            handle._unavailable_since = handle._unavailable_since or now
+            if now - handle._unavailable_since < UNAVAILABLE_GRACE_S:
+                time.sleep(0.5)
+                next_ref = handle.actor.pull.remote(self.pull_wait_s)
+                with self._lock:
+                    self._pending[next_ref] = (handle, "pull")
+                return
+        if handle._killed:
+            handle._finish(DEAD_ACTOR_CODE)
+        elif lost is not None:
+            handle.node_lost = lost
+            with self._lock:
+                self._lost[handle.spec.key] = lost
+                self.lost_nodes.append((lost, handle.spec.key, time.time()))
+            handle._finish(DEAD_ACTOR_CODE, f"Ray node {lost} was lost; attempt "
+                           f"{handle.spec.attempt} of {handle.spec.key} ended with it")
+        else:
+            handle._finish(DEAD_ACTOR_CODE, f"Ray actor of {handle.spec.key} ended: "
+                           f"{_first_line(error)}")
+        self._release(handle)
+
+    def _node_lost(self, handle: RayRunHandle, error: BaseException) -> str | None:
+        """The label of the attempt's node if its actor died because the node is gone (Ray
+        says so in the error, or lists the node as dead within NODE_DEATH_WAIT_S); else None."""
+        if handle.node_id is None:
+            return None
+        text = str(error)
+        if "ray.kill" in text:  # killed on purpose (by us, or by hand): the node is fine
+            return None
+        dead = "node has died" in text or "NODE_DIED" in text
+        deadline = time.monotonic() + NODE_DEATH_WAIT_S
+        while not dead and time.monotonic() < deadline and not self._closing.is_set():
+            try:
+                alive = {n.get("NodeID"): n.get("Alive") for n in self.ray.nodes()}
+            except Exception:  # the GCS is unreachable: no verdict
+                break
+            if alive.get(handle.node_id) is False:
+                dead = True
+                break
+            time.sleep(0.2)
+        return self._node_label(handle.node_id, handle.node) if dead else None
 
     def _kill(self, handle: RayRunHandle) -> None:
         try:
@@ -410,6 +493,7 @@ class RayLauncher(Launcher):
                 self._kill(h)
                 calls.append(None)
             else:
+                h._stopping = True
                 calls.append(h.actor.stop.remote(grace_s))
         for i, (h, ref) in enumerate(zip(mine, calls, strict=True)):
             if ref is None:
@@ -422,11 +506,14 @@ class RayLauncher(Launcher):
                 h.error = "the node did not answer the stop; killed its actor"
             except ray.exceptions.RayError as e:  # dead already: its sentinel stopped the tree
                 h.error = f"stop on the node failed: {_first_line(e)}"
-        for i, h in enumerate(mine):  # the pump applies the final pull, then kills the actor
+        for i, h in enumerate(mine):  # the pump applies the final pull; then kill the actor
             if not h.done.wait(timeout=30):
                 h._killed = True
                 self._kill(h)
                 h._finish(DEAD_ACTOR_CODE, "no answer from the actor after the stop")
+            if h._stopping:
+                h._stopping = False
+                self._release(h)
             reports[i].duration_s = time.monotonic() - start
         return reports
 
@@ -445,17 +532,10 @@ class RayLauncher(Launcher):
             self._kill(h)
         self._closing.set()
         self._pump.join(timeout=5)
-        shutil.rmtree(self._scratch, ignore_errors=True)
+        self._packages.clear()  # frees the worktree zips in the object store
         if self._owns_ray:
             self.ray.shutdown()
             self._owns_ray = False
-
-
-def _quiet_logger() -> logging.Logger:
-    """Ray's packaging logs every upload at INFO; keep warnings only."""
-    logger = logging.getLogger("orchestrator.ray_executor.upload")
-    logger.setLevel(logging.WARNING)
-    return logger
 
 
 def _actor_name(run_id: str) -> str:

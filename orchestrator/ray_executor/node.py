@@ -1,7 +1,7 @@
 """The node side of ``executor: ray``: the actor that runs one attempt's worker on its node.
 
 ``RunActor`` starts the worker through ``processes.launch`` (with a sentinel, see
-ray_sentinel.py, that stops the worker's tree if the actor dies) and answers the launcher's
+sentinel.py, that stops the worker's tree if the actor dies) and answers the launcher's
 long polls (``pull``) with new bytes of the append-only run files and whole changed files.
 ``NodeSpec`` (what the launcher sends) and ``Pull`` (what a pull returns) are the picklable
 messages between the launcher (executor.py) and the actor. Nothing here imports Ray at
@@ -24,6 +24,7 @@ from typing import IO, Any
 import psutil
 
 from orchestrator.paths import RunPaths
+from orchestrator.ray_executor.packaging import unpack_worktree
 from orchestrator.reporting import CHECKPOINT_DIR, LATEST, METRICS_FILE, atomic_write_bytes
 from orchestrator.running.launchers import read_exit_status
 from orchestrator.running.processes import RUN_ID_ENV, ProcessTree, StopReport, launch, stop_trees
@@ -32,6 +33,13 @@ APPEND_SUFFIXES = (".jsonl", ".log", ".csv")
 DEAD_ACTOR_CODE = -9  # what poll() returns for a run whose actor or node died
 MAX_CHUNK_BYTES = 8 << 20  # per file and pull, so one pull never carries a whole huge log
 RESCAN_S = 0.25  # how often a pull looks for new append-only files in the node run directory
+SCRATCH_ENV = "ORCH_RAY_SCRATCH"  # a node's scratch root (default: its temp directory)
+
+
+def scratch_root() -> Path:
+    """Where this node keeps shipped attempts: ``$ORCH_RAY_SCRATCH``, else the temp directory
+    (each attempt gets ``<root>/orch-ray/<run id>/{worktree,run}``, deleted when it ends)."""
+    return Path(os.environ.get(SCRATCH_ENV) or tempfile.gettempdir())
 
 
 def is_append_only(rel: str) -> bool:
@@ -92,6 +100,8 @@ class RunActor:
         self._tree: ProcessTree | None = None
         self._sentinel: IO[bytes] | None = None
         self._stopped = False
+        self._stopping = 0  # stop() calls in progress
+        self._close_pending = False  # the last pull is out; close once the stop is done
         self._closed = False
         self._offsets: dict[str, int] = {}
         self._sent: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) already sent
@@ -100,17 +110,24 @@ class RunActor:
         self._cpu_at = 0.0
         self._known_appends = {METRICS_FILE, "stdout.log", "stderr.log"}
         self._scanned_at = 0.0
+        self.base: Path | None = None  # the attempt's node-local folder (shipped mode)
         if spec.shipped:
-            safe = spec.run_id.replace("/", "__")
-            self.run_dir = Path(tempfile.gettempdir()) / "orch-ray" / safe
-            self.cwd = Path.cwd()  # Ray made the shipped worktree our working directory
+            self.base = scratch_root() / "orch-ray" / spec.run_id.replace("/", "__")
+            self.run_dir = self.base / "run"
+            self.cwd = self.base / "worktree"
         else:
             self.run_dir = Path(spec.run_dir)
             self.cwd = Path(spec.cwd)
         self.paths = RunPaths(self.run_dir)
 
-    def start(self) -> dict[str, Any]:
+    def start(self, worktree_zip: bytes | None = None) -> dict[str, Any]:
         """Start the worker (and its sentinel). Returns pid, create_time, node and mode.
+
+        Args:
+            worktree_zip: shipped mode: the worktree packed by ``packaging.pack_worktree``
+                (Ray resolves the launcher's ObjectRef to these bytes on this node); it is
+                unpacked into the attempt's node-local folder, the worker's cwd. None: run in
+                the process's current directory (node-side tests).
 
         Raises:
             LaunchError: the working directory is missing or the interpreter cannot start.
@@ -118,20 +135,27 @@ class RunActor:
         spec = self.spec
         with self._lock:
             if self._stopped:
-                return {"pid": -1, "create_time": 0.0, "node": _node_ip(), "started": False}
+                return {"pid": -1, "create_time": 0.0, "node": _node_ip(), "started": False,
+                        "node_id": _node_id()}
             self.paths.ensure()
-            for rel, data in spec.files.items():
-                path = self.run_dir / rel
-                atomic_write_bytes(path, data)
-                st = path.stat()
-                if is_append_only(rel):
-                    self._offsets[rel] = st.st_size
-                else:
-                    self._sent[rel] = (st.st_size, st.st_mtime_ns)
-            argv, env = self._node_command()
-            # The sentinel first: if this actor dies at any point from here on, it cleans up.
+            # The sentinel first: if this actor dies at any point from here on, it cleans up
+            # (the worker's tree, and the attempt's node folder).
             self._sentinel = self._start_sentinel()
             try:
+                if spec.shipped and worktree_zip is None:
+                    self.cwd = Path.cwd()
+                elif spec.shipped:
+                    assert worktree_zip is not None
+                    unpack_worktree(worktree_zip, self.cwd)
+                for rel, data in spec.files.items():
+                    path = self.run_dir / rel
+                    atomic_write_bytes(path, data)
+                    st = path.stat()
+                    if is_append_only(rel):
+                        self._offsets[rel] = st.st_size
+                    else:
+                        self._sent[rel] = (st.st_size, st.st_mtime_ns)
+                argv, env = self._node_command()
                 self._tree = launch(
                     argv,
                     cwd=self.cwd,
@@ -144,11 +168,16 @@ class RunActor:
                 )
             except BaseException:
                 self._tell_sentinel("done")
+                if self.base is not None:
+                    shutil.rmtree(self.base, ignore_errors=True)
                 raise
             leader = self._tree.leader
             self._tell_sentinel(f"leader {leader.pid} {leader.create_time!r}")
+        import orchestrator
+
         return {"pid": leader.pid, "create_time": leader.create_time, "node": _node_ip(),
-                "started": True, "run_dir": str(self.run_dir), "cwd": str(self.cwd)}
+                "node_id": _node_id(), "started": True, "run_dir": str(self.run_dir),
+                "cwd": str(self.cwd), "package": str(Path(orchestrator.__file__).parent)}
 
     def _node_command(self) -> tuple[list[str], dict[str, str]]:
         """The command and environment on this node (paths rewritten when shipped)."""
@@ -172,6 +201,7 @@ class RunActor:
         env.update({k: rewrite(v) for k, v in spec.env.items()})
         # Ray decides which GPUs this actor holds; the controller's slot means nothing here.
         env["CUDA_VISIBLE_DEVICES"] = _ray_gpu_ids()
+        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # Ray's GPU ids are NVML (PCI) order
         env.pop(RUN_ID_ENV, None)
         return argv, env
 
@@ -185,8 +215,8 @@ class RunActor:
         argv = [sys.executable, "-m", "orchestrator.ray_executor.sentinel", "sentinel",
                 "--watch-pid", str(os.getpid()), "--run-id", self.spec.run_id]
         argv += ["--exit-status", str(self.paths.exit_status(self.spec.attempt))]
-        if self.spec.shipped:
-            argv += ["--remove", str(self.run_dir)]
+        if self.base is not None:
+            argv += ["--remove", str(self.base)]
         env = {k: v for k, v in os.environ.items() if k != RUN_ID_ENV}
         pkg_root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH", "")) if p)
@@ -241,7 +271,10 @@ class RunActor:
             for rel, data in self._read_appends(rescan=True).items():  # written just before exit
                 appends[rel] = appends.get(rel, b"") + data
             snapshots = self._read_snapshots(only_latest=False)
-            self.close()
+            with self._lock:
+                self._close_pending = self._stopping > 0
+            if not self._close_pending:
+                self.close()  # else stop() does, once the whole tree is gone
         elif time.monotonic() - self._last_ckpt_sync >= self.spec.checkpoint_sync_s:
             snapshots = self._read_snapshots(only_latest=True)
             self._last_ckpt_sync = time.monotonic()
@@ -316,13 +349,24 @@ class RunActor:
         return sum(self._cpu.values())
 
     def stop(self, grace_s: float) -> StopReport:
-        """Stop the worker's process tree on this node (processes.stop_trees, in phases)."""
+        """Stop the worker's process tree on this node (processes.stop_trees, in phases).
+
+        The sentinel is dismissed (and the node copy removed) only once the whole tree is
+        gone, even if a pull saw the leader exit in the meantime."""
         with self._lock:
             self._stopped = True
+            self._stopping += 1
             tree = self._tree
-        if tree is None:
-            return StopReport()
-        return stop_trees([tree], grace_s=grace_s)[0]
+        try:
+            if tree is None:
+                return StopReport()
+            return stop_trees([tree], grace_s=grace_s)[0]
+        finally:
+            with self._lock:
+                self._stopping -= 1
+                close = self._stopping == 0 and self._close_pending
+            if close:
+                self.close()
 
     def close(self) -> None:
         """Dismiss the sentinel; remove the node copy of the run directory (shipped mode)."""
@@ -330,8 +374,8 @@ class RunActor:
             return
         self._closed = True
         self._tell_sentinel("done")
-        if self.spec.shipped:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.base is not None:
+            shutil.rmtree(self.base, ignore_errors=True)
 
     def node_pids(self) -> list[int]:
         """Pids of the worker's live processes on this node (tests and debugging)."""
@@ -346,6 +390,18 @@ def _node_ip() -> str:
         return str(ray.util.get_node_ip_address())
     except Exception:  # not inside Ray (node-side unit tests)
         return "localhost"
+
+
+def _node_id() -> str:
+    """This node's Ray node id (hex), "" outside Ray."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return ""
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:  # not inside Ray (node-side unit tests)
+        return ""
 
 
 def _ray_gpu_ids() -> str:

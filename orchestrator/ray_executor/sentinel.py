@@ -1,5 +1,5 @@
 """The sentinel of a Ray attempt: a detached process that stops the worker's tree when its
-actor dies (run as ``python -m orchestrator.ray_executor.sentinel sentinel ...`` by ``RunActor``)."""
+actor dies (``python -m orchestrator.ray_executor.sentinel sentinel ...``, run by ``RunActor``)."""
 
 from __future__ import annotations
 
@@ -32,14 +32,15 @@ def _sentinel_main(argv: list[str]) -> int:
 
     End-of-file without ``done`` (or the actor's pid gone) means the actor died: stop the tree
     (processes.stop_trees: group, descendants and the ORCH_RUN_ID tag), or, if the wrapper was
-    never reported, every process carrying the tag; then delete the node run directory.
+    never reported, every process carrying the tag; then delete the attempt's node folder.
     """
     p = argparse.ArgumentParser(prog="python -m orchestrator.ray_executor.sentinel sentinel")
     p.add_argument("--watch-pid", type=int, required=True, help="the actor's pid")
     p.add_argument("--run-id", required=True, help="ORCH_RUN_ID of the worker's processes")
     p.add_argument("--exit-status", type=Path, default=None,
                    help="the attempt's exit status file, marked -9 when the actor died")
-    p.add_argument("--remove", default=None, help="node run directory to delete afterwards")
+    p.add_argument("--remove", default=None,
+                   help="the attempt's node-local folder, deleted afterwards")
     p.add_argument("--grace-s", type=float, default=5.0)
     p.add_argument("--interval-s", type=float, default=0.1)
     args = p.parse_args(argv)
@@ -72,6 +73,8 @@ def _sentinel_main(argv: list[str]) -> int:
             if ProcessTree(leader, args.run_id).members(scan_env=False):
                 actor_died = False
                 break
+    if actor_died and _said_done(buffer):
+        return 0  # the actor said "done" and was killed before we read it: a normal end
     if leader is not None:
         stop_trees([ProcessTree(leader, args.run_id)], grace_s=args.grace_s)
     else:
@@ -85,6 +88,24 @@ def _sentinel_main(argv: list[str]) -> int:
     if args.remove and (actor is None or actor.process() is None):
         shutil.rmtree(args.remove, ignore_errors=True)
     return 0
+
+
+def _said_done(buffer: bytes) -> bool:
+    """Whether what is left unread in the pipe from the (now dead) actor holds ``done``.
+
+    The launcher kills an actor right after its last pull, which says ``done`` first; when
+    the kill wins the race against our read, the line is still in the pipe.
+    """
+    while True:
+        try:
+            ready, _, _ = select.select([0], [], [], 0)
+            chunk = os.read(0, 4096) if ready else b""
+        except OSError:
+            chunk = b""
+        if not chunk:
+            break
+        buffer += chunk
+    return any(line.split() == [b"done"] for line in buffer.split(b"\n"))
 
 
 def _stop_tagged(run_id: str, grace_s: float) -> None:

@@ -21,7 +21,7 @@ from orchestrator.remote.ssh_errors import AuthError, HostKeyUnknownError
 if TYPE_CHECKING:
     import paramiko
 
-log = logging.getLogger("orchestrator.remote.ssh")  # the logger name from before this code moved here
+log = logging.getLogger("orchestrator.remote.ssh")  # the session module's logger name
 
 DEFAULT_SSH_CONFIG = Path("~/.ssh/config")
 DEFAULT_KNOWN_HOSTS = Path("~/.ssh/known_hosts")

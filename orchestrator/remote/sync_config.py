@@ -22,6 +22,8 @@ DEFAULT_SYNC_FILES = (
     "**/progress*.png",
     "**/success_viz/*.png",
     "**/success_viz/*_REPORT.md",
+    "**/race_report/*.png",
+    "**/race_report/RACE_REPORT.md",
 )
 
 CHECKPOINT_FILES = ("**/checkpoints/*",)

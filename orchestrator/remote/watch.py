@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from orchestrator.errors import OrchestratorError, SyncError
 from orchestrator.remote.ssh import (
@@ -40,11 +40,13 @@ from orchestrator.remote.ssh import (
     open_session,
     parse_target,
 )
-from orchestrator.remote.sync import IMAGE_LINK, backoff_delay_s, image_references
+from orchestrator.remote.sync import (
+    IMAGE_LINK,
+    backoff_delay_s,
+    image_references,
+    is_checkpoint,
+)
 from orchestrator.reporting import atomic_write_bytes
-
-if TYPE_CHECKING:
-    from rich.console import Group, RenderableType
 
 DASHBOARD = "PARALLEL_PROGRESS.md"
 
@@ -116,6 +118,18 @@ def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--connect-timeout-s", type=_positive_float, default=10.0, help="SSH connect timeout"
     )
+    parser.add_argument(
+        "--notify",
+        action="store_true",
+        help="desktop notification when an experiment is decided or fails (macOS: osascript; "
+        "Linux: notify-send; else the terminal bell), once per decision",
+    )
+    parser.add_argument(
+        "--wide",
+        action="store_true",
+        help="every table column and full statuses (by default columns are dropped to fit "
+        "the terminal: branch, then trend, slot, ETAs)",
+    )
 
 
 # --------------------------------------------------------------------------- fetching
@@ -127,7 +141,32 @@ class FetchResult:
 
     dashboard: str | None  # the page's text, None while the remote has none
     fetched: list[str] = field(default_factory=list)  # relative paths downloaded this round
-    missing: list[str] = field(default_factory=list)  # referenced images absent remotely
+    missing: list[str] = field(default_factory=list)  # referenced files absent remotely
+    # linked files mirrored locally (reports, figures and what they embed): (label, rel path)
+    linked: list[tuple[str, str]] = field(default_factory=list)
+
+
+# ``[label](target)``, not preceded by ``!`` (that is an image, see IMAGE_LINK)
+LINK = re.compile(r"(?<!!)\[([^\]]*)\]\(\s*(<[^>]+>|[^)\s]+)(?:\s+\"[^\"]*\")?\s*\)")
+# what a link may make ``watch`` fetch: pages and figures, never checkpoints or data
+LINKED_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp", ".pdf")
+MAX_PAGE_DEPTH = 3  # dashboard -> report -> a page it links -> ...
+
+
+def link_references(markdown: str) -> list[tuple[str, str]]:
+    """(label, relative path) of the pages and figures a markdown page links (``[..](x)``).
+
+    The same rules as for images: URLs, absolute paths and paths with ``..`` are left out; so
+    are files that are neither pages nor figures (checkpoints, per-sample records).
+    """
+    found: list[tuple[str, str]] = []
+    for label, raw in LINK.findall(markdown):
+        refs = image_references(f"![]({raw})")
+        if not refs or not refs[0].lower().endswith(LINKED_SUFFIXES) or is_checkpoint(refs[0]):
+            continue
+        if refs[0] not in [r for _, r in found]:
+            found.append((label, refs[0]))
+    return found
 
 
 def _atomic_download(session: SshSession, remote: str, local: Path) -> None:
@@ -189,29 +228,21 @@ class DashboardFetcher:
         self._seen[rel] = (key, now, False)
         return True
 
-    def fetch(self, session: SshSession) -> FetchResult:
-        """One round: images first, then the page, so the local page never shows a hole."""
-        remote_page = session.remote_path(self.dashboard_rel)
+    def _read(self, session: SshSession, rel: str) -> bytes | None:
+        remote = session.remote_path(rel)
         try:
-            with session.sftp.open(remote_page, "r") as fh:
-                data = fh.read()
+            with session.sftp.open(remote, "r") as fh:
+                data: bytes = fh.read()
+                return data
         except OSError as exc:
             if exc.errno == errno.ENOENT:
-                return FetchResult(dashboard=None)
-            raise classify_sftp_error(exc, op="read", path=remote_page, session=session) from exc
+                return None
+            raise classify_sftp_error(exc, op="read", path=remote, session=session) from exc
         except Exception as exc:  # noqa: BLE001
-            raise classify_sftp_error(exc, op="read", path=remote_page, session=session) from exc
-        text = data.decode("utf-8", "replace")
-        result = FetchResult(dashboard=text)
-        base = posixpath.dirname(self.dashboard_rel)
-        for ref in image_references(text):
-            rel = posixpath.join(base, ref) if base else ref
-            got = self._fetch_if_changed(session, rel)
-            if got is None:
-                result.missing.append(rel)
-            elif got:
-                result.fetched.append(rel)
-        page = self.out_dir / self.dashboard_rel
+            raise classify_sftp_error(exc, op="read", path=remote, session=session) from exc
+
+    def _write_if_changed(self, rel: str, data: bytes, result: FetchResult) -> None:
+        page = self.out_dir / rel
         try:
             unchanged = page.read_bytes() == data
         except OSError:
@@ -219,7 +250,69 @@ class DashboardFetcher:
         if not unchanged:
             page.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(page, data)
-            result.fetched.append(self.dashboard_rel)
+            result.fetched.append(rel)
+
+    def _mirror(
+        self, session: SshSession, rel: str, text: str, depth: int, result: FetchResult,
+        visited: set[str],
+    ) -> None:
+        """Fetch what the page ``rel`` embeds, then the pages and figures it links (each page's
+        files before the page itself)."""
+        base = posixpath.dirname(rel)
+
+        def join(ref: str) -> str | None:
+            path = posixpath.normpath(posixpath.join(base, ref)) if base else ref
+            try:
+                return check_relative(path)
+            except RemotePathError:
+                return None
+
+        for ref in image_references(text):
+            path = join(ref)
+            if path is None or path in visited:
+                continue
+            visited.add(path)
+            got = self._fetch_if_changed(session, path)
+            if got is None:
+                result.missing.append(path)
+            elif got:
+                result.fetched.append(path)
+        for label, ref in link_references(text):
+            path = join(ref)
+            if path is None or path in visited:
+                continue
+            visited.add(path)
+            if path.lower().endswith(".md"):
+                if depth >= MAX_PAGE_DEPTH:
+                    continue
+                data = self._read(session, path)
+                if data is None:
+                    result.missing.append(path)
+                    continue
+                self._mirror(
+                    session, path, data.decode("utf-8", "replace"), depth + 1, result, visited
+                )
+                self._write_if_changed(path, data, result)
+            else:
+                got = self._fetch_if_changed(session, path)
+                if got is None:
+                    result.missing.append(path)
+                    continue
+                if got:
+                    result.fetched.append(path)
+            if depth == 0:
+                result.linked.append((label or posixpath.basename(path), path))
+
+    def fetch(self, session: SshSession) -> FetchResult:
+        """One round: the page's images and linked reports and figures first (and what those
+        pages embed), then the page, so a local page never shows a hole."""
+        data = self._read(session, self.dashboard_rel)
+        if data is None:
+            return FetchResult(dashboard=None)
+        text = data.decode("utf-8", "replace")
+        result = FetchResult(dashboard=text)
+        self._mirror(session, self.dashboard_rel, text, 0, result, {self.dashboard_rel})
+        self._write_if_changed(self.dashboard_rel, data, result)
         return result
 
 
@@ -262,38 +355,131 @@ def local_image_links(markdown: str, page_dir: Path) -> str:
     return IMAGE_LINK.sub(replace, markdown)
 
 
-def _render(target: SshTarget, out_dir: Path, state: dict[str, object]) -> Group:
-    from rich.console import Group
-    from rich.markdown import Markdown
-    from rich.text import Text
+_TABLE_ROW = re.compile(r"^\s*\|.*\|\s*$")
+_CELL_SPLIT = re.compile(r"(?<!\\)\|")
+_DECISION = re.compile(r"^## (?P<exp>.+?): (?P<icon>🏆|❌)\s*(?P<what>.+)$", re.MULTILINE)
 
-    header = Text()
-    header.append(f"watch {target}", style="bold")
-    header.append(f"  ->  {out_dir}\n")
-    fetched_at = state.get("fetched_at")
-    if isinstance(fetched_at, float):
-        header.append(f"last fetch {time.strftime('%H:%M:%S', time.localtime(fetched_at))}")
-    error = state.get("error")
-    if error:
-        header.append(f"  link: {error}", style="bold red")
-    else:
-        header.append("  link: ok", style="green")
-    parts: list[RenderableType] = [header]
-    text = state.get("dashboard")
-    if isinstance(text, str):
-        page_dir = out_dir / posixpath.dirname(str(state.get("dashboard_rel", "")))
-        parts.append(Markdown(local_image_links(text, page_dir)))
-    else:
-        parts.append(Text("(no dashboard on the remote yet)", style="dim"))
-    missing = state.get("missing")
-    if isinstance(missing, list) and missing:
-        parts.append(Text(f"images not on the remote yet: {', '.join(missing)}", style="yellow"))
-    status_json = state.get("status_json")
-    if isinstance(status_json, str):
-        from rich.syntax import Syntax
 
-        parts.append(Syntax(status_json, "json"))
-    return Group(*parts)
+def _cells(line: str) -> list[str]:
+    cells = _CELL_SPLIT.split(line.strip())[1:-1]
+    return [
+        c.strip().replace("\\|", "|").replace("`", "").replace("**", "").replace("<wbr>", "")
+        for c in cells
+    ]
+
+
+def markdown_blocks(markdown: str) -> list[tuple[str, list[str] | str]]:
+    """The page split into ("text", markdown) and ("table", lines) blocks, in order."""
+    blocks: list[tuple[str, list[str] | str]] = []
+    text: list[str] = []
+    lines = markdown.splitlines()
+    i = 0
+    while i < len(lines):
+        is_table = (
+            _TABLE_ROW.match(lines[i]) and i + 1 < len(lines)
+            and re.match(r"^\s*\|[\s:|-]+\|\s*$", lines[i + 1])
+        )
+        if not is_table:
+            text.append(lines[i])
+            i += 1
+            continue
+        if text:
+            blocks.append(("text", "\n".join(text)))
+            text = []
+        table = [lines[i]]
+        i += 2  # the header and its |---| line
+        while i < len(lines) and _TABLE_ROW.match(lines[i]):
+            table.append(lines[i])
+            i += 1
+        blocks.append(("table", table))
+    if text:
+        blocks.append(("text", "\n".join(text)))
+    return blocks
+
+
+def decisions(markdown: str) -> list[tuple[str, str, str]]:
+    """(key, title, message) of every decided or failed experiment on a dashboard page.
+
+    The dashboard titles such an experiment ``## NAME: 🏆 **WORKER** won at epoch N`` or
+    ``## NAME: ❌ failed: ...``; the key names the outcome, so each decision is announced once.
+    """
+    out = []
+    for m in _DECISION.finditer(markdown):
+        what = m.group("what").replace("**", "").strip()
+        title = f"{m.group('exp')}: {'decided' if m.group('icon') == '🏆' else 'failed'}"
+        out.append((f"{m.group('exp')}: {what}", title, what))
+    return out
+
+
+def _render(
+    target: SshTarget, out_dir: Path, state: dict[str, object], *, wide: bool = False
+) -> _WatchView:
+    return _WatchView(target, out_dir, state, wide)
+
+
+class _WatchView:
+    """The terminal view of one fetch: header, the page with its tables fitted to the
+    terminal's width (rendered at draw time), the mirrored linked files, the remote status."""
+
+    def __init__(
+        self, target: SshTarget, out_dir: Path, state: dict[str, object], wide: bool
+    ) -> None:
+        self.target, self.out_dir, self.state, self.wide = target, out_dir, state, wide
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        from rich.markdown import Markdown
+        from rich.text import Text
+
+        from orchestrator.terminal import fit_table
+
+        state = self.state
+        header = Text()
+        header.append(f"watch {self.target}", style="bold")
+        header.append(f"  ->  {self.out_dir}\n")
+        fetched_at = state.get("fetched_at")
+        if isinstance(fetched_at, float):
+            header.append(f"last fetch {time.strftime('%H:%M:%S', time.localtime(fetched_at))}")
+        error = state.get("error")
+        if error:
+            header.append(f"  link: {error}", style="bold red")
+        else:
+            header.append("  link: ok", style="green")
+        yield header
+        text = state.get("dashboard")
+        page_dir = self.out_dir / posixpath.dirname(str(state.get("dashboard_rel", "")))
+        if isinstance(text, str):
+            for kind, block in markdown_blocks(text):
+                if kind == "table" and isinstance(block, list):
+                    rows = [_cells(line) for line in block[1:]]
+                    headers = _cells(block[0])
+                    rows = [r + [""] * (len(headers) - len(r)) for r in rows]
+                    yield Text("")
+                    yield fit_table(
+                        headers, [r[: len(headers)] for r in rows],
+                        width=options.max_width, wide=self.wide,
+                    )
+                    yield Text("")
+                elif isinstance(block, str) and block.strip():
+                    yield Markdown(local_image_links(block, page_dir))
+        else:
+            yield Text("(no dashboard on the remote yet)", style="dim")
+        linked = state.get("linked")
+        if isinstance(linked, list) and linked:
+            listing = Text("linked files, mirrored here:\n", style="bold")
+            for label, rel in linked:
+                local = self.out_dir / rel
+                listing.append(f"  {label}:\n    ")
+                listing.append(str(local), style=f"link {local.resolve().as_uri()}")
+                listing.append("\n")
+            yield listing
+        missing = state.get("missing")
+        if isinstance(missing, list) and missing:
+            yield Text(f"not on the remote yet: {', '.join(missing)}", style="yellow")
+        status_json = state.get("status_json")
+        if isinstance(status_json, str):
+            from rich.syntax import Syntax
+
+            yield Syntax(status_json, "json")
 
 
 def _options(args: argparse.Namespace) -> ConnectOptions:
@@ -327,6 +513,25 @@ def run_watch(args: argparse.Namespace) -> int:
     fetcher = DashboardFetcher(out_dir, args.dashboard)
     console = Console()
     session: SshSession | None = None
+    wide = bool(getattr(args, "wide", False))
+    notifier = None
+    if getattr(args, "notify", False):
+        from orchestrator.terminal import Notifier, default_notify_command
+
+        notifier = Notifier(default_notify_command(), bell=sys.stdout)
+    primed = False
+
+    def announce(text: str | None) -> None:
+        """Ping once per decision; decisions on the first page fetched predate the watch."""
+        nonlocal primed
+        if notifier is None or text is None:
+            return
+        for key, title, message in decisions(text):
+            if primed:
+                notifier.announce(key, title, message)
+            else:
+                notifier.seen(key)
+        primed = True
 
     def round_trip() -> dict[str, object]:
         nonlocal session
@@ -346,6 +551,7 @@ def run_watch(args: argparse.Namespace) -> int:
             "dashboard": result.dashboard,
             "dashboard_rel": fetcher.dashboard_rel,
             "missing": result.missing,
+            "linked": result.linked,
             "fetched_at": time.time(),
             "error": None,
         }
@@ -363,15 +569,19 @@ def run_watch(args: argparse.Namespace) -> int:
                     f"no {args.dashboard} in {target}",
                     hint="is the controller running there with this dashboard path?",
                 )
-            console.print(_render(target, out_dir, state))
+            console.print(_render(target, out_dir, state, wide=wide))
             return 0
         state = {"dashboard": None, "error": "connecting..."}
         failures = 0
         rng = random.Random()
-        with Live(_render(target, out_dir, state), console=console, auto_refresh=False) as live:
+        with Live(
+            _render(target, out_dir, state, wide=wide), console=console, auto_refresh=False
+        ) as live:
             while True:
                 try:
                     state = round_trip()
+                    dashboard = state.get("dashboard")
+                    announce(dashboard if isinstance(dashboard, str) else None)
                     failures = 0
                     wait_s = args.interval_s
                 except LinkDownError as exc:
@@ -381,7 +591,7 @@ def run_watch(args: argparse.Namespace) -> int:
                     if session is not None:
                         session.close()
                         session = None
-                live.update(_render(target, out_dir, state), refresh=True)
+                live.update(_render(target, out_dir, state, wide=wide), refresh=True)
                 time.sleep(wait_s)
     except KeyboardInterrupt:
         console.print("watch stopped")

@@ -36,7 +36,8 @@ def _write_status(path: Path, returncode: int, error: str | None = None) -> None
 
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--":
-        print("usage: python -m orchestrator.running._launch STATUS_FILE -- ARGV...", file=sys.stderr)
+        print("usage: python -m orchestrator.running._launch STATUS_FILE -- ARGV...",
+              file=sys.stderr)
         return 2
     status_path, command = Path(argv[0]), argv[2:]
     try:

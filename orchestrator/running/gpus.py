@@ -1,8 +1,11 @@
 """GPU detection and the slots runs occupy.
 
 A slot is a GPU index (shared by ``workers_per_gpu`` runs) or, on a machine without GPUs, a CPU
-slot. Detection uses NVML (nvidia-ml-py) when installed, else ``nvidia-smi``, else no GPUs.
-Tests fake GPUs with a plan's explicit ``gpus: [0, 1]`` (or ORCH_FAKE_GPUS=N for ``auto``).
+slot. Detection uses NVML (nvidia-ml-py) when installed, else ``nvidia-smi``, else no GPUs, and
+keeps to the GPUs of the controller's own CUDA_VISIBLE_DEVICES (indices or UUIDs) when it is
+set. GPU numbers are NVML indices (PCI bus order); workers get CUDA_DEVICE_ORDER=PCI_BUS_ID so
+that CUDA numbers them the same way. Tests fake GPUs with a plan's explicit ``gpus: [0, 1]``, with
+ORCH_FAKE_GPUS=N for ``auto``, or with the fake pynvml in tests/fake_nvml/.
 """
 
 from __future__ import annotations
@@ -41,17 +44,40 @@ class Slot:
         return f"gpu{self.gpu}" + (f".{self.share}" if self.share else "")
 
 
-def detect_gpus() -> list[int]:
-    """Indices of the NVIDIA GPUs on this machine ([] when there are none)."""
+@dataclass(frozen=True)
+class Gpu:
+    """One NVIDIA GPU of this machine, as NVML lists it.
+
+    Attributes:
+        index: NVML index: PCI bus order, which is CUDA's order when CUDA_DEVICE_ORDER=PCI_BUS_ID.
+        uuid: ``GPU-...`` (what CUDA_VISIBLE_DEVICES may name instead of an index).
+        name: the model ("NVIDIA A100-SXM4-80GB").
+    """
+
+    index: int
+    uuid: str
+    name: str
+
+
+def list_gpus() -> list[Gpu]:
+    """Every NVIDIA GPU of this machine, ignoring CUDA_VISIBLE_DEVICES ([] when none).
+
+    NVML (nvidia-ml-py) when installed, else ``nvidia-smi``; ORCH_FAKE_GPUS=N fakes N GPUs.
+    """
     fake = os.environ.get("ORCH_FAKE_GPUS")
     if fake is not None:
-        return list(range(int(fake)))
+        return [Gpu(i, f"GPU-fake-{i:04d}", "fake") for i in range(int(fake))]
     try:
         import pynvml  # nvidia-ml-py
 
         pynvml.nvmlInit()
         try:
-            return list(range(pynvml.nvmlDeviceGetCount()))
+            out = []
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+                uuid, name = pynvml.nvmlDeviceGetUUID(handle), pynvml.nvmlDeviceGetName(handle)
+                out.append(Gpu(i, _text(uuid), _text(name)))
+            return out
         finally:
             pynvml.nvmlShutdown()
     except Exception:  # not installed, no driver, no device: fall through to nvidia-smi
@@ -60,8 +86,8 @@ def detect_gpus() -> list[int]:
     if smi is None:
         return []
     try:
-        out = subprocess.run(
-            [smi, "--query-gpu=index", "--format=csv,noheader"],
+        text = subprocess.run(
+            [smi, "--query-gpu=index,uuid,name", "--format=csv,noheader"],
             capture_output=True,
             text=True,
             timeout=10,
@@ -69,7 +95,110 @@ def detect_gpus() -> list[int]:
         ).stdout
     except (subprocess.SubprocessError, OSError):
         return []
-    return [int(line) for line in out.split() if line.strip().isdigit()]
+    gpus = []
+    for line in text.splitlines():
+        fields = [f.strip() for f in line.split(",", 2)]
+        if len(fields) == 3 and fields[0].isdigit():
+            gpus.append(Gpu(int(fields[0]), fields[1], fields[2]))
+    return gpus
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def visible_gpus(
+    gpus: list[Gpu], cuda_visible_devices: str | None, cuda_device_order: str | None = None
+) -> tuple[list[Gpu], list[str]]:
+    """The GPUs a process started with ``CUDA_VISIBLE_DEVICES`` may use, read as CUDA reads it.
+
+    Entries are comma-separated indices or ``GPU-`` UUIDs (a unique prefix is enough); the first
+    entry that names no GPU (out of range, unknown, repeated, a MIG instance) ends the list, as
+    it does for CUDA. Indices are taken in PCI bus order (NVML's, and the order the workers get
+    with CUDA_DEVICE_ORDER=PCI_BUS_ID).
+
+    Args:
+        gpus: every GPU of the machine (``list_gpus``).
+        cuda_visible_devices: the controller's CUDA_VISIBLE_DEVICES; None (unset): all GPUs.
+        cuda_device_order: the controller's CUDA_DEVICE_ORDER (only used for a warning).
+
+    Returns:
+        (the visible GPUs in the listed order, notes worth telling the user: an entry that
+        ended the list, indices that CUDA's default order could read differently).
+    """
+    if cuda_visible_devices is None:
+        return list(gpus), []
+    notes: list[str] = []
+    chosen: list[Gpu] = []
+    entries = [e.strip() for e in cuda_visible_devices.split(",")]
+    if entries == [""]:
+        return [], ["CUDA_VISIBLE_DEVICES is empty: no GPU is visible"]
+    used_index = False
+    for i, entry in enumerate(entries):
+        match: Gpu | None = None
+        if entry.lstrip("+").isdigit():
+            match = next((g for g in gpus if g.index == int(entry)), None)
+            used_index = True
+        elif entry.startswith("GPU-"):
+            found = [g for g in gpus if g.uuid.startswith(entry)]
+            match = found[0] if len(found) == 1 else None
+        if match is None or match in chosen:
+            why = "MIG instances are not supported" if entry.startswith("MIG-") else (
+                "repeated" if match in chosen else "no such GPU")
+            notes.append(f"CUDA_VISIBLE_DEVICES entry {entry!r} ({why}) ends the list: "
+                         f"{', '.join(entries[i:])} ignored")
+            break
+        chosen.append(match)
+    if used_index and cuda_device_order != "PCI_BUS_ID" and len({g.name for g in gpus}) > 1:
+        notes.append(
+            "CUDA_VISIBLE_DEVICES lists indices and CUDA_DEVICE_ORDER is not PCI_BUS_ID on a "
+            "machine with different GPU models: the indices are read in PCI bus order (NVML's); "
+            "CUDA's default order (fastest first) may number them differently. Use GPU UUIDs, "
+            "or export CUDA_DEVICE_ORDER=PCI_BUS_ID"
+        )
+    return chosen, notes
+
+
+def detect_gpus() -> list[int]:
+    """NVML indices of the GPUs this controller may use: those of its own CUDA_VISIBLE_DEVICES
+    when set (indices or UUIDs, see ``visible_gpus``), else every GPU ([] when none)."""
+    chosen, _ = visible_gpus(list_gpus(), os.environ.get("CUDA_VISIBLE_DEVICES"),
+                             os.environ.get("CUDA_DEVICE_ORDER"))
+    return [g.index for g in chosen]
+
+
+def describe_slots(
+    gpus: str | list[int],
+    *,
+    workers_per_gpu: int,
+    max_parallel: int | None,
+    cpu_slots: int | None,
+    executor: str = "local",
+) -> list[str]:
+    """Lines saying which slots a controller would use for a plan (``validate`` prints them).
+
+    Args: as ``make_slots``; ``executor`` "ray" means Ray assigns GPUs on its nodes.
+    """
+    if executor == "ray":
+        n = len(make_slots("none", workers_per_gpu=workers_per_gpu, max_parallel=max_parallel,
+                           cpu_slots=cpu_slots))
+        return [f"slots: {n} concurrent runs (executor: ray; Ray picks each run's node and "
+                "GPUs, and sets its CUDA_VISIBLE_DEVICES)"]
+    slots = make_slots(gpus, workers_per_gpu=workers_per_gpu, max_parallel=max_parallel,
+                       cpu_slots=cpu_slots)
+    lines = [f"slots: {', '.join(s.label() for s in slots)}"]
+    if gpus == "auto":
+        every = list_gpus()
+        env = os.environ.get("CUDA_VISIBLE_DEVICES")
+        chosen, notes = visible_gpus(every, env, os.environ.get("CUDA_DEVICE_ORDER"))
+        source = "all GPUs NVML lists" if env is None else f"CUDA_VISIBLE_DEVICES={env!r}"
+        lines.append(f"gpus: auto: {len(chosen)} of {len(every)} GPUs ({source})")
+        lines += [f"  gpu{g.index}: {g.name} {g.uuid}" for g in chosen]
+        lines += [f"warning: {note}" for note in notes]
+    if any(s.gpu is not None for s in slots):
+        lines.append("workers get CUDA_VISIBLE_DEVICES=<gpu index> with "
+                     "CUDA_DEVICE_ORDER=PCI_BUS_ID (NVML's numbering)")
+    return lines
 
 
 def make_slots(

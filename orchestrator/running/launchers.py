@@ -158,7 +158,8 @@ class LocalLauncher(Launcher):
         tree = launch(
             spec.argv,
             cwd=spec.cwd,
-            env=spec.env,
+            # Slots name GPUs by NVML index (PCI bus order): CUDA must number them the same way.
+            env={**spec.env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"},
             stdout=spec.paths.stdout,
             stderr=spec.paths.stderr,
             exit_status=exit_file,

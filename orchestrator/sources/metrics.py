@@ -363,7 +363,8 @@ class TensorBoardSource(MetricSource):
     """Scalar summaries from TensorBoard event files under a folder, read incrementally.
 
     Needs the ``tensorboard`` package (``pip install tensorboard``). Records are keyed by the
-    summary's global step (``step``); the tag becomes the metric name with '/' kept.
+    summary's global step (``step``); the tag becomes the metric name with '/' kept; the
+    event's wall time becomes ``time_s``.
     """
 
     def __init__(self, folder: Path) -> None:
@@ -412,6 +413,8 @@ class TensorBoardSource(MetricSource):
                         else:
                             continue
                         rec = by_step.setdefault(int(event.step), {"step": int(event.step)})
+                        if event.wall_time:  # when the value was logged (Unix seconds)
+                            rec["time_s"] = max(rec.get("time_s", 0.0), float(event.wall_time))
                         rec[value.tag] = number if math.isfinite(number) else None
             except Exception:  # a corrupt record (DataLossError, a bad protobuf): skip the rest
                 self.stats.read_errors += 1

@@ -7,6 +7,8 @@ regenerates the progress plot next to it (throttled), and hands changed files to
 
 from __future__ import annotations
 
+import os
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -181,11 +183,13 @@ def render_markdown(
             out.append(f"⚠ **FLAGGED**: {flag}")
         out.append("")
         metric_cols = [c for c in exp.criteria]
-        header = ["worker", "branch", "slot", f"{unit}/max"]
-        header += [c.threshold.metric if c.threshold else c.source for c in metric_cols]
+        branch_head, branch_cell, branch_note = _branches(exp)
+        header = ["worker", *branch_head, "slot", _breakable(f"{unit}/max")]
+        header += [
+            _breakable(c.threshold.metric) if c.threshold else c.source for c in metric_cols
+        ]
         header += ["status", "trend", "ETA to criteria", "ETA to max"]
-        out.append("| " + " | ".join(header) + " |")
-        out.append("|" + "|".join("---" for _ in header) + "|")
+        rows: list[list[str]] = []
         for w in exp.workers:
             key = f"{exp.name}/{w.name}"
             rec = state.runs.get(key)
@@ -211,12 +215,15 @@ def render_markdown(
                 status_cell += f": {rec.stop_reason}"
             if rec.state == RunState.pruned and rec.stop_reason:
                 status_cell += f" ({rec.stop_reason.removeprefix('pruned: ').split(';')[0]})"
-            row = [w.name, f"`{w.branch}`", rec.slot or "—", _progress(rec)]
+            row = [w.name, *branch_cell(w.branch), rec.slot or "—", _progress(rec)]
             row += [history_cell(c, hist, unit) for c in metric_cols]
             row += [status_cell, trend, eta_to_criteria(exp, w, rec, hist, now),
                     _eta(rec, hist, now).removesuffix(" to max")]
-            out.append("| " + " | ".join(_cell(x) for x in row) + " |")
+            rows.append(row)
+        out.extend(_table(header, rows))
         out.append("")
+        if branch_note:
+            out.extend([branch_note, ""])
         out.extend(_best_lines(exp, state, histories))
         errors = [
             (w.name, state.runs[f"{exp.name}/{w.name}"].error)
@@ -262,8 +269,9 @@ def _best_lines(
     exp: ExperimentConfig, state: PlanState, histories: Mapping[str, MetricHistory]
 ) -> list[str]:
     best = best_worker(exp, histories)
-    if best is None:
-        return []
+    metrics = {n for c in exp.criteria for n in c.names}
+    if best is None or not any(best[2].get(m) is not None for m in metrics):
+        return []  # no evidence yet: no worker has reported a criterion metric
     name, passed, rec = best
     criteria = exp.criteria_for(exp.worker(name))
     missing = missing_text(criteria, rec)
@@ -271,6 +279,76 @@ def _best_lines(
     text = f"Best so far: **{name}** at {exp.unit} {at}: {passed}/{len(criteria)} criteria"
     text += f"; missing {', '.join(missing)}" if missing else " (all met)"
     return [text, ""]
+
+
+def _branches(
+    exp: ExperimentConfig,
+) -> tuple[list[str], Callable[[str], list[str]], str | None]:
+    """How the workers table shows branches, short enough for a 900 px page.
+
+    Returns:
+        (branch header: [] or one column, the cells of a branch, a note under the table).
+        Branches named ``PREFIX<worker name>`` (the usual case) get no column, only the note
+        ``Branches: `PREFIX<worker>```; otherwise a common ``.../`` prefix is cut from the
+        column and named in its header.
+    """
+    names = [(w.name, w.branch) for w in exp.workers]
+    prefixes = {b[: len(b) - len(n)] for n, b in names if b.endswith(n)}
+    if len(prefixes) == 1 and all(b.endswith(n) for n, b in names):
+        (prefix,) = prefixes
+        return [], lambda b: [], f"Branches: `{prefix}<worker>`"
+    common = os.path.commonprefix([b for _, b in names])
+    common = common[: common.rfind("/") + 1]
+    if common and len(names) > 1:
+        return [f"branch (`{common}…`)"], lambda b: [f"`{b[len(common):]}`"], None
+    return ["branch"], lambda b: [f"`{b}`"], None
+
+
+OPTIONAL_COLUMNS = ("slot", "trend", "ETA to max", "ETA to criteria")  # left out when empty in every row
+# Left out, in this order, while the table is estimated wider than a 900 px page (the progress
+# plot shows the trend; `status` and the live table show slots).
+PAGE_DROP_ORDER = ("trend", "slot")
+PAGE_WIDTH_PX = 900 - 2 * 24  # GitHub's page margins
+
+
+def estimated_width_px(header: Sequence[str], rows: Sequence[Sequence[str]]) -> float:
+    """How wide a markdown viewer draws the table: ~8.5 px a character of a column's longest
+    unbreakable piece (cells wrap at spaces, after hyphens and at ``<wbr>``) plus 26 px of
+    padding a cell (GitHub: 16 px font, 6 px 13 px padding)."""
+
+    def piece(cell: str) -> int:
+        return max(len(p) for p in re.split(r"\s+|(?<=-)|<wbr>", cell.replace("`", "")))
+
+    columns = zip(header, *rows, strict=True)
+    return sum(max(piece(c) for c in col) * 8.5 + 26 for col in columns)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The markdown table, without the optional columns that are empty in every row (a decided
+    race has no ETA, a finished one no slot), and without the trend, then the slot, while it
+    would be wider than a 900 px page."""
+    keep = [
+        i for i, h in enumerate(header)
+        if h not in OPTIONAL_COLUMNS or any(r[i] not in ("", "—") for r in rows)
+    ]
+
+    def width(cols: list[int]) -> float:
+        return estimated_width_px([header[i] for i in cols], [[r[i] for i in cols] for r in rows])
+
+    for name in PAGE_DROP_ORDER:
+        if width(keep) <= PAGE_WIDTH_PX:
+            break
+        keep = [i for i in keep if header[i] != name]
+    lines = ["| " + " | ".join(header[i] for i in keep) + " |"]
+    lines.append("|" + "|".join("---" for _ in keep) + "|")
+    lines += ["| " + " | ".join(_cell(r[i]) for i in keep) + " |" for r in rows]
+    return lines
+
+
+def _breakable(name: str) -> str:
+    """A metric name as a table header a viewer may wrap after ``_``, ``/`` or ``.`` (``<wbr>``):
+    long metric names are what makes a criteria table wider than the page."""
+    return re.sub(r"(?<=[_/.])(?=.)", "<wbr>", name)
 
 
 def _cell(text: str) -> str:
@@ -324,7 +402,7 @@ class Dashboard:
         image = (
             self.progress_path.name if self.progress_path.exists() else None
         ) if snapshot.state.finished else self._maybe_plot(
-            snapshot.histories, now, force,
+            snapshot.histories, now,
             running={k for k, r in snapshot.state.runs.items() if r.state == RunState.running},
         )
         status = self.syncer.status()
@@ -344,7 +422,7 @@ class Dashboard:
             now=snapshot.now,
             progress_image=image,
             sync_line=sync_line,
-            links=self._links(),
+            links=self._links(snapshot.state),
         )
         try:
             atomic_write_bytes(self.path, text.encode())
@@ -361,15 +439,17 @@ class Dashboard:
         return {"last_success_s": status.last_success_s, "error": status.error}
 
     def _maybe_plot(
-        self, histories: Mapping[str, MetricHistory], now: float, force: bool,
+        self, histories: Mapping[str, MetricHistory], now: float,
         running: frozenset[str] | set[str] = frozenset(),
     ) -> str | None:
         signature = tuple((k, len(h.records)) for k, h in sorted(histories.items()))
         have = self.progress_path.exists()
         # ~0.9 CPU-s a render (4 panels): once every 30 s keeps it near 3% of a core.
         throttle = max(30.0, 4 * self.plan.dashboard_interval_s)
+        # Never forced: a render started at the decision would hold the exit. The race report's
+        # renderer draws the final plot once the race is decided.
         recent = self._last_plot is not None and now - self._last_plot < throttle
-        if signature == self._plot_signature or (not force and recent):
+        if signature == self._plot_signature or recent:
             return self.progress_path.name if have else None
         if not any(h.records for h in histories.values()):
             return None
@@ -400,27 +480,8 @@ class Dashboard:
         if self._plot_thread is not None:
             self._plot_thread.join(timeout_s)
 
-    def _links(self) -> dict[str, list[tuple[str, str]]]:
-        out: dict[str, list[tuple[str, str]]] = {}
-        base = self.path.parent
-        for exp in self.plan.experiments:
-            items = []
-            report = self.paths.race_report(exp.name)
-            if report.exists():
-                items.append(("Race report", _relative(report, base)))
-            viz = self.paths.success_viz_dir(exp.name)
-            for name, label in (
-                ("SUCCESS_VISUALIZATION.png", "Success figure"),
-                ("SUCCESS_REPORT.md", "Success report"),
-                ("FAILURE_VISUALIZATION.png", "Failure figure"),
-                ("FAILURE_REPORT.md", "Failure report"),
-            ):
-                p = viz / name
-                if p.exists():
-                    items.append((label, _relative(p, base)))
-            if items:
-                out[exp.name] = items
-        return out
+    def _links(self, state: PlanState | None = None) -> dict[str, list[tuple[str, str]]]:
+        return dashboard_links(self.plan, self.paths, state)
 
     def publish(self) -> None:
         self.syncer.push_now()
@@ -429,6 +490,44 @@ class Dashboard:
         """Finish the plot in flight, flush the sync (bounded) and stop its thread."""
         self.wait(60.0)
         self.syncer.close()
+
+
+def dashboard_links(
+    plan: Plan, paths: ResultsPaths, state: PlanState | None = None
+) -> dict[str, list[tuple[str, str]]]:
+    """Per experiment, (label, path relative to the dashboard) of the race report and the
+    job's figures and reports that exist now. The race report is linked as soon as it is due
+    (the race decided and settled): its renderer writes it within seconds, and the controller
+    may write its last dashboard (and exit) before that."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    base = plan.dashboard.parent
+    for exp in plan.experiments:
+        items = []
+        report = paths.race_report(exp.name)
+        if report.exists() or (state is not None and report_due(state, exp.name)):
+            items.append(("Race report", _relative(report, base)))
+        viz = paths.success_viz_dir(exp.name)
+        for name, label in (
+            ("SUCCESS_VISUALIZATION.png", "Success figure"),
+            ("SUCCESS_REPORT.md", "Success report"),
+            ("FAILURE_VISUALIZATION.png", "Failure figure"),
+            ("FAILURE_REPORT.md", "Failure report"),
+        ):
+            p = viz / name
+            if p.exists():
+                items.append((label, _relative(p, base)))
+        if items:
+            out[exp.name] = items
+    return out
+
+
+def report_due(state: PlanState, experiment: str) -> bool:
+    """The experiment is decided (or failed) and every run of it has reached a final state:
+    the race report is written now (``views.race_report.RaceReportView``)."""
+    erec = state.experiments.get(experiment)
+    if erec is None or erec.status == ExperimentStatus.running:
+        return False
+    return all(r.state.terminal for r in state.runs.values() if r.experiment == experiment)
 
 
 def _relative(path: Path, base: Path) -> str:

@@ -29,12 +29,14 @@ from typing import Any
 from orchestrator.core.accounting import RunUsage, compute_savings, saved_by_cause
 from orchestrator.core.config import ExperimentConfig, Plan, load_plan
 from orchestrator.core.ranking import best_worker, missing_text
+from orchestrator.core.runs import metric_source
 from orchestrator.core.snapshot import RaceSnapshot
 from orchestrator.core.state import ExperimentStatus, PlanState, RunRecord, RunState
-from orchestrator.formatting import duration, fmt
+from orchestrator.formatting import code, duration, fmt
 from orchestrator.paths import ResultsPaths
 from orchestrator.reporting import atomic_write_bytes
-from orchestrator.sources.metrics import MetricHistory, make_source
+from orchestrator.sources.metrics import MetricHistory
+from orchestrator.views.dashboard import report_due
 
 FIGURE = "race_report.png"
 
@@ -44,11 +46,7 @@ def load_histories(plan: Plan, exp: ExperimentConfig) -> dict[str, MetricHistory
     paths = ResultsPaths(plan.results_dir)
     out = {}
     for w in exp.workers:
-        run_dir = paths.run(exp.name, w.name).run_dir
-        source = make_source(
-            w.metrics.source, run_dir=run_dir, path=w.metrics.path, pattern=w.metrics.pattern,
-            rename=w.metrics.rename,
-        )
+        source = metric_source(plan, exp, w, paths)
         history = MetricHistory()
         try:
             history.add(source.read_new())
@@ -127,7 +125,7 @@ def race_report_markdown(
         lines.append(f"Time to the {'decision' if erec and erec.winner else 'end'}: "
                      f"{duration(decided - started)}.")
     lines += ["", "## Criteria", ""]
-    lines += [f"- `{c.source}`" for c in exp.criteria]
+    lines += [f"- {code(c.source)}" for c in exp.criteria]
     if erec is not None:
         lines += [f"- **FLAGGED**: {flag}" for flag in erec.control_flags]
     controls = [w.name for w in exp.workers if w.control]
@@ -255,6 +253,7 @@ def render_race_figure(
     axes = fig.subplots(len(metrics), 2, squeeze=False)
     for row, metric in enumerate(metrics):
         ax_x, ax_t = axes[row]
+        timed = False
         for i, w in enumerate(exp.workers):
             hist = histories.get(f"{exp.name}/{w.name}")
             if hist is None:
@@ -268,6 +267,7 @@ def render_race_figure(
                 ax_x.plot(xs, ys, label=w.name, **style)
             if ts and len(ts) == len(ys):
                 ax_t.plot(ts, ys, **style)
+                timed = True
         threshold = thresholds.get(metric)
         for ax in (ax_x, ax_t):
             if threshold is not None:
@@ -280,6 +280,10 @@ def render_race_figure(
         ax_t.set_title(title + " vs wall clock", fontsize=9)
         ax_x.set_xlabel(_unit(exp))
         ax_t.set_xlabel("seconds since the race started")
+        if not timed:
+            ax_t.text(0.5, 0.5, "no wall-clock times in these records\n(the logger writes none)",
+                      ha="center", va="center", transform=ax_t.transAxes, fontsize=8,
+                      color="0.4")
         if ax_x.get_legend_handles_labels()[0]:
             ax_x.legend(fontsize=7, loc="best")
     buf = io.BytesIO()
@@ -360,8 +364,7 @@ class RaceReportView:
         for name, erec in snapshot.state.experiments.items():
             if erec.status == ExperimentStatus.running:
                 continue
-            runs = [r for r in snapshot.state.runs.values() if r.experiment == name]
-            if not all(r.state.terminal for r in runs):
+            if not report_due(snapshot.state, name):
                 continue  # written once the decided race has settled (final states, exits)
             key = (name, erec.decided_at)
             if key in self._done:
@@ -394,7 +397,10 @@ class RaceReportView:
         return None
 
     def close(self) -> None:
-        pass
+        """With a ``sync:`` target, wait (at most 60 s) for the reports being rendered, so the
+        dashboard's last push carries them; without one, never wait."""
+        if self.plan.sync is not None:
+            self.wait(60.0)
 
 
 def main(argv: list[str] | None = None) -> int:

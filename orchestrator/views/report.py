@@ -4,7 +4,7 @@
     python scripts/compare_runs.py PLAN
 
 Reads each worker's metric records from the plan's results directory with the same metric
-sources the controller uses (``orchestrator.sources.metrics``; jsonl by default), groups workers whose
+sources the controller uses (``orchestrator.sources``; jsonl by default), groups workers whose
 names differ only by a seed suffix (or by ``--group-by``), and prints a markdown table: per group
 the number of runs, epochs reached, and for each metric the FINAL value (last record holding it)
 and the BEST value over the run (max, or min for metrics where lower is better), each as
@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.core.config import ExperimentConfig, Plan, load_plan
+from orchestrator.core.runs import metric_source
 from orchestrator.errors import ConfigError
 from orchestrator.paths import ResultsPaths
 from orchestrator.reporting import atomic_write_bytes
-from orchestrator.sources.metrics import MetricHistory, make_source
+from orchestrator.sources.metrics import MetricHistory
 
 DEFAULT_GROUP_BY = r"^(.*?)(?:[-_]seed[-_]?\d+)?$"
 LOWER_IS_BETTER = re.compile(r"(loss|error|_err|_px$|_p$|_time|_s$|ece)", re.IGNORECASE)
@@ -104,14 +105,7 @@ def load_runs(
     paths = ResultsPaths(plan.results_dir)
     runs = []
     for worker in experiment.workers:
-        run_dir = paths.run(experiment.name, worker.name).run_dir
-        source = make_source(
-            worker.metrics.source,
-            run_dir=run_dir,
-            path=worker.metrics.path,
-            pattern=worker.metrics.pattern,
-            rename=worker.metrics.rename,
-        )
+        source = metric_source(plan, experiment, worker, paths)
         history = MetricHistory()
         history.add(source.read_new())
         if history.records:

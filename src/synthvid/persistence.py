@@ -2,11 +2,16 @@
 
 Each clip is T frames (16) of 3x64x64 in [0, 1]. It holds 1..``max_persistent`` persistent
 objects, visible in every frame and moving on a trajectory of one class (linear, parabolic,
-circular, helical), and 1..6 transient objects, visible for 1-3 consecutive frames at a random
-place with a small random drift. Shape, colour and size of EVERY object are drawn from one
-distribution, so only temporal extent tells persistent from transient (the original data leaked
-the label through a fixed red colour; tests/test_persistence_dataset.py checks an appearance-only
-classifier is at chance).
+circular, helical), and 1..6 transient objects, visible for 1-3 consecutive frames. Nothing but
+temporal extent tells persistent from transient (tests/test_persistence_shortcuts.py trains a
+classifier on each cue alone and requires chance):
+
+- shape, colour and size of EVERY object come from one distribution (the original data leaked
+  the label through a fixed red colour);
+- every object, transient or not, follows a trajectory drawn the same way, and a transient's
+  window of frames starts uniformly in -(dur-1)..T-1 (clipped), so per observation neither the
+  frame index nor the position carries the label (format 1 started transients in 0..T-dur at a
+  uniform place: edge frames held fewer transients and persistent paths stay nearer the centre).
 
 Everything is deterministic from ``(seed, sample index)`` (numpy ``default_rng([seed, i])``), so a
 sample does not depend on how many others were generated or in what order.
@@ -36,7 +41,7 @@ TRAJECTORY_CLASSES = ("linear", "parabolic", "circular", "helical")
 SHAPES = ("circle", "square", "triangle")
 KINDS = ("transient", "persistent")  # label 0 = transient, 1 = persistent
 SPLITS = ("train", "val", "test")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: transients follow hidden trajectories, frame-uniform windows
 OBJECT_FIELDS = (
     "obj_sample",  # int32 [M]: index of the clip (within the shard) the object belongs to
     "obj_id",  # int16 [M]: object id within its clip (0-based)
@@ -153,8 +158,12 @@ def _colour(rng: np.random.Generator) -> np.ndarray:
     return np.array(rgb, dtype=np.float32)
 
 
-def generate_clip(cfg: PersistenceConfig, index: int) -> dict:
+def generate_clip(cfg: PersistenceConfig, index: int, *, render: bool = True) -> dict:
     """Render clip ``index`` of the dataset defined by ``cfg`` (deterministic).
+
+    With ``render=False`` only the object ground truth is drawn (the same random draws, so the
+    same objects), ``video`` and ``instance`` are None and ``obj_boxes`` is all NaN: the shortcut
+    tests use it to measure cue distributions over thousands of clips in seconds.
 
     Returns:
         dict with ``video`` uint8 [T, 3, H, W], ``instance`` uint8 [T, H, W] (0 background,
@@ -175,26 +184,45 @@ def generate_clip(cfg: PersistenceConfig, index: int) -> dict:
     visible = np.zeros((m, t_count), dtype=bool)
     centres = np.full((m, t_count, 2), np.nan, dtype=np.float32)
     for k in range(m):
+        # Every object, persistent or not, moves on a trajectory drawn the same way, so the
+        # position (and motion) of an observation at frame t has the same distribution for both
+        # kinds. A transient is that trajectory seen through a window of ``dur`` consecutive
+        # frames whose start is uniform in -(dur-1)..T-1, clipped to the clip: every frame is
+        # covered with the same probability dur / (T + dur - 1), so per observation the frame
+        # index carries no label either (a start uniform in 0..T-dur made edge frames rarer).
+        traj[k] = rng.integers(0, len(TRAJECTORY_CLASSES))
+        path = _trajectory(rng, TRAJECTORY_CLASSES[traj[k]], cfg, float(radii[k]))
         if kinds[k] == 1:
-            traj[k] = rng.integers(0, len(TRAJECTORY_CLASSES))
-            centres[k] = _trajectory(rng, TRAJECTORY_CLASSES[traj[k]], cfg, float(radii[k]))
+            centres[k] = path
             visible[k] = True
         else:
             dur = int(rng.integers(1, cfg.max_transient_frames + 1))
-            start = int(rng.integers(0, t_count - dur + 1))
-            lo, hi = radii[k] + 1.0, size - 2.0 - radii[k]
-            p0 = rng.uniform(lo, hi, 2)
-            vel = rng.normal(0.0, 1.5, 2)  # pixels per frame, like a slow persistent object
-            steps = np.arange(dur, dtype=np.float32)[:, None]
-            centres[k, start : start + dur] = np.clip(p0 + steps * vel, lo, hi)
-            visible[k, start : start + dur] = True
+            start = int(rng.integers(-(dur - 1), t_count))
+            window = slice(max(start, 0), min(start + dur, t_count))
+            centres[k, window] = path[window]
+            visible[k, window] = True
+            traj[k] = -1  # the hidden path of a transient is no trajectory class of the clip
     order = rng.permutation(m)  # drawing order (depth): later objects are on top
     background = rng.uniform(0.0, 0.25, 3).astype(np.float32)
+    objects = {
+        "obj_id": np.arange(m, dtype=np.int16),
+        "obj_kind": kinds,
+        "obj_shape": shapes,
+        "obj_colour": colours,
+        "obj_radius": radii,
+        "obj_trajectory": traj,
+        "obj_visible": visible,
+        "obj_centres": centres,
+        "obj_boxes": np.full((m, t_count, 4), np.nan, dtype=np.float32),
+    }
+    clip = {"video": None, "instance": None, "trajectory": TRAJECTORY_CLASSES[traj[0]]}
+    if not render:
+        return {**clip, "objects": objects}
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     # a flat background (no pixel noise: it made the shards incompressible, ~10x larger)
     frames = np.broadcast_to(background, (t_count, size, size, 3)).copy()
     instance = np.zeros((t_count, size, size), dtype=np.uint8)
-    boxes = np.full((m, t_count, 4), np.nan, dtype=np.float32)
+    boxes = objects["obj_boxes"]
     for t in range(t_count):
         for k in order:
             if not visible[k, t]:
@@ -209,22 +237,7 @@ def generate_clip(cfg: PersistenceConfig, index: int) -> dict:
             ys, xs = np.nonzero(mask)
             boxes[k, t] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
     video = (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(0, 3, 1, 2)
-    return {
-        "video": video,
-        "instance": instance,
-        "trajectory": TRAJECTORY_CLASSES[traj[0]],
-        "objects": {
-            "obj_id": np.arange(m, dtype=np.int16),
-            "obj_kind": kinds,
-            "obj_shape": shapes,
-            "obj_colour": colours,
-            "obj_radius": radii,
-            "obj_trajectory": traj,
-            "obj_visible": visible,
-            "obj_centres": centres,
-            "obj_boxes": boxes,
-        },
-    }
+    return {**clip, "video": video, "instance": instance, "objects": objects}
 
 
 # -- splits -----------------------------------------------------------------------------------

@@ -1,3 +1,3 @@
-"""The early-persistence job's success figure and SUCCESS_REPORT.md (run from its on_success hook)."""
+"""The early-persistence job's success figure and SUCCESS_REPORT.md (its on_success hook)."""
 
 from workers.persistence_report.report import *  # noqa: F401,F403

@@ -213,7 +213,7 @@ def _draw_separation(ax: Axes, o: RaceOutcome) -> None:
     dz = "n/a" if sep.d_z is None else fmt(sep.d_z)
     if sep.d_z_ci is not None:
         dz += f" [95% CI {fmt(sep.d_z_ci[0])}, {fmt(sep.d_z_ci[1])}]"
-    text = (f"paired Wilcoxon signed-rank, n = {sep.n} clips"
+    text = (f"one-sided Wilcoxon signed-rank of log r > 0, n = {sep.n} clips"
             + (f" ({sep.n_excluded} without transients excluded)" if sep.n_excluded else "")
             + f"\np = {fmt(sep.p_value)}   effect size d_z = {dz}"
             + f"\nclips with persistent > transient: {sep.frac_above_1:.0%} (green lines)"

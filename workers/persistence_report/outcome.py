@@ -45,8 +45,9 @@ class ClipRecord:
     persistent: float
     transient: float | None
     num_tokens: int  # L, valid tokens of the clip
-    objects_correct: int
+    objects_correct: float  # sum over objects of the fraction of its tokens classified right
     objects_total: int
+    association: float | None = None  # own-object attention / uniform share (None: not logged)
 
     @property
     def ratio(self) -> float | None:
@@ -107,8 +108,9 @@ def read_evaluation(path: Path) -> Evaluation:
                 transient=None if s["transient_attention"] is None
                 else float(s["transient_attention"]),
                 num_tokens=int(sum(int(o["num_tokens"]) for o in objects)),
-                objects_correct=int(sum(bool(o["correct"]) for o in objects)),
+                objects_correct=float(sum(float(o["correct"]) for o in objects)),
                 objects_total=len(objects),
+                association=None if s.get("association") is None else float(s["association"]),
             ))
         except (KeyError, TypeError, ValueError) as e:
             raise SuccessReportError(

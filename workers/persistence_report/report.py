@@ -25,16 +25,17 @@ Statistics follow shared/ML_NOTES.md (Job A); the clip (video) is the unit every
   threshold), so the grid's pass rate is the ``consistency`` metric.
 - attention shown as a_j x L (L = valid tokens of the clip): 1.0 is the uniform share 1/L, so
   clips with different token counts share one scale. Ratios and the paired test do not depend on
-  it (the test uses the raw per-clip means, exactly as the worker logs ``separation_p``).
-- separation: paired Wilcoxon signed-rank test (scipy.stats.wilcoxon, two-sided) and the paired
-  effect size d_z = mean(log r) / sd(log r).
+  it (the test uses per-clip log r, exactly as the worker logs ``separation_p``).
+- separation: one-sided Wilcoxon signed-rank test of per-clip log r > 0
+  (alternative="greater") and the paired effect size d_z = mean(log r) / sd(log r).
 - CIs recomputed here are percentile bootstraps over clips (scipy.stats.bootstrap, 2000
   resamples, fixed seed): val_accuracy as a clip-cluster bootstrap of correct / objects,
   consistency as a Wilson interval (scipy.stats.binomtest), d_z over clips. The attention-ratio
   CI is the worker's own (same method). Bar CIs in panel 2 are Student-t intervals of clip means.
 
 Layout: the inputs and ``load_outcome`` live in outcome.py, the statistics in stats.py and the
-panels in figure.py (all in workers/persistence_report/); this module writes the report and the files (``render_report``, ``write_outputs``) and re-exports the rest.
+panels in figure.py (all in workers/persistence_report/); this module writes the report and
+the files (``render_report``, ``write_outputs``) and re-exports the rest.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from workers.persistence_report.figure import (
     build_figures,
     caution,
 )
+from workers.persistence_report.heldout import HeldOutScore, render_test_section
 from workers.persistence_report.outcome import (
     ClipRecord,
     Evaluation,
@@ -178,12 +180,26 @@ def checkpoint_for(outcome: RaceOutcome) -> tuple[Path | None, str]:
     return None, "no checkpoint was written"
 
 
-def render_report(outcome: RaceOutcome, files: dict[str, Path], *, now: float) -> str:
+def _backbone(ev: Evaluation) -> str | None:
+    """The worker's own description of its tokenizer/backbone (evals records), if it wrote one."""
+    import json
+
+    try:
+        data = json.loads(ev.path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("backbone") if isinstance(data, dict) else None
+
+
+def render_report(outcome: RaceOutcome, files: dict[str, Path], *, now: float,
+                  heldout: HeldOutScore | None = None, heldout_note: str | None = None) -> str:
     """SUCCESS_REPORT.md / FAILURE_REPORT.md text; a pure function of its inputs and ``now``.
 
     Args:
         files: "figure" and the PANEL_FILES keys -> paths of the written PNGs.
         now: Unix time printed as the generation time (injected so the text is reproducible).
+        heldout: the winner scored once on test (heldout.py); None with ``heldout_note`` saying
+            why not (no section at all when both are None).
     """
     o, exp, m = outcome, outcome.experiment, outcome.focus_metrics
     base = files["figure"].parent
@@ -219,16 +235,22 @@ def render_report(outcome: RaceOutcome, files: dict[str, Path], *, now: float) -
                                   if ckpt else ckpt_note),
               f"- per-clip records: [{_rel(o.decisive.path, base)}]({_rel(o.decisive.path, base)})"
               f" (epoch {o.decisive.epoch}); metrics: [{_rel(o.run.metrics, base)}]"
-              f"({_rel(o.run.metrics, base)})", ""]
+              f"({_rel(o.run.metrics, base)})"]
+    if (backbone := _backbone(o.decisive)) is not None:
+        lines.append(f"- tokenizer / backbone (from the worker's records): {backbone}")
+    lines.append("")
     sep = separation(o.decisive)
     cis = metric_cis(o.decisive)
     lines += ["## Every metric of that evaluation (held-out val split)", "",
               "| metric | value | 95% CI | CI method |", "|---|---|---|---|"]
     skip = {"epoch", "step", "time_s", "attempt", "attention_ratio_ci_low",
             "attention_ratio_ci_high"}
-    for key in sorted(k for k in m if k not in skip):
+    for key in sorted(k for k in m if k not in skip and not k.endswith(("_ci_low", "_ci_high"))):
         ci, how = None, ""
-        if key == "attention_ratio" and m.get("attention_ratio_ci_low") is not None:
+        if key in ("balanced_accuracy", "association") and m.get(f"{key}_ci_low") is not None:
+            ci, how = (m[f"{key}_ci_low"], m[f"{key}_ci_high"]), \
+                "worker's percentile bootstrap over clips"
+        elif key == "attention_ratio" and m.get("attention_ratio_ci_low") is not None:
             ci, how = (m["attention_ratio_ci_low"], m["attention_ratio_ci_high"]), \
                 "worker's percentile bootstrap over clips (log r)"
         elif key == "val_accuracy":
@@ -238,11 +260,14 @@ def render_report(outcome: RaceOutcome, files: dict[str, Path], *, now: float) -
         elif key == "effect_size_dz":
             ci, how = cis["effect_size_dz"], "bootstrap over clips"
         elif key == "separation_p":
-            how = f"p-value (Wilcoxon signed-rank, n = {sep.n} clips); no CI"
+            how = f"p-value (one-sided Wilcoxon signed-rank of log r, n = {sep.n} clips); no CI"
         lines.append(f"| {key} | {fmt(m[key])} | {_ci(ci)} | {how or '—'} |")
-    lines += ["", f"Recomputed from the per-clip records: Wilcoxon p = {fmt(sep.p_value)} "
+    lines += ["", f"Recomputed from the per-clip records: one-sided Wilcoxon p (log r > 0) = "
+              f"{fmt(sep.p_value)} "
               f"(statistic {fmt(sep.statistic)}), d_z = {fmt(sep.d_z)}, geometric-mean ratio "
               f"{fmt(sep.geo_mean_ratio)}, {sep.n_excluded} clips excluded (no transients).", ""]
+    if heldout is not None or heldout_note is not None:
+        lines += render_test_section(m, heldout, heldout_note)
     metrics = list(dict.fromkeys(n for c in exp.criteria for n in sorted(c.names)))
     lines += ["## Other workers (their final evaluation)", "",
               "| worker | state | epochs | " + " | ".join(metrics) + " | stop reason |",
@@ -299,7 +324,8 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def write_outputs(outcome: RaceOutcome, out_dir: Path | None = None, *,
-                  now: float | None = None) -> dict[str, Path]:
+                  now: float | None = None, heldout: HeldOutScore | None = None,
+                  heldout_note: str | None = None) -> dict[str, Path]:
     """Render the figures and the report into ``out_dir`` (default: the experiment's success_viz).
 
     Files of the other kind (FAILURE_* after a success, and vice versa) are removed so the
@@ -314,7 +340,8 @@ def write_outputs(outcome: RaceOutcome, out_dir: Path | None = None, *,
     files = {"figure": _save(figs.combined, out / f"{outcome.kind}_VISUALIZATION.png")}
     for key, fig in figs.panels.items():
         files[key] = _save(fig, out / PANEL_FILES[key])
-    report = render_report(outcome, files, now=time.time() if now is None else now)
+    report = render_report(outcome, files, now=time.time() if now is None else now,
+                           heldout=heldout, heldout_note=heldout_note)
     files["report"] = out / f"{outcome.kind}_REPORT.md"
     atomic_write_bytes(files["report"], report.encode())
     other = "FAILURE" if outcome.succeeded else "SUCCESS"

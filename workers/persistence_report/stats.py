@@ -1,7 +1,8 @@
 """Statistics of the success figure and report: paired separation, CIs, compute savings.
 
-Follows shared/ML_NOTES.md (Job A) with the clip (video) as the unit: paired Wilcoxon signed-rank
-test and d_z = mean(log r) / sd(log r); percentile bootstrap CIs over clips (2000 resamples, fixed
+Follows shared/ML_NOTES.md (Job A) with the clip (video) as the unit: ONE-SIDED Wilcoxon
+signed-rank test of per-clip log r > 0 (the worker's separation_p, same function) and
+d_z = mean(log r) / sd(log r); percentile bootstrap CIs over clips (2000 resamples, fixed
 seed); consistency as a Wilson interval; Student-t intervals of clip means for the bar CIs.
 """
 
@@ -47,7 +48,7 @@ class Separation:
 
     n: int  # clips with transients
     n_excluded: int  # clips without transients
-    p_value: float | None  # two-sided Wilcoxon signed-rank
+    p_value: float | None  # one-sided Wilcoxon signed-rank of log r > 0
     statistic: float | None
     d_z: float | None  # mean(log r) / sd(log r)
     d_z_ci: tuple[float, float] | None
@@ -56,16 +57,15 @@ class Separation:
 
 
 def separation(ev: Evaluation) -> Separation:
-    """Wilcoxon signed-rank test and d_z from the per-clip records (the worker's definitions)."""
+    """One-sided Wilcoxon signed-rank test of log r > 0 and d_z from the per-clip records (the
+    worker's definitions: workers.persistence_metrics.one_sided_separation_p)."""
     pairs = ev.paired
     n = len(pairs)
     log_r = ev.log_ratios()
-    p = np.array([c.persistent for c in pairs])
-    t = np.array([c.transient or 0.0 for c in pairs])
     p_value = stat = d_z = None
     d_z_ci = None
-    if n >= 2 and np.any(p != t):
-        res = stats.wilcoxon(p, t)
+    if n >= 2 and np.any(log_r != 0):
+        res = stats.wilcoxon(np.clip(log_r, -50.0, 50.0), alternative="greater")
         p_value, stat = float(res.pvalue), float(res.statistic)
     elif n >= 2:
         p_value = 1.0
