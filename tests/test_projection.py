@@ -172,6 +172,7 @@ def test_too_few_evaluations_and_already_met() -> None:
     assert project_worker([ACC], records(linear, 2), budget=50).check_point == 30
     met = project_worker([ACC], records(linear, 31), check_every=5, budget=50)
     assert met.status == MET and met.check_point == 35
+    assert met.text() == "all met (epoch 35)"
 
 
 # -- pruning ---------------------------------------------------------------------------------

@@ -170,7 +170,10 @@ class WorkerProjection:
 
     def text(self) -> str:
         """The dashboard cell: ``~14m (epoch 23)``, ``due (epoch 25)`` (the check point's time
-        has passed without its record), ``not on course: val_accuracy``, ..."""
+        has passed without its record), ``all met (epoch 25)``, ``not on course: val_accuracy``,
+        ``not projectable: `a or b```, ``too few evaluations``."""
+        if self.status == MET and self.check_point is not None:
+            return f"all met ({self.unit} {self.check_point:,})"
         if self.status in (ON_COURSE, MET):
             at = f"{self.unit} {self.check_point:,}" if self.check_point is not None else "now"
             eta = "" if self.eta_s is None else (
