@@ -160,3 +160,23 @@ def test_saved_slot_seconds_are_split_by_cause() -> None:
     assert [r.cause for r in rows] == ["decision", "decision", "pruning", ""]
     assert saved_by_cause(rows) == {"decision": 400.0 + 450.0, "pruning": 430.0}
     assert rows[2].note.startswith("pruned; 7 of 50 epochs")
+
+
+def test_prune_config_in_the_plan(repo: Path) -> None:
+    import pytest
+
+    from orchestrator.core.config import describe
+    from orchestrator.errors import ConfigError
+
+    workers = [{"name": "w", "branch": "r/w", "command": fake("--epochs", 1)}]
+    plan = load_plan(write_plan(repo, workers, experiment={"prune": {}}))
+    assert plan.experiments[0].prune is not None and plan.experiments[0].prune.patience == 3
+    assert "prune      after 5 evaluations, margin 0.5, patience 3" in describe(plan)
+    assert load_plan(write_plan(repo, workers)).experiments[0].prune is None
+    with pytest.raises(ConfigError) as err:
+        load_plan(write_plan(repo, workers, experiment={"prune": {"pattience": 4}}))
+    assert "unknown key 'pattience'" in str(err.value.problems)
+    assert "after, margin, patience, window" in str(err.value.problems)
+    with pytest.raises(ConfigError) as err:
+        load_plan(write_plan(repo, workers, experiment={"prune": {"patience": 1}}))
+    assert "prune.patience" in str(err.value.problems)

@@ -595,6 +595,9 @@ def describe(plan: Plan) -> str:
             lines.append(f"  setup      {_cmd_str(e.setup)}")
         if e.on_success:
             lines.append(f"  on_success {_cmd_str(e.on_success)}")
+        if e.prune is not None:
+            lines.append(f"  prune      after {e.prune.after} evaluations, margin "
+                         f"{e.prune.margin:g}, patience {e.prune.patience}")
         for w in sorted(e.workers, key=lambda w: w.priority):
             lines.append(f"  worker {w.name} (priority {w.priority}) on branch {w.branch}")
             lines.append(f"    command  {_cmd_str(w.command)}")
