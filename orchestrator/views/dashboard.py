@@ -188,7 +188,7 @@ def render_markdown(
         header += [
             _breakable(c.threshold.metric) if c.threshold else c.source for c in metric_cols
         ]
-        header += ["status", "trend", "ETA to criteria", "ETA to max"]
+        header += ["status", "trend", "ETA to criteria", "ETA"]
         rows: list[list[str]] = []
         for w in exp.workers:
             key = f"{exp.name}/{w.name}"
@@ -217,8 +217,8 @@ def render_markdown(
                 status_cell += f" ({rec.stop_reason.removeprefix('pruned: ').split(';')[0]})"
             row = [w.name, *branch_cell(w.branch), rec.slot or "—", _progress(rec)]
             row += [history_cell(c, hist, unit) for c in metric_cols]
-            row += [status_cell, trend, eta_to_criteria(exp, w, rec, hist, now),
-                    _eta(rec, hist, now).removesuffix(" to max")]
+            row += [status_cell, trend, _breakable(eta_to_criteria(exp, w, rec, hist, now)),
+                    _eta(rec, hist, now)]
             rows.append(row)
         out.extend(_table(header, rows))
         out.append("")
@@ -304,10 +304,11 @@ def _branches(
     return ["branch"], lambda b: [f"`{b}`"], None
 
 
-OPTIONAL_COLUMNS = ("slot", "trend", "ETA to max", "ETA to criteria")  # left out when empty in every row
+OPTIONAL_COLUMNS = ("slot", "trend", "ETA", "ETA to criteria")  # left out when empty in every row
 # Left out, in this order, while the table is estimated wider than a 900 px page (the progress
-# plot shows the trend; `status` and the live table show slots).
-PAGE_DROP_ORDER = ("trend", "slot")
+# plot shows the trend; `status` and the live table show slots; the time to the budget goes
+# before the time to the criteria).
+PAGE_DROP_ORDER = ("trend", "slot", "ETA")
 PAGE_WIDTH_PX = 900 - 2 * 24  # GitHub's page margins
 
 
