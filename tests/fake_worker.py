@@ -47,6 +47,23 @@ def stop_checkpoint(rep: Reporter, epoch: int, seconds: float) -> None:
     print("stop checkpoint written", flush=True)
 
 
+def curve(start: float, slope: float, epoch: int, args: argparse.Namespace) -> float:
+    """The metric at ``epoch``: linear, or bent by --saturate / --knee, plus --noise."""
+    import math
+    import random
+
+    if args.saturate:
+        value = start + slope * args.saturate * (1 - math.exp(-epoch / args.saturate))
+    elif args.knee:
+        knee, factor = (float(v) for v in args.knee.split(":"))
+        value = start + slope * min(epoch, knee) + slope * factor * max(0.0, epoch - knee)
+    else:
+        value = start + slope * epoch
+    if args.noise:
+        value += random.Random(args.seed * 100_003 + epoch).gauss(0.0, args.noise)
+    return value
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--epochs", type=int, default=10)
@@ -63,6 +80,12 @@ def main() -> int:
                    help="on SIGTERM, take this long to write a stop checkpoint, then exit 0")
     p.add_argument("--start-after", help="wait until this file exists before the first epoch")
     p.add_argument("--run-dir", default=None)
+    p.add_argument("--saturate", type=float, default=None, metavar="TAU",
+                   help="curves bend over: START + SLOPE*TAU*(1-exp(-epoch/TAU))")
+    p.add_argument("--knee", default=None, metavar="EPOCH:FACTOR",
+                   help="the slope is FACTOR times steeper after EPOCH (a late bloomer)")
+    p.add_argument("--noise", type=float, default=0.0, help="gaussian noise sd on every metric")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (per epoch: resumes agree)")
     p.add_argument("--step-per-epoch", type=int, default=0,
                    help="also log step = epoch x this (a step-based script)")
     args = p.parse_args()
@@ -98,7 +121,7 @@ def main() -> int:
             while not rep.should_stop:
                 time.sleep(0.01)
             break
-        values = {name: round(a + b * epoch, 6) for name, a, b in metrics}
+        values = {name: round(curve(a, b, epoch, args), 6) for name, a, b in metrics}
         values["gpu"] = int(os.environ.get("CUDA_VISIBLE_DEVICES") or -1)
         values["resumed"] = int(rep.resume)
         if args.step_per_epoch:
