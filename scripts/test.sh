@@ -2,6 +2,8 @@
 # Set up a virtual environment and run the whole test suite. This is exactly what CI runs.
 #   bash scripts/test.sh            # everything
 #   bash scripts/test.sh -k race    # extra arguments go to pytest
+#   CHAOS_SEED=random bash scripts/test.sh tests/test_chaos.py   # explore with a fresh seed
+# The chaos suite's seed is fixed (tests/conftest.py) so CI is reproducible; every run prints it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import time
@@ -18,6 +19,23 @@ import yaml
 TESTS = Path(__file__).resolve().parent
 FAKE_WORKER = TESTS / "fake_worker.py"
 MARKER_ENV = "PYTEST_PROC_MARKER"
+CHAOS_SEED_DEFAULT = 20261206
+
+
+def chaos_seed() -> int:
+    """The chaos suite's seed: fixed unless CHAOS_SEED names one (or says ``random``)."""
+    value = os.environ.get("CHAOS_SEED", "").strip()
+    if value == "random":
+        value = os.environ["CHAOS_SEED"] = str(random.SystemRandom().randrange(1 << 30))
+    return int(value) if value else CHAOS_SEED_DEFAULT
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the chaos seed at the end of every run (also under -q, which hides the header)."""
+    seed = chaos_seed()
+    terminalreporter.write_line(
+        f"chaos seed: {seed} (rerun with CHAOS_SEED={seed}; CHAOS_SEED=random explores)"
+    )
 
 
 def fake(*args: str | int | float) -> list[str]:

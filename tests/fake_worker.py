@@ -39,6 +39,31 @@ def parse_metric(text: str) -> tuple[str, float, float]:
     return name, 0.0, float(body)
 
 
+def stop_checkpoint(rep: Reporter, epoch: int, seconds: float) -> None:
+    """A slow stop checkpoint: ``seconds`` of work, then ``stop.ckpt`` in the run directory."""
+    print(f"SIGTERM: writing a stop checkpoint ({seconds}s)", flush=True)
+    time.sleep(seconds)
+    (rep.run_dir / "stop.ckpt").write_text(json.dumps({"epoch": epoch}))
+    print("stop checkpoint written", flush=True)
+
+
+def curve(start: float, slope: float, epoch: int, args: argparse.Namespace) -> float:
+    """The metric at ``epoch``: linear, or bent by --saturate / --knee, plus --noise."""
+    import math
+    import random
+
+    if args.saturate:
+        value = start + slope * args.saturate * (1 - math.exp(-epoch / args.saturate))
+    elif args.knee:
+        knee, factor = (float(v) for v in args.knee.split(":"))
+        value = start + slope * min(epoch, knee) + slope * factor * max(0.0, epoch - knee)
+    else:
+        value = start + slope * epoch
+    if args.noise:
+        value += random.Random(args.seed * 100_003 + epoch).gauss(0.0, args.noise)
+    return value
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--epochs", type=int, default=10)
@@ -51,6 +76,9 @@ def main() -> int:
     p.add_argument("--setsid-child", action="store_true", help="start a helper that calls setsid")
     p.add_argument("--hang-at", type=int, help="stop reporting (but keep running) at this epoch")
     p.add_argument("--exit-code", type=int, default=0, help="exit code after the last epoch")
+    p.add_argument("--checkpoint-s", type=float, default=0.0,
+                   help="on SIGTERM, take this long to write a stop checkpoint, then exit 0")
+    p.add_argument("--start-after", help="wait until this file exists before the first epoch")
     p.add_argument("--run-dir", default=None)
     p.add_argument("--keep-checkpoints", type=int, default=2,
                    help="numbered checkpoints kept besides latest (0: all)")
@@ -60,6 +88,12 @@ def main() -> int:
                    help="also copy every checkpoint saved into this folder (what was saved)")
     p.add_argument("--partial-on-stop", action="store_true",
                    help="on SIGTERM mid-epoch, save a partial (epoch+step) stop checkpoint")
+    p.add_argument("--saturate", type=float, default=None, metavar="TAU",
+                   help="curves bend over: START + SLOPE*TAU*(1-exp(-epoch/TAU))")
+    p.add_argument("--knee", default=None, metavar="EPOCH:FACTOR",
+                   help="the slope is FACTOR times steeper after EPOCH (a late bloomer)")
+    p.add_argument("--noise", type=float, default=0.0, help="gaussian noise sd on every metric")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (per epoch: resumes agree)")
     p.add_argument("--step-per-epoch", type=int, default=0,
                    help="also log step = epoch x this (a step-based script)")
     args = p.parse_args()
@@ -75,6 +109,8 @@ def main() -> int:
     if args.setsid_child:
         subprocess.Popen([sys.executable, "-c", SLEEPER], start_new_session=True)
 
+    while args.start_after and not Path(args.start_after).exists() and not rep.should_stop:
+        time.sleep(0.01)
     start = 1
     if rep.resume and (ckpt := rep.latest_checkpoint(".ckpt")) is not None:
         start = json.loads(ckpt.read_text())["epoch"] + 1
@@ -84,6 +120,8 @@ def main() -> int:
         while time.monotonic() < deadline and not rep.should_stop:
             time.sleep(min(0.01, args.interval))
         if rep.should_stop:
+            if args.checkpoint_s:
+                stop_checkpoint(rep, epoch - 1, args.checkpoint_s)
             if args.partial_on_stop:
                 save(rep, args, epoch, partial=True)
             break
@@ -94,7 +132,7 @@ def main() -> int:
             while not rep.should_stop:
                 time.sleep(0.01)
             break
-        values = {name: round(a + b * epoch, 6) for name, a, b in metrics}
+        values = {name: round(curve(a, b, epoch, args), 6) for name, a, b in metrics}
         values["gpu"] = int(os.environ.get("CUDA_VISIBLE_DEVICES") or -1)
         values["resumed"] = int(rep.resume)
         if args.step_per_epoch:

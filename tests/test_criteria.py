@@ -33,6 +33,30 @@ def test_evaluation(expr: str, metrics: dict, expected: bool) -> None:
 
 
 @pytest.mark.parametrize(
+    "op, below, equal, above",
+    [
+        (">=", False, True, True),
+        (">", False, False, True),
+        ("<=", True, True, False),
+        ("<", True, False, False),
+        ("==", False, True, False),
+        ("!=", True, False, True),
+    ],
+)
+def test_each_comparison_at_and_around_its_threshold(
+    op: str, below: bool, equal: bool, above: bool
+) -> None:
+    """The boundary decides a race: ``acc >= 0.9`` passes at exactly 0.9, ``acc > 0.9`` does not
+    (also with the metric on the right: ``0.9 <= acc``)."""
+    forward = Criterion.parse(f"acc {op} 0.9")
+    mirrored = {">=": "<=", ">": "<", "<=": ">=", "<": ">", "==": "==", "!=": "!="}[op]
+    backward = Criterion.parse(f"0.9 {mirrored} acc")
+    for value, expected in ((0.89, below), (0.9, equal), (0.91, above)):
+        assert forward.evaluate({"acc": value}) is expected, (forward.source, value)
+        assert backward.evaluate({"acc": value}) is expected, (backward.source, value)
+
+
+@pytest.mark.parametrize(
     "metrics",
     [{}, {"acc": None}, {"acc": "high"}, {"acc": math.nan}, {"acc": math.inf}, {"acc": True}],
 )

@@ -128,8 +128,12 @@ def test_dashboard_matches_golden_file(tmp_path: Path) -> None:
         plan, state, histories, events, now=T0 + 600, progress_image="progress.png",
         sync_line="last push 08:09:50",
     )
-    if os.environ.get("UPDATE_GOLDEN"):
+    if os.environ.get("UPDATE_GOLDEN"):  # never compares the file with itself
+        old = GOLDEN.read_text() if GOLDEN.exists() else None
+        if old == text:
+            pytest.skip(f"UPDATE_GOLDEN: {GOLDEN.name} already matches")
         GOLDEN.write_text(text)
+        pytest.fail(f"UPDATE_GOLDEN: rewrote {GOLDEN}; review the diff, rerun without it")
     assert text == GOLDEN.read_text()
 
 
@@ -145,10 +149,29 @@ def test_decided_race_shows_the_winner(tmp_path: Path) -> None:
 def test_progress_plot_has_one_panel_per_criterion_metric(tmp_path: Path) -> None:
     from PIL import Image
 
-    from orchestrator.views.plots import render_progress
+    from orchestrator.views.plots import progress_figure, render_progress
 
     plan, _, histories, _ = scenario(tmp_path)
     out = tmp_path / "progress.png"
     render_progress(plan, histories, out)
     with Image.open(out) as img:
-        assert img.format == "PNG" and img.size[0] > 500
+        assert img.format == "PNG" and img.size == (990, 1305)  # 5 rows of 2 panels at 90 dpi
+    fig = progress_figure(plan, histories)
+    ep = ["attention-supervised", "contrastive", "multitask"]  # pretrained has no history
+    expected = [  # a row per criterion metric: title, a curve per worker, the threshold
+        ("early-persistence: attention_ratio (pass >= 1.5)", ep, 1.5),
+        ("early-persistence: val_accuracy (pass >= 0.75)", ep, 0.75),
+        ("early-persistence: separation_p (pass < 0.01), log scale", ep, 0.01),
+        ("char-lm: Loss/test (pass < 2.4)", ["gru", "shuffled"], 2.4),
+        ("char-lm: val/acc (pass >= 0.75)", ["gru", "shuffled"], 0.75),
+    ]
+    assert len(fig.axes) == 2 * len(expected)
+    rows = zip(fig.axes[0::2], fig.axes[1::2], expected, strict=True)
+    for by_unit, by_clock, (title, workers, threshold) in rows:
+        assert by_unit.get_title() == title
+        assert by_clock.get_title() == title.split(": ")[1].split(" (")[0] + " vs wall clock"
+        for ax in (by_unit, by_clock):
+            curves = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+            dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+            assert sorted(c.get_label() for c in curves) == workers, title
+            assert [list(d.get_ydata()) for d in dashed] == [[threshold, threshold]], title

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import psutil
+import pytest
 from conftest import FAKE_WORKER, marked_processes, wait_for
 
 from orchestrator.running.processes import attach, launch, stop_trees
@@ -111,3 +112,31 @@ def test_missing_executable_is_reported_by_the_wrapper(tmp_path: Path, leak_chec
     assert json.loads((run_dir / "exit.json").read_text())["returncode"] == 127
     assert "cannot start" in (run_dir / "stderr.log").read_text()
     stop_trees([tree], grace_s=1)
+
+
+CHECKPOINT_S = 1.5  # longer than stop_trees' term_wait_s (1 s): only grace_s can cover it
+
+
+@pytest.mark.parametrize("grace_s, finishes", [(15.0, True), (0.3, False)])
+def test_grace_covers_a_slow_stop_checkpoint_or_sigkill_ends_it(
+    tmp_path: Path, leak_check: str, grace_s: float, finishes: bool
+) -> None:
+    """A worker that needs CHECKPOINT_S after SIGTERM exits 0 under a longer grace_s and is
+    killed (no checkpoint) under a shorter one."""
+    tree, run_dir = start(tmp_path, [sys.executable, str(FAKE_WORKER), "--epochs", "1000",
+                                     "--interval", "0.05", "--checkpoint-s", str(CHECKPOINT_S)])
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists())
+    reports = stop_trees([tree], grace_s=grace_s)
+    assert reports[0].survivors == []
+    stdout = (run_dir / "stdout.log").read_text()
+    assert "SIGTERM: writing a stop checkpoint" in stdout  # SIGTERM came first in both cases
+    status = json.loads((run_dir / "exit.json").read_text()) if finishes else None
+    if finishes:
+        assert reports[0].killed == 0
+        assert status is not None and status["returncode"] == 0
+        assert (run_dir / "stop.ckpt").exists() and "stop checkpoint written" in stdout
+    else:
+        assert reports[0].killed >= 1
+        assert not (run_dir / "stop.ckpt").exists()
+        assert "stop checkpoint written" not in stdout
+    assert marked_processes(leak_check) == []

@@ -110,6 +110,24 @@ def test_table_final_best_and_plot(tmp_path, capsys):
     assert (out_dir / "report_exp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_report_subcommand_of_the_cli(tmp_path: Path) -> None:
+    plan = _plan(tmp_path, ["a-seed0", "a-seed1"], ["acc >= 0.9"])
+    _log(tmp_path, "a-seed0", [{"epoch": 1, "acc": 0.5}, {"epoch": 2, "acc": 0.6}])
+    _log(tmp_path, "a-seed1", [{"epoch": 1, "acc": 0.8}])
+    argv = [sys.executable, "-m", "orchestrator", "report", str(plan), "--out-dir", "out"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")])}
+    done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    (row,) = [line for line in done.stdout.splitlines() if line.startswith("| a |")]
+    assert row.startswith("| a | 2 |") and "| 0.700 +- 0.141 |" in row  # acc mean(0.6, 0.8)
+    assert (tmp_path / "out" / "report_exp.md").read_text().count("| a |") == 1
+    bad = subprocess.run([*argv[:4], "missing.yaml"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: plan file")
+    assert "Traceback" not in bad.stderr
+
+
 def test_errors_are_one_line(tmp_path, capsys):
     plan = _plan(tmp_path, ["a-seed0"], ["acc >= 0.9"])
     assert run_report(_args(str(plan), "--group-by", "(")) == 2

@@ -105,3 +105,14 @@ def test_cli_clean_removes_worktrees_but_refuses_uncommitted_work(repo: Path) ->
     out = run_cli("clean", str(plan), "--results", "--yes", cwd=repo)
     assert out.returncode == 0, out.stderr
     assert not (repo / ".worktrees" / "race").exists()
+
+
+def test_cli_clean_refuses_a_worktree_whose_only_work_is_untracked(repo: Path) -> None:
+    plan = write_plan(repo, [{"name": "a", "branch": "r/a", "command": fake("--epochs", 1)}])
+    wt = repo / ".worktrees" / "race" / "a"
+    worktrees.ensure_worktree(repo, wt, "r/a", "HEAD")
+    (wt / "notes from the night run.md").write_text("new, never added\n")
+    out = run_cli("clean", str(plan), cwd=repo)
+    assert out.returncode == 2 and "uncommitted work" in out.stderr
+    assert "notes from the night run.md" in out.stderr
+    assert (wt / "notes from the night run.md").read_text() == "new, never added\n"

@@ -6,6 +6,11 @@ would still have used to reach their budget. The estimate scales each stopped ru
 seconds per unit of progress (epoch or step; start-up and evaluations included) to its budget;
 a run that never started (cancelled) takes the median rate of the others. Runs that ended on
 their own (exhausted, failed) saved nothing.
+
+What was saved has one of two causes, counted apart: the **decision** (losers stopped and queued
+workers cancelled when a worker won, and the winner's own remaining budget) and **pruning** (a
+worker stopped early because its projection could not meet the criteria, ``RunState.pruned``).
+Both use the same estimate: the run's remaining budget at its measured pace.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class ComputeRow:
     full_busy_s: float | None  # estimate: busy_s / done x budget
     full_cpu_s: float | None
     note: str
+    cause: str = ""  # what ended it early: "decision", "pruning", or "" (ran its course)
 
     @property
     def saved_busy_s(self) -> float:
@@ -92,7 +98,10 @@ def compute_savings(usages: Sequence[RunUsage], unit: str = "epoch") -> list[Com
         busy, cpu = (rec.busy_s, rec.cpu_s) if rec is not None else (0.0, 0.0)
         done = u.done if rec is not None else 0
         won = u.won and rec is not None and rec.state == RunState.succeeded
-        early = won or (rec is not None and rec.state in (RunState.stopped, RunState.cancelled))
+        pruned = rec is not None and rec.state == RunState.pruned
+        early = pruned or won or (
+            rec is not None and rec.state in (RunState.stopped, RunState.cancelled)
+        )
         full_busy = full_cpu = None
         note = "ran its course" if rec is not None and rec.state.terminal else "still stopping"
         if early and done > 0:
@@ -105,6 +114,18 @@ def compute_savings(usages: Sequence[RunUsage], unit: str = "epoch") -> list[Com
             note = f"never trained: median s/{unit} of the others"
         if won:
             note = "winner, stopped at its win; " + note
+        if pruned:
+            note = "pruned; " + note
+        cause = ("pruning" if pruned else "decision") if early else ""
         rows.append(ComputeRow(u.worker, state, done, u.budget, busy, cpu, full_busy, full_cpu,
-                               note))
+                               note, cause))
     return rows
+
+
+def saved_by_cause(rows: Sequence[ComputeRow]) -> dict[str, float]:
+    """Slot-seconds saved, split by cause: ``{"decision": s, "pruning": s}``."""
+    out = {"decision": 0.0, "pruning": 0.0}
+    for r in rows:
+        if r.cause:
+            out[r.cause] += r.saved_busy_s
+    return out

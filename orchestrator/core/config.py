@@ -34,6 +34,7 @@ from orchestrator.core.commands import (  # noqa: F401  (expand, _fill: re-expor
     expand,
 )
 from orchestrator.core.criteria import Criterion
+from orchestrator.core.pruning import PruneConfig
 from orchestrator.core.refnames import branch_name, ref_component
 from orchestrator.errors import ConfigError, CriteriaError
 from orchestrator.remote.sync_config import SyncConfig
@@ -143,6 +144,7 @@ class ExperimentConfig(_Frozen):
     setup: Command | None = None
     on_success: Command | None = None
     stop_losers: bool = True  # False: record the first winner but let every worker finish
+    prune: PruneConfig | None = None  # stop hopeless workers early (orchestrator.core.pruning)
     workers: tuple[WorkerConfig, ...] = Field(min_length=1)
 
     _cmd = field_validator("setup", "on_success")(
@@ -598,6 +600,9 @@ def describe(plan: Plan) -> str:
             lines.append(f"  setup      {_cmd_str(e.setup)}")
         if e.on_success:
             lines.append(f"  on_success {_cmd_str(e.on_success)}")
+        if e.prune is not None:
+            lines.append(f"  prune      after {e.prune.after} evaluations, margin "
+                         f"{e.prune.margin:g}, patience {e.prune.patience}")
         for w in sorted(e.workers, key=lambda w: w.priority):
             lines.append(f"  worker {w.name} (priority {w.priority}) on branch {w.branch}")
             lines.append(f"    command  {_cmd_str(w.command)}")

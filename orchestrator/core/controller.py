@@ -22,6 +22,7 @@ from orchestrator.core.file_events import FileWatcher
 from orchestrator.core.hooks import HookRunner, last_line, run_setup, tail_lines
 from orchestrator.core.lock import ControllerLock
 from orchestrator.core.pinning import Pinner
+from orchestrator.core.pruner import PruningMixin
 from orchestrator.core.ranking import best_summary, best_worker
 from orchestrator.core.resume import ResumeMixin
 from orchestrator.core.runs import LiveRun
@@ -44,7 +45,7 @@ from orchestrator.sources.metrics import write_order_keys
 STDERR_TAIL_LINES = 20
 
 
-class Controller(ResumeMixin, SchedulingMixin, ControlsMixin):
+class Controller(ResumeMixin, SchedulingMixin, ControlsMixin, PruningMixin):
     """Runs a plan to a decision.
 
     Args:
@@ -314,6 +315,8 @@ class Controller(ResumeMixin, SchedulingMixin, ControlsMixin):
         if progress is not None and progress >= live.budget and live.handle is not None:
             self.event(f"{rec.key}: reached max_{rec.unit}s {live.budget:,}")
             self._stop([live], self._ended_state(live), reason=f"max_{rec.unit}s")
+            return
+        self._maybe_prune(live, merged)
 
     def _check_point(self, live: LiveRun, record: dict[str, Any]) -> int | None:
         """The record's epoch or step (in the experiment's unit) if it is a check point."""

@@ -38,6 +38,8 @@ class LiveRun:
     # check points at which a criterion metric was missing while others were reported
     unreported_checks: dict[str, int] = field(default_factory=dict)
     control_passed_at: int | None = None  # a control's first check point meeting the criteria
+    prune_streak: int = 0  # hopeless evaluations in a row (orchestrator.core.pruning)
+    prune_at: int | None = None  # epoch or step of the last evaluation the rule saw
 
     @property
     def criteria(self) -> tuple[Criterion, ...]:

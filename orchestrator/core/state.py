@@ -33,6 +33,7 @@ class RunState(str, Enum):
     exhausted = "exhausted"  # used its budget (epochs, steps or time) or exited 0 unmet
     failed = "failed"  # crashed more often than max_retries allows, or could not start
     cancelled = "cancelled"  # never started because the race ended
+    pruned = "pruned"  # stopped early: its projection cannot meet the criteria (``prune:``)
 
     @property
     def terminal(self) -> bool:
@@ -45,7 +46,10 @@ class RunState(str, Enum):
 
 
 TERMINAL = frozenset(
-    {RunState.succeeded, RunState.stopped, RunState.exhausted, RunState.failed, RunState.cancelled}
+    {
+        RunState.succeeded, RunState.stopped, RunState.exhausted, RunState.failed,
+        RunState.cancelled, RunState.pruned,
+    }
 )
 
 _ALLOWED: dict[RunState, frozenset[RunState]] = {
@@ -62,6 +66,7 @@ _ALLOWED: dict[RunState, frozenset[RunState]] = {
             RunState.stopped,
             RunState.exhausted,
             RunState.failed,
+            RunState.pruned,
             RunState.pending,  # crashed (or stalled) and will be retried with ORCH_RESUME=1
         }
     ),
@@ -72,6 +77,8 @@ _ALLOWED: dict[RunState, frozenset[RunState]] = {
     RunState.exhausted: frozenset({RunState.pending}),
     RunState.cancelled: frozenset({RunState.pending}),
     RunState.succeeded: frozenset({RunState.pending}),
+    # `run` leaves a pruned run pruned; `rerun --resume` continues it by hand.
+    RunState.pruned: frozenset({RunState.pending}),
 }
 
 

@@ -15,8 +15,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.core.config import ExperimentConfig, Plan
+from orchestrator.core.config import ExperimentConfig, Plan, WorkerConfig
 from orchestrator.core.criteria import Criterion
+from orchestrator.core.projection import WINDOW, project_worker
 from orchestrator.core.ranking import best_worker, missing_text
 from orchestrator.core.snapshot import RaceSnapshot
 from orchestrator.core.state import ExperimentStatus, PlanState, RunRecord, RunState
@@ -38,6 +39,7 @@ STATUS_ICON = {
     RunState.exhausted: "⌛ exhausted",
     RunState.failed: "💥 failed",
     RunState.cancelled: "🚫 cancelled",
+    RunState.pruned: "✂ pruned",
 }
 
 
@@ -99,6 +101,20 @@ def _eta(rec: RunRecord, history: MetricHistory, now: float) -> str:
     if rec.max_time_s is not None and rec.started_at is not None:
         remaining = min(remaining, max(0.0, rec.started_at + rec.max_time_s - now))
     return f"~{duration(remaining)} to max"
+
+
+def eta_to_criteria(
+    exp: ExperimentConfig, worker: WorkerConfig, rec: RunRecord, history: MetricHistory,
+    now: float,
+) -> str:
+    """When a running worker meets all its criteria by projection (``~14m (epoch 23)``), or
+    why not (``not on course: val_accuracy``); see ``orchestrator.core.projection``."""
+    if rec.state != RunState.running or rec.budget is None:
+        return ""
+    return project_worker(
+        exp.criteria_for(worker), history.records, unit=exp.unit, check_every=exp.check_every,
+        budget=rec.budget, now=now, window=exp.prune.window if exp.prune else WINDOW,
+    ).text()
 
 
 def _progress(rec: RunRecord) -> str:
@@ -172,7 +188,7 @@ def render_markdown(
         header += [
             _breakable(c.threshold.metric) if c.threshold else c.source for c in metric_cols
         ]
-        header += ["status", "trend", "ETA"]
+        header += ["status", "trend", "ETA to criteria", "ETA"]
         rows: list[list[str]] = []
         for w in exp.workers:
             key = f"{exp.name}/{w.name}"
@@ -197,9 +213,12 @@ def render_markdown(
                 status_cell += f" (attempt {rec.attempt})"
             if rec.state == RunState.stopped and rec.stop_reason:
                 status_cell += f": {rec.stop_reason}"
+            if rec.state == RunState.pruned and rec.stop_reason:
+                status_cell += f" ({rec.stop_reason.removeprefix('pruned: ').split(';')[0]})"
             row = [w.name, *branch_cell(w.branch), rec.slot or "—", _progress(rec)]
             row += [history_cell(c, hist, unit) for c in metric_cols]
-            row += [status_cell, trend, _eta(rec, hist, now)]
+            row += [status_cell, trend, _breakable(eta_to_criteria(exp, w, rec, hist, now)),
+                    _eta(rec, hist, now)]
             rows.append(row)
         out.extend(_table(header, rows))
         out.append("")
@@ -303,8 +322,9 @@ def _branches(
 
 OPTIONAL_COLUMNS = ("slot", "trend", "ETA", "ETA to criteria")  # left out when empty in every row
 # Left out, in this order, while the table is estimated wider than a 900 px page (the progress
-# plot shows the trend; `status` and the live table show slots).
-PAGE_DROP_ORDER = ("trend", "slot")
+# plot shows the trend; `status` and the live table show slots; the time to the budget goes
+# before the time to the criteria).
+PAGE_DROP_ORDER = ("trend", "slot", "ETA")
 PAGE_WIDTH_PX = 900 - 2 * 24  # GitHub's page margins
 
 
@@ -398,7 +418,10 @@ class Dashboard:
             return
         image = (
             self.progress_path.name if self.progress_path.exists() else None
-        ) if snapshot.state.finished else self._maybe_plot(snapshot.histories, now)
+        ) if snapshot.state.finished else self._maybe_plot(
+            snapshot.histories, now,
+            running={k for k, r in snapshot.state.runs.items() if r.state == RunState.running},
+        )
         status = self.syncer.status()
         sync_line = None
         if self.plan.sync is not None:
@@ -432,7 +455,10 @@ class Dashboard:
         status = self.syncer.status()
         return {"last_success_s": status.last_success_s, "error": status.error}
 
-    def _maybe_plot(self, histories: Mapping[str, MetricHistory], now: float) -> str | None:
+    def _maybe_plot(
+        self, histories: Mapping[str, MetricHistory], now: float,
+        running: frozenset[str] | set[str] = frozenset(),
+    ) -> str | None:
         signature = tuple((k, len(h.records)) for k, h in sorted(histories.items()))
         have = self.progress_path.exists()
         # ~0.9 CPU-s a render (4 panels): once every 30 s keeps it near 3% of a core.
@@ -448,18 +474,20 @@ class Dashboard:
             return self.progress_path.name if have else None
         snapshot = {k: MetricHistory(list(h.records)) for k, h in histories.items()}
         self._plot_thread = threading.Thread(
-            target=self._render_plot, args=(snapshot,), name="plot"
+            target=self._render_plot, args=(snapshot, frozenset(running)), name="plot"
         )
         self._plot_thread.start()
         self._plot_signature = signature
         self._last_plot = now
         return self.progress_path.name if have else None
 
-    def _render_plot(self, histories: Mapping[str, MetricHistory]) -> None:
+    def _render_plot(
+        self, histories: Mapping[str, MetricHistory], running: frozenset[str] = frozenset()
+    ) -> None:
         from orchestrator.views.plots import render_progress
 
         try:
-            render_progress(self.plan, histories, self.progress_path)
+            render_progress(self.plan, histories, self.progress_path, running=running)
         except OSError as e:
             self.write_errors.report("progress plot", e)
         self.syncer.notify_changed()

@@ -43,7 +43,7 @@ class LiveTable:
         self.live.update(
             render_table(
                 self.plan, snapshot.state, list(snapshot.events),
-                histories=snapshot.histories, wide=self.wide,
+                histories=snapshot.histories, wide=self.wide, now=snapshot.now,
             )
         )
 
@@ -118,6 +118,8 @@ def _status(rec: RunRecord) -> str:
         text += f" (attempt {rec.attempt})"
     if rec.state == RunState.stopped and rec.stop_reason:
         text += f": {rec.stop_reason}"
+    if rec.state == RunState.pruned and rec.stop_reason:
+        text += f" ({rec.stop_reason.removeprefix('pruned: ').split(':')[0]})"
     return text
 
 
@@ -162,6 +164,7 @@ def render_table(
     *,
     histories: Mapping[str, MetricHistory] | None = None,
     wide: bool = False,
+    now: float | None = None,
 ) -> Any:
     """A rich renderable of the plan's state (used by ``run`` and ``status``).
 
@@ -172,8 +175,12 @@ def render_table(
         events: recent events, oldest first (the last 8 are shown).
         histories: metric history per run key, for the trend column (optional).
         wide: every column and the full status text.
+        now: Unix seconds; with ``histories``, adds the "ETA to criteria" column (see
+            ``orchestrator.core.projection``).
     """
-    from orchestrator.views.dashboard import _progress, criterion_cell
+    from orchestrator.views.dashboard import _progress, criterion_cell, eta_to_criteria
+
+    with_eta = histories is not None and now is not None
 
     def build(width: int) -> list[Any]:
         parts: list[Any] = []
@@ -186,7 +193,7 @@ def render_table(
                 title += f": {erec.status.value}"
             headers = ["worker", "branch", "slot", f"{exp.unit}/max"]
             headers += [c.threshold.metric if c.threshold else c.source for c in exp.criteria]
-            headers += ["status", "trend"]
+            headers += ["status", "trend"] + (["ETA to criteria"] if with_eta else [])
             rows = []
             for w in exp.workers:
                 rec = state.runs.get(f"{exp.name}/{w.name}")
@@ -199,9 +206,12 @@ def render_table(
                 if wide and rec.error and rec.state in (RunState.failed, RunState.pending):
                     status += f" ({rec.error})"
                 hist = (histories or {}).get(f"{exp.name}/{w.name}")
+                eta = []
+                if with_eta and now is not None:
+                    eta.append(eta_to_criteria(exp, w, rec, hist or MetricHistory(), now))
                 rows.append([
                     w.name, w.branch + _code(rec), rec.slot or "—", _progress(rec), *cells,
-                    status, _trend(hist, exp),
+                    status, _trend(hist, exp), *eta,
                 ])
             parts.append(fit_table(headers, rows, width=width, wide=wide, title=title))
         if events:

@@ -5,18 +5,22 @@ epoch (or step) and against wall-clock time since the experiment's first record.
 is a dashed line with the passing side shaded. Points are drawn as markers (large ones while a
 run has few records, so a race decided at its first check still shows its points), the x axis
 starts at 0, and p-values (a criterion ``metric < small number``, e.g. ``separation_p < 0.01``)
-are drawn on a log axis. Rendered with matplotlib's Agg backend, written atomically.
+are drawn on a log axis. For running workers, the projection of each ``metric OP number``
+criterion (``orchestrator.core.projection``) is drawn dashed in the worker's colour from its
+last evaluation to the check point where it crosses the threshold (or to the budget), with its
+band shaded. Rendered with matplotlib's Agg backend, written atomically.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from orchestrator.core.config import ExperimentConfig, Plan
+from orchestrator.core.config import ExperimentConfig, Plan, WorkerConfig
 from orchestrator.core.criteria import Threshold
+from orchestrator.core.projection import WINDOW, project_criterion
 from orchestrator.reporting import atomic_write_bytes
 from orchestrator.sources.metrics import MetricHistory
 
@@ -85,7 +89,12 @@ def _draw_threshold(ax: Any, threshold: Threshold | None) -> None:
 
 
 def render_progress(
-    plan: Plan, histories: Mapping[str, MetricHistory], path: Path, *, dpi: int = 90
+    plan: Plan,
+    histories: Mapping[str, MetricHistory],
+    path: Path,
+    *,
+    dpi: int = 90,
+    running: Collection[str] = (),
 ) -> None:
     """Draw every experiment's criterion metrics per worker and write ``path`` (PNG).
 
@@ -94,8 +103,9 @@ def render_progress(
         histories: metric history per run key ("experiment/worker").
         path: output PNG; replaced atomically (nothing is written for a plan without criteria).
         dpi: dots per inch (the figure is 11 inches wide: ~1000 px at 90 dpi).
+        running: run keys whose projection to the criteria is drawn (the running workers).
     """
-    fig = progress_figure(plan, histories, dpi=dpi)
+    fig = progress_figure(plan, histories, dpi=dpi, running=running)
     if fig is None:
         return
     buf = io.BytesIO()
@@ -104,10 +114,15 @@ def render_progress(
 
 
 def progress_figure(
-    plan: Plan, histories: Mapping[str, MetricHistory], *, dpi: int = 90
+    plan: Plan,
+    histories: Mapping[str, MetricHistory],
+    *,
+    dpi: int = 90,
+    running: Collection[str] = (),
 ) -> Any:
     """The progress plot as a matplotlib ``Figure`` (rows: metrics; columns: by epoch or step,
-    by wall clock), or None when the plan has no criterion to plot."""
+    by wall clock), or None when the plan has no criterion to plot. The projections of the
+    ``running`` run keys are drawn on the epoch/step axes."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -142,6 +157,13 @@ def progress_figure(
             if xs:
                 line = ax.plot(xs, ys, **style)[0]
                 max_x = max(max_x, *xs)
+                curve = _projection(exp, w, hist, metric) if key in running else ()
+                if curve:
+                    px, centre, low, high = (list(v) for v in zip(*curve, strict=True))
+                    ax.plot(px, centre, linestyle="--", linewidth=1.2, color=line.get_color())
+                    ax.fill_between(px, low, high, color=line.get_color(), alpha=0.12,
+                                    linewidth=0)
+                    max_x = max(max_x, *px)
                 if ts:
                     ax_t.plot([t / scale for t in ts], tys, color=line.get_color(), **style)
                     max_t = max(max_t, *(t / scale for t in ts))
@@ -162,3 +184,18 @@ def progress_figure(
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
     return fig
+
+
+def _projection(
+    exp: ExperimentConfig, worker: WorkerConfig, history: MetricHistory, metric: str
+) -> tuple[tuple[float, float, float, float], ...]:
+    """(x, centre, lower, upper) of the first projectable criterion on ``metric``, or ()."""
+    for c in exp.criteria_for(worker):
+        if c.threshold is None or c.threshold.metric != metric:
+            continue
+        part = project_criterion(
+            c, history.records, unit=exp.unit, check_every=exp.check_every,
+            budget=exp.budget_for(worker), window=exp.prune.window if exp.prune else WINDOW,
+        )
+        return part.curve
+    return ()

@@ -26,12 +26,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from orchestrator.core.accounting import RunUsage, compute_savings
+from orchestrator.core.accounting import RunUsage, compute_savings, saved_by_cause
 from orchestrator.core.config import ExperimentConfig, Plan, load_plan
 from orchestrator.core.ranking import best_worker, missing_text
 from orchestrator.core.runs import metric_source
 from orchestrator.core.snapshot import RaceSnapshot
-from orchestrator.core.state import ExperimentStatus, PlanState, RunRecord
+from orchestrator.core.state import ExperimentStatus, PlanState, RunRecord, RunState
 from orchestrator.formatting import code, duration, fmt
 from orchestrator.paths import ResultsPaths
 from orchestrator.reporting import atomic_write_bytes
@@ -175,16 +175,19 @@ def race_report_markdown(
         ]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |")
     lines.append("")
+    lines += _pruned_lines(exp, state, unit)
     rows = compute_savings(_usage(exp, state), unit=unit)
     used = sum(r.busy_s for r in rows)
-    saved = sum(r.saved_busy_s for r in rows)
+    causes = saved_by_cause(rows)
+    pruning = (f"; saved by pruning: **{causes['pruning']:,.0f}**"
+               if exp.prune is not None or causes["pruning"] else "")
     lines += [
         "## Compute",
         "",
         f"Slot-seconds used: **{used:,.0f}**; saved by ending the race early (estimate): "
-        f"**{saved:,.0f}**. A slot-second is one second of one slot (a GPU, a share of one, or a "
-        "CPU slot); the estimate scales each stopped run's measured seconds per "
-        f"{unit} to its budget.",
+        f"**{causes['decision']:,.0f}**{pruning}. A slot-second is one second of one slot (a "
+        "GPU, a share of one, or a CPU slot); the estimate scales each stopped run's measured "
+        f"seconds per {unit} to its budget.",
         "",
         "| worker | state | slot-s used | est. slot-s to budget | saved | note |",
         "|---|---|---|---|---|---|",
@@ -248,6 +251,21 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _pruned_lines(exp: ExperimentConfig, state: PlanState, unit: str) -> list[str]:
+    """``## Pruned``: each pruned worker, where, and why (its projection), if any."""
+    out = []
+    for w in exp.workers:
+        rec = state.runs.get(f"{exp.name}/{w.name}")
+        if rec is None or rec.state != RunState.pruned:
+            continue
+        why = (rec.stop_reason or "pruned").removeprefix("pruned: ")
+        out.append(f"- **{w.name}** at {unit} {rec.progress}, after {duration(rec.busy_s)} of "
+                   f"slot time: {why}")
+    if not out:
+        return []
+    return ["## Pruned", "", *out, ""]
 
 
 def render_race_figure(
