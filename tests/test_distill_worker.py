@@ -137,11 +137,13 @@ def test_metrics_evals_and_checkpoints(full_run):
     assert last["val_instance_jf_off"] == first["val_instance_jf_off"]
     ev = json.loads((full_run / "evals" / "epoch_000002.json").read_text())
     assert {"video", "t", "degraded", "n_gt", "on", "off", "shuffled"} <= set(ev["samples"][0])
-    # the shuffled control is the mean over the derangements (3 by default)
-    assert last["val_num_shuffles"] == 3
+    # the shuffled control is the mean over the derangements (3 by default, at most n - 1)
+    n_val = len({r["video"] for r in ev["samples"]})
+    k = min(3, n_val - 1)
+    assert last["val_num_shuffles"] == k
     for rec in ev["samples"][:5]:
         assert rec["shuffled"]["jf"] == pytest.approx(
-            np.mean([rec[f"shuffled{k}"]["jf"] for k in range(3)]), abs=1e-4
+            np.mean([rec[f"shuffled{i}"]["jf"] for i in range(k)]), abs=1e-4
         )
     assert (full_run / "evals" / "test.json").exists()
     # video-stage checkpoints: only the two trainable modules (+ optimizer, scheduler, rng)

@@ -90,3 +90,47 @@ def test_worker_reports_the_constant_predictor_and_runs_the_single_frame_control
         timeout=120,
     )
     assert bad.returncode == 2 and bad.stderr.startswith("error: --single-frame")
+
+
+def _fake_run(root: Path, name: str, correct: list[bool], acc_key: float) -> None:
+    d = root / name
+    (d / "evals").mkdir(parents=True)
+    last = {
+        "test_accuracy": acc_key,
+        "test_macro_f1": acc_key,
+        "test_position_error_px": 10.0,
+        "params": 1000,
+        "test_majority_accuracy": 0.25,
+        "test_baseline_position_error_px": 5.0,
+        "test_static_position_error_px": 10.0,
+        "test_mean_position_error_px": 18.0,
+    }
+    (d / "metrics.jsonl").write_text(json.dumps({"epoch": 1}) + "\n" + json.dumps(last) + "\n")
+    samples = [
+        {"sample_id": f"s{i}", "label": 1, "pred": 1 if c else 0} for i, c in enumerate(correct)
+    ]
+    (d / "evals" / "test_final.json").write_text(json.dumps({"samples": samples}))
+
+
+def test_trajectory_table_pairs_seed_matched_runs_on_the_same_clips(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tt", REPO / "scripts/trajectory_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng(0)
+    a = [rng.random(40) < 0.8 for _ in range(2)]
+    b = [rng.random(40) < 0.4 for _ in range(2)]
+    for s in range(2):
+        _fake_run(tmp_path, f"m-seed{s}", list(a[s]), float(a[s].mean()))
+        _fake_run(tmp_path, f"m-single-seed{s}", list(b[s]), float(b[s].mean()))
+    groups = mod.load_runs(tmp_path)
+    assert sorted(groups) == ["m", "m-single"] and sorted(groups["m"]) == [0, 1]
+    r = mod.paired_accuracy(groups["m"], groups["m-single"])
+    expected = np.mean([a[s].mean() - b[s].mean() for s in range(2)])
+    assert r["mean"] == pytest.approx(expected) and r["ci"][0] < r["mean"] < r["ci"][1]
+    assert r["p_greater"] < 0.05
+    assert mod.main([str(tmp_path), "--pair", "m:m-single"]) == 0
+    out = capsys.readouterr().out
+    assert "| m | 0,1 |" in out and "constant predictor (train-mean position)" in out
+    assert mod.main([str(tmp_path), "--pair", "m:nope"]) == 2
