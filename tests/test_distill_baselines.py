@@ -96,3 +96,21 @@ def test_baseline_script_tunes_on_train_and_scores_the_worker_frames(data_dir, t
         mod.main(["--data-dir", str(data_dir), "--context-frames", "2", "--student-eval", str(bad)])
         == 2
     )
+
+
+def test_harder_data_keeps_the_objects_and_defeats_the_colour_rule():
+    easy, hard = (
+        VideoSpec(num_frames=6, degraded_prob=0.0),
+        VideoSpec(num_frames=6, degraded_prob=0.0, texture=0.3, palette_size=3),
+    )
+    scores: dict[str, list[float]] = {"easy": [], "hard": []}
+    for i in range(4):
+        a = generate_video(np.random.default_rng([12, i]), easy, "a")
+        b = generate_video(np.random.default_rng([12, i]), hard, "b")
+        np.testing.assert_array_equal(a.masks, b.masks)  # same objects, same motion
+        assert not np.array_equal(a.frames, b.frames)
+        for name, v in (("easy", a), ("hard", b)):
+            scores[name] += [
+                score_frame(segment_frame(v.frames[t]), _gt(v, t))["jf"] for t in range(6)
+            ]
+    assert np.mean(scores["hard"]) < np.mean(scores["easy"]) - 0.2
