@@ -83,14 +83,16 @@ def summarize(records: list[dict], mode: str, seed: int) -> dict:
     )
     _, lo, hi, _ = bootstrap_gain(per_video, seed, 2000)
     rs = [r[mode] for r in records]
-    det = prf(sum(x["tp"] for x in rs), sum(x["fp"] for x in rs), sum(x["fn"] for x in rs))
-    gt_any = np.array([r["n_gt"] > 0 for r in records])
-    pred_any = np.array([x["n_pred"] > 0 for x in rs])
-    pres = prf(
-        int((gt_any & pred_any).sum()),
-        int((~gt_any & pred_any).sum()),
-        int((gt_any & ~pred_any).sum()),
-    )
+    det = pres = (float("nan"),) * 3  # the averaged "shuffled" records carry no counts
+    if "tp" in rs[0]:
+        det = prf(sum(x["tp"] for x in rs), sum(x["fp"] for x in rs), sum(x["fn"] for x in rs))
+        gt_any = np.array([r["n_gt"] > 0 for r in records])
+        pred_any = np.array([x["n_pred"] > 0 for x in rs])
+        pres = prf(
+            int((gt_any & pred_any).sum()),
+            int((~gt_any & pred_any).sum()),
+            int((gt_any & ~pred_any).sum()),
+        )
     deg = [r[mode]["jf"] for r in records if r["degraded"]]
     clean = [r[mode]["jf"] for r in records if not r["degraded"]]
     return {

@@ -89,6 +89,41 @@ def test_baseline_script_tunes_on_train_and_scores_the_worker_frames(data_dir, t
         assert res[s]["n_videos"] == len(split[s]) and res[s]["n_frames"] == 4 * len(split[s])
         lo, hi = res[s]["instance_jf_video_ci"]
         assert 0 <= res[s]["instance_jf"] <= 1 and lo <= hi
+    # a "student" that is the rule itself, in the worker's eval format: rule - student = 0
+    records = mod.score_rule(
+        mod.query_frames([mod.load_sav_video(data_dir, v) for v in split["val"]], 2),
+        mod.ColourRuleConfig(**res["config"]),
+    )
+    same = [
+        {k: r[k] for k in ("video", "t", "degraded", "n_gt")}
+        | {
+            "on": r["rule"],
+            "off": r["rule"],
+            "shuffled": {k: r["rule"][k] for k in ("iou", "j", "f", "jf")},
+        }
+        for r in records
+    ]
+    student = tmp_path / "same.json"
+    student.write_text(json.dumps({"split": "val", "samples": same}))
+    assert (
+        mod.main(
+            [
+                "--data-dir",
+                str(data_dir),
+                "--context-frames",
+                "2",
+                "--student-eval",
+                str(student),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    res = json.loads(out.read_text())
+    for mode in ("on", "off", "shuffled"):
+        assert res[f"student_{mode}"]["rule_minus_student"][0] == pytest.approx(0.0, abs=1e-9)
+    assert res["student_off"]["instance_jf"] == pytest.approx(res["val"]["instance_jf"])
     # a student eval over other frames is refused
     bad = tmp_path / "student.json"
     bad.write_text(json.dumps({"split": "val", "samples": [{"video": "nope", "t": 2}]}))
