@@ -114,6 +114,7 @@ def summarize(path: Path) -> dict:
 
 
 def fmt_ci(v: float, ci: tuple[float, float]) -> str:
+    """``+0.0060 [+0.0027, +0.0100]``: a value and its CI, signed, 4 decimals."""
     return f"{v:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]"
 
 

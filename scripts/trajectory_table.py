@@ -70,6 +70,7 @@ def paired_accuracy(a: dict[int, dict], b: dict[int, dict], seed: int = 0) -> di
 
 
 def cell(values: list[float], digits: int) -> str:
+    """Mean ± sample sd of ``values`` (the mean alone for one value), ``digits`` decimals."""
     v = np.array(values, float)
     sd = f" ± {v.std(ddof=1):.{digits}f}" if len(v) > 1 else ""
     return f"{v.mean():.{digits}f}{sd}"
