@@ -50,6 +50,18 @@ def main(argv: list[str] | None = None) -> int:
         default=0.35,
         help="probability that a frame is degraded (low contrast + noise)",
     )
+    p.add_argument(
+        "--texture",
+        type=float,
+        default=0.0,
+        help="harder data: amplitude (0-1 scale) of a random background texture (default 0: none)",
+    )
+    p.add_argument(
+        "--palette-size",
+        type=int,
+        default=0,
+        help="harder data: objects and background share a palette of N colours (default 0: off)",
+    )
     p.add_argument("--val-frac", type=float, default=0.2, help="fraction of videos for val")
     p.add_argument("--test-frac", type=float, default=0.2, help="fraction of videos for test")
     p.add_argument("--seed", type=int, default=0, help="generation and split seed")
@@ -107,12 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.degraded_prob <= 1:
         print("error: --degraded-prob must be in [0, 1]", file=sys.stderr)
         return 2
+    if args.texture < 0 or args.palette_size < 0:
+        print("error: --texture and --palette-size must be >= 0", file=sys.stderr)
+        return 2
 
     spec = VideoSpec(
         num_frames=args.num_frames,
         size=args.size,
         max_objects=args.max_objects,
         degraded_prob=args.degraded_prob,
+        texture=args.texture,
+        palette_size=args.palette_size,
     )
     params = {
         "num_videos": args.num_videos,

@@ -101,21 +101,50 @@ def test_metrics_evals_and_checkpoints(full_run):
     assert [r["epoch"] for r in recs] == [0, 1, 2]
     first, last = recs[0], recs[-1]
     # epoch 0: gate 0, the memory is off by construction, so every mode scores the same
-    assert first["val_jf_on"] == first["val_jf_off"] == first["val_jf_shuffled"]
-    assert first["val_jf_gain_vs_off"] == 0 and first["val_jf_gain_vs_off_ci_low"] == 0
+    assert (
+        first["val_instance_jf_on"]
+        == first["val_instance_jf_off"]
+        == first["val_instance_jf_shuffled"]
+    )
+    assert (
+        first["val_instance_jf_gain_vs_off"] == 0
+        and first["val_instance_jf_gain_vs_off_ci_low"] == 0
+    )
     for mode in ("on", "off", "shuffled"):
-        for key in ("jf", "iou", "det_f1", "presence_f1", "presence_precision", "presence_recall"):
+        for key in (
+            "instance_jf",
+            "iou",
+            "det_f1",
+            "presence_f1",
+            "presence_precision",
+            "presence_recall",
+        ):
             assert 0 <= last[f"val_{key}_{mode}"] <= 1, (key, mode)
-    for key in ("val_jf_gain_vs_off", "val_jf_gain_vs_shuffled"):
+    for key in ("val_instance_jf_gain_vs_off", "val_instance_jf_gain_vs_shuffled"):
         assert last[f"{key}_ci_low"] <= last[key] <= last[f"{key}_ci_high"]
-    assert last["memory_gate"] != 0 and "test_jf_on" in last and "test_jf_on" not in recs[1]
+    assert (
+        last["memory_gate"] != 0
+        and "test_instance_jf_on" in last
+        and "test_instance_jf_on" not in recs[1]
+    )
     assert last["train_loss"] > 0 and all(
         np.isfinite(last[k]) for k in last if k.startswith("train_")
     )
+    # the non-learned colour rule, scored on the same val frames in every record
+    assert 0 < first["val_instance_jf_colour_rule"] == last["val_instance_jf_colour_rule"] <= 1
+    assert "test_instance_jf_colour_rule" in last
     # the frozen image model is untouched by the video stage
-    assert last["val_jf_off"] == first["val_jf_off"]
+    assert last["val_instance_jf_off"] == first["val_instance_jf_off"]
     ev = json.loads((full_run / "evals" / "epoch_000002.json").read_text())
     assert {"video", "t", "degraded", "n_gt", "on", "off", "shuffled"} <= set(ev["samples"][0])
+    # the shuffled control is the mean over the derangements (3 by default, at most n - 1)
+    n_val = len({r["video"] for r in ev["samples"]})
+    k = min(3, n_val - 1)
+    assert last["val_num_shuffles"] == k
+    for rec in ev["samples"][:5]:
+        assert rec["shuffled"]["jf"] == pytest.approx(
+            np.mean([rec[f"shuffled{i}"]["jf"] for i in range(k)]), abs=1e-4
+        )
     assert (full_run / "evals" / "test.json").exists()
     # video-stage checkpoints: only the two trainable modules (+ optimizer, scheduler, rng)
     ckpt = torch.load(full_run / "checkpoints" / "latest.pt", weights_only=False)
@@ -142,7 +171,13 @@ def test_resume_from_an_epoch_checkpoint_continues_the_same_trajectory(
     out = finish(start(data_dir, run_dir, resume=True))
     assert "resumed the video stage at epoch 2" in out
     a, b = records(full_run)[-1], records(run_dir)[-1]
-    for key in ("val_jf_on", "val_jf_shuffled", "train_loss", "memory_gate", "test_jf_on"):
+    for key in (
+        "val_instance_jf_on",
+        "val_instance_jf_shuffled",
+        "train_loss",
+        "memory_gate",
+        "test_instance_jf_on",
+    ):
         assert b[key] == pytest.approx(a[key], abs=1e-6), key
 
 
@@ -162,7 +197,12 @@ def test_sigterm_checkpoints_exits_0_and_resume_matches(full_run, data_dir, tmp_
     finish(start(data_dir, run_dir, resume=True))
     a, b = records(full_run)[-1], records(run_dir)[-1]
     assert b["epoch"] == 2
-    for key in ("val_jf_on", "val_jf_shuffled", "memory_gate", "test_jf_on"):
+    for key in (
+        "val_instance_jf_on",
+        "val_instance_jf_shuffled",
+        "memory_gate",
+        "test_instance_jf_on",
+    ):
         assert b[key] == pytest.approx(a[key], abs=1e-6), key
 
 
@@ -201,4 +241,4 @@ def test_evaluate_when_no_query_is_present(data_dir):
     assert summary["val_det_recall_on"] == 0 and summary["val_presence_precision_off"] == 0
     negatives = [r for r in recs if r["n_gt"] == 0]
     assert all(r["on"]["jf"] == 1.0 for r in negatives)
-    assert summary["val_jf_on"] == pytest.approx(len(negatives) / len(recs))
+    assert summary["val_instance_jf_on"] == pytest.approx(len(negatives) / len(recs))

@@ -140,7 +140,11 @@ def test_train_evaluate_then_resume_continues_the_same_trajectory(data_dir, tmp_
         "ce_fine",
         "cap_ratio",
         "delta_ce_ci_low",
-        "delta_ce_p",
+        "delta_ce_p_greater",
+        "ce_otherq",
+        "ce_revq",
+        "ce_meanq",
+        "query_gap_min_ci_low",
         "ce_blind",
         "ce_shuffled",
         "ce_randq",
@@ -167,7 +171,7 @@ def test_train_evaluate_then_resume_continues_the_same_trajectory(data_dir, tmp_
     meta = json.loads((data_dir / "meta.json").read_text())
     assert sorted(s["id"] for s in evals["samples"]) == sorted(meta["split"]["val"])
     sample = evals["samples"][0]
-    assert sample["shuffled_with"] != sample["id"] and sample["n_tokens"] >= 8
+    assert sample["id"] not in sample["shuffled_with"] and sample["n_tokens"] >= 8
     assert sample["tokens"][-1] == "</s>" and len(sample["tok_ce_fine"]) == sample["n_tokens"]
     assert sample["ce_fine"] == pytest.approx(
         sum(sample["tok_ce_fine"]) / sample["n_tokens"], rel=1e-4

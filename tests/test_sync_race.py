@@ -120,9 +120,6 @@ def test_race_decides_while_the_link_is_cut_and_sync_catches_up(
     # down and the final state reached the laptop.
     local_page = repo / "synced" / "PARALLEL_PROGRESS.md"
     assert "🏆 **winner** won at epoch 20" in remote_page.read_text()  # the decision got there
-    # Known bug (also on main): the race report's detached renderer redraws progress.png after
-    # the controller's last push, so the laptop may keep the plot before it: only its presence
-    # is checked here until the renderer's output is pushed too.
     assert (remote / "synced" / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the pull side against the same box: the real `orchestrator status --json`, run remotely
@@ -157,7 +154,9 @@ def test_race_decides_while_the_link_is_cut_and_sync_catches_up(
     )
     assert (tmp_path / "pulled" / "synced" / "progress.png").exists()
     assert '"synced-race"' in done.stdout and '"winner"' in done.stdout
-    if remote_page.read_text() != local_page.read_text():
-        # Known bug: the race report's detached renderer rewrites the dashboard (without its
-        # Sync line) after the controller's last push, so the laptop keeps the page before it.
-        pytest.xfail("the last dashboard (rewritten by the race report renderer) is not pushed")
+    # the controller's last write is the final page (it links the race report as soon as it is
+    # due; the renderer never rewrites it), and the final push carried it and the report
+    assert remote_page.read_text() == local_page.read_text()
+    for rel in (Path("results/synced/synced-race/race_report/RACE_REPORT.md"),
+                Path("synced/progress.png")):  # drawn by the renderer, pushed at the end
+        assert (remote / rel).read_bytes() == (repo / rel).read_bytes(), rel

@@ -12,14 +12,18 @@
 Per evaluation (every --eval-every epochs, on the val split; epoch 0 = before training) one
 record goes to metrics.jsonl and the per-sample records to evals/<split>_epoch_NNNNNN.json:
 CE_coarse, CE_fine (nats/token, EOS included), delta CE = CE_coarse - CE_fine per sample with a
-bootstrap 95% CI (scipy.stats.bootstrap, BCa) and a paired Wilcoxon signed-rank test, d_z,
-cap_ratio = mean CE_coarse / mean CE_fine; controls: blind (visual tokens zeroed), shuffled
-video (each caption scored with another clip's features, a fixed derangement) and a fine pass
-with random queries; attention entropy versus log N and cosine(z_coarse, z_fine); latent MSE of
-both passes against the copy-last-frame baseline. The success metrics (cap_ratio, delta_ce_ci_low)
-are left out of the untrained epoch-0 record. Under the orchestrator ORCH_RUN_DIR / ORCH_RESUME
-win over --run-dir / --resume; SIGTERM or --max-hours -> checkpoint at the next optimizer step
-and exit 0 (resume with --resume to continue the same trajectory).
+bootstrap 95% CI (scipy.stats.bootstrap, BCa) and a one-sided t-test of its mean (> 0), d_z,
+cap_ratio = mean CE_coarse / mean CE_fine; video controls: blind (visual tokens zeroed; out of
+distribution) and shuffled video (each caption scored with another clip's features, averaged over
+--num-shuffles derangements); query controls of the fine pass that the LM could produce: another
+clip's queries, the clip's own queries time-reversed, the split's mean query (gaps CE_control -
+CE_fine with CIs; query_gap_min_ci_low is the smallest CI low bound), and Gaussian random
+queries (out of distribution, for reference); attention entropy versus log N and
+cosine(z_coarse, z_fine); latent MSE of both passes against the copy-last-frame baseline. The
+success metrics (cap_ratio, delta_ce_ci_low, query_gap_min_ci_low) are left out of the untrained
+epoch-0 record. Under the orchestrator ORCH_RUN_DIR / ORCH_RESUME win over --run-dir / --resume;
+SIGTERM or --max-hours -> checkpoint at the next optimizer step and exit 0 (resume with --resume
+to continue the same trajectory).
 """
 
 from __future__ import annotations
@@ -105,11 +109,17 @@ def collate(items: list[dict]) -> dict:
 
 
 def paired_delta(a: np.ndarray, b: np.ndarray, seed: int) -> dict:
-    """Per-sample delta = a - b: mean, bootstrap 95% CI (BCa), Wilcoxon p, d_z, fraction > 0."""
+    """Per-sample delta d = a - b (claimed direction: d > 0): mean, CI, one-sided test, d_z.
+
+    Returns {"mean", "ci_low", "ci_high" (95% BCa bootstrap CI of the mean, scipy.stats.bootstrap,
+    2000 resamples), "p_greater" (one-sided one-sample t-test of mean(d) > 0: the quantity
+    claimed is the mean, not a median shift), "dz" (mean / sd), "frac_pos"}.
+    """
     d = a - b
     out = {"mean": float(d.mean()), "frac_pos": float((d > 0).mean())}
     if len(d) < 3 or np.allclose(d, d[0]):
-        return {**out, "ci_low": float(d.mean()), "ci_high": float(d.mean()), "p": 1.0, "dz": 0.0}
+        m = float(d.mean())
+        return {**out, "ci_low": m, "ci_high": m, "p_greater": 0.0 if m > 0 else 1.0, "dz": 0.0}
     ci = stats.bootstrap(
         (d,),
         np.mean,
@@ -118,14 +128,28 @@ def paired_delta(a: np.ndarray, b: np.ndarray, seed: int) -> dict:
         method="BCa",
         rng=np.random.default_rng(seed),
     ).confidence_interval
-    p = stats.wilcoxon(d).pvalue if np.any(d != 0) else 1.0
     return {
         **out,
         "ci_low": float(ci.low),
         "ci_high": float(ci.high),
-        "p": float(p),
+        "p_greater": float(stats.ttest_1samp(d, 0.0, alternative="greater").pvalue),
         "dz": float(d.mean() / d.std(ddof=1)),
     }
+
+
+def derangements(n: int, k: int, seed: int) -> list[np.ndarray]:
+    """``k`` cyclic derangements of range(n) (index i -> (i + shift) % n, distinct shifts >= 1).
+
+    The shuffled-video control averages over several of them, so no single pairing of clips
+    decides it. Returns k int arrays [n] (fewer if n - 1 < k; none if n < 2).
+    """
+    if n < 2:
+        return []
+    shifts = np.random.default_rng(seed).permutation(np.arange(1, n))[:k]
+    return [(np.arange(n) + int(sh)) % n for sh in shifts]
+
+
+QUERY_CONTROLS = ("otherq", "revq", "meanq")  # in-distribution controls of the fine queries
 
 
 def attn_entropy(attn: torch.Tensor) -> torch.Tensor:
@@ -138,19 +162,30 @@ def attn_entropy(attn: torch.Tensor) -> torch.Tensor:
 def evaluate(
     model: EfficientFoveatedModel, data: FeatureSet, tokenizer, args, device
 ) -> tuple[dict, list]:
-    """Held-out evaluation with controls; returns (summary metrics, per-sample records)."""
+    """Held-out evaluation with controls; returns (summary metrics, per-sample records).
+
+    Per clip: CE of the coarse and fine passes and of the controls. Video controls: blind (visual
+    tokens zeroed; out of distribution, an upper reference only) and shuffled (the full model on
+    another clip's features, averaged over ``args.num_shuffles`` derangements). Query controls of
+    the LAST fine pass, all queries the LM could produce: ``otherq`` (the queries the LM made for
+    another clip, first derangement), ``revq`` (the clip's own queries in reversed frame order),
+    ``meanq`` (the split's mean fine query per frame position); and ``randq`` (Gaussian queries,
+    out of distribution: kept for comparison with earlier runs, never a criterion).
+    """
     model.eval()
     n = len(data)
-    derange = (np.arange(n) + 1 + np.random.default_rng(args.seed).integers(0, max(1, n - 1))) % n
+    perms = derangements(n, args.num_shuffles, args.seed)
     gen = torch.Generator(device="cpu").manual_seed(args.seed)  # random-query control
     amp = torch.autocast(
         device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
     )
     rows: list[dict] = []
+    own_queries: list[torch.Tensor] = []  # [B, T, d] per batch: for the mean-query control
+    k = args.fine_iterations
     for start in range(0, n, args.eval_batch_size):
         idx = list(range(start, min(n, start + args.eval_batch_size)))
         batch = collate([data[i] for i in idx])
-        other = collate([data[int(derange[i])] for i in idx])
+        others = [collate([data[int(pm[i])] for i in idx]) for pm in perms]
         feats, latents = batch["feats"].to(device), batch["latents"].to(device)
         ids, mask = (
             t.to(device)
@@ -158,36 +193,48 @@ def evaluate(
         )
         B, T = feats.shape[:2]
         with amp:
-            k = args.fine_iterations
             passes = model(feats, latents, ids, mask, fine_iterations=k).passes
             coarse, fine = passes[0], passes[-1]
             blind = model.read(torch.zeros_like(coarse.z), COARSE, latents, ids, mask)
-            other_feats = other["feats"].to(device)  # another clip's video, own caption
-            shuffled = model(other_feats, latents, ids, mask, fine_iterations=k).passes[-1]
+            ce_shuf, q_other = [], None
+            for other in others:  # another clip's video, own caption
+                sh = model(other["feats"].to(device), latents, ids, mask, fine_iterations=k)
+                ce_shuf.append(sh.passes[-1].ce.float())
+                if q_other is None and k > 0:  # the LM's queries for that other clip
+                    q_other = model.fine_queries(sh.passes[-2].hidden, T)
+            q_own = model.fine_queries(passes[-2].hidden, T) if k > 0 else None
+            ctrl = {}
+            if q_own is not None:
+                own_queries.append(q_own.float().cpu())
+                for name, q in (("otherq", q_other), ("revq", q_own.flip(1))):
+                    if q is not None:
+                        z_q, a_q = model.look(feats, q)
+                        ctrl[name] = model.read(z_q, FINE, latents, ids, mask, a_q).ce.float()
             q = torch.randn(B, T, model.cfg.attn_dim, generator=gen).to(device)
             z_r, a_r = model.look(feats, q)
             randq = model.read(z_r, FINE, latents, ids, mask, a_r)
+        shuffled = torch.stack(ce_shuf).mean(0) if ce_shuf else torch.full((B,), float("nan"))
         copy = (latents[:, :-1] - latents[:, 1:]).pow(2).flatten(1).mean(1)  # copy-last-frame
         zc, zf = coarse.z.float(), fine.z.float()
         cos = torch.nn.functional.cosine_similarity(zc, zf, dim=-1).mean(1)  # (B,)
         ent_c, ent_f = attn_entropy(coarse.attn), attn_entropy(fine.attn)  # (B,)
         for j in range(len(idx)):
+            n_tok = int(mask[j].sum())
             rows.append(
                 {
                     "id": batch["ids"][j],
                     "caption": batch["captions"][j],
-                    "n_tokens": int(mask[j].sum()),
-                    "tokens": tokenizer.convert_ids_to_tokens(
-                        ids[j, : int(mask[j].sum())].tolist()
-                    ),
-                    "tok_ce_coarse": coarse.tok_ce[j, : int(mask[j].sum())].tolist(),
-                    "tok_ce_fine": fine.tok_ce[j, : int(mask[j].sum())].tolist(),
+                    "n_tokens": n_tok,
+                    "tokens": tokenizer.convert_ids_to_tokens(ids[j, :n_tok].tolist()),
+                    "tok_ce_coarse": coarse.tok_ce[j, :n_tok].tolist(),
+                    "tok_ce_fine": fine.tok_ce[j, :n_tok].tolist(),
                     "ce_coarse": coarse.ce[j].item(),
                     "ce_fine": fine.ce[j].item(),
                     "ce_fine_all": [p.ce[j].item() for p in passes[1:]],
                     "ce_blind": blind.ce[j].item(),
-                    "ce_shuffled": shuffled.ce[j].item(),
-                    "shuffled_with": other["ids"][j],
+                    "ce_shuffled": shuffled[j].item(),
+                    "shuffled_with": [o["ids"][j] for o in others],
+                    **{f"ce_{c}": v[j].item() for c, v in ctrl.items()},
                     "ce_randq": randq.ce[j].item(),
                     "rec_coarse": coarse.rec[j].item(),
                     "rec_fine": fine.rec[j].item(),
@@ -197,8 +244,23 @@ def evaluate(
                     "cos_z": cos[j].item(),
                 }
             )
+    if own_queries:  # meanq: the split's mean fine query per frame position, [T, d]
+        q_mean = torch.cat(own_queries).mean(0).to(device)
+        for start in range(0, n, args.eval_batch_size):
+            idx = list(range(start, min(n, start + args.eval_batch_size)))
+            batch = collate([data[i] for i in idx])
+            feats, latents = batch["feats"].to(device), batch["latents"].to(device)
+            ids, mask = (
+                t.to(device)
+                for t in encode_captions(tokenizer, batch["captions"], args.max_caption_tokens)
+            )
+            with amp:
+                z_m, a_m = model.look(feats, q_mean.expand(len(idx), -1, -1))
+                ce_m = model.read(z_m, FINE, latents, ids, mask, a_m).ce.float()
+            for j, i in enumerate(idx):
+                rows[i]["ce_meanq"] = ce_m[j].item()
     model.train()
-    col = lambda k: np.array([r[k] for r in rows])  # noqa: E731
+    col = lambda key: np.array([r[key] for r in rows])  # noqa: E731
     ce_c, ce_f = col("ce_coarse"), col("ce_fine")
     fine_gain = paired_delta(ce_c, ce_f, args.seed)
     randq_gap = paired_delta(col("ce_randq"), ce_f, args.seed)
@@ -211,26 +273,47 @@ def evaluate(
         "delta_ce": fine_gain["mean"],
         "delta_ce_ci_low": fine_gain["ci_low"],
         "delta_ce_ci_high": fine_gain["ci_high"],
-        "delta_ce_p": fine_gain["p"],
+        "delta_ce_p_greater": fine_gain["p_greater"],
         "delta_ce_dz": fine_gain["dz"],
         "frac_fine_better": fine_gain["frac_pos"],
         "ce_blind": col("ce_blind").mean(),
         "ce_shuffled": col("ce_shuffled").mean(),
+        "num_shuffles": len(perms),
         "ce_randq": col("ce_randq").mean(),
         "shuffled_gap": shuffle_gap["mean"],
         "shuffled_gap_ci_low": shuffle_gap["ci_low"],
         "randq_gap": randq_gap["mean"],
         "randq_gap_ci_low": randq_gap["ci_low"],
-        "randq_gap_p": randq_gap["p"],
-        "rec_coarse": col("rec_coarse").mean(),
-        "rec_fine": col("rec_fine").mean(),
-        "rec_copy": col("rec_copy").mean(),
-        "attn_entropy_coarse": col("attn_entropy_coarse").mean(),
-        "attn_entropy_fine": col("attn_entropy_fine").mean(),
-        "log_n": log_n,
-        "cos_z": col("cos_z").mean(),
-        "n_eval": len(rows),
     }
+    lows = []
+    for c in QUERY_CONTROLS:  # CE_control - CE_fine > 0: the LM's own queries are better
+        if f"ce_{c}" not in rows[0]:
+            continue
+        g = paired_delta(col(f"ce_{c}"), ce_f, args.seed)
+        summary.update(
+            {
+                f"ce_{c}": col(f"ce_{c}").mean(),
+                f"{c}_gap": g["mean"],
+                f"{c}_gap_ci_low": g["ci_low"],
+                f"{c}_gap_ci_high": g["ci_high"],
+                f"{c}_gap_p_greater": g["p_greater"],
+            }
+        )
+        lows.append(g["ci_low"])
+    if lows:  # one criterion key: the fine queries beat EVERY in-distribution control
+        summary["query_gap_min_ci_low"] = min(lows)
+    summary.update(
+        {
+            "rec_coarse": col("rec_coarse").mean(),
+            "rec_fine": col("rec_fine").mean(),
+            "rec_copy": col("rec_copy").mean(),
+            "attn_entropy_coarse": col("attn_entropy_coarse").mean(),
+            "attn_entropy_fine": col("attn_entropy_fine").mean(),
+            "log_n": log_n,
+            "cos_z": col("cos_z").mean(),
+            "n_eval": len(rows),
+        }
+    )
     return {k: float(v) if not isinstance(v, int) else v for k, v in summary.items()}, rows
 
 
@@ -299,6 +382,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
     p.add_argument("--eval-batch-size", type=int, default=64, help="evaluation batch size")
     p.add_argument(
+        "--num-shuffles",
+        type=int,
+        default=3,
+        help="derangements the shuffled-video control averages over",
+    )
+    p.add_argument(
         "--eval-only", action="store_true", help="evaluate the latest checkpoint and exit"
     )
     p.add_argument("--split", default="val", help="split scored by --eval-only")
@@ -331,7 +420,14 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    for name in ("max_epochs", "batch_size", "grad_accum", "eval_every", "eval_batch_size"):
+    for name in (
+        "max_epochs",
+        "batch_size",
+        "grad_accum",
+        "eval_every",
+        "eval_batch_size",
+        "num_shuffles",
+    ):
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
@@ -473,7 +569,9 @@ def main(argv: list[str] | None = None) -> int:
             summary = {f"{split_name}_{k}": v for k, v in summary.items()}
         elif epoch == 0:  # untrained: diagnostics only, no success metrics
             summary = {
-                k: v for k, v in summary.items() if k not in ("cap_ratio", "delta_ce_ci_low")
+                k: v
+                for k, v in summary.items()
+                if k not in ("cap_ratio", "delta_ce_ci_low", "query_gap_min_ci_low")
             }
         before_log()  # the checkpoint exists before the controller can act on the record
         rec = rep.log(epoch=epoch, step=step, **summary, **train_stats)

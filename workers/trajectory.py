@@ -18,11 +18,13 @@ Metrics per evaluation (metrics.jsonl): val_accuracy, val_macro_f1, val_recall_<
 val_majority_accuracy (sanity: the train majority class), position_error_px (mean Euclidean
 error at the target frame, pixels of the 64-px frame), baseline_position_error_px (constant
 velocity from the last two GROUND-TRUTH input centres, same clips), static_position_error_px,
+mean_position_error_px (the constant predictor: the train-mean target for every clip),
 position_vs_baseline_p (paired Wilcoxon signed-rank over clips), params (requires_grad),
 train_time_s (cumulative), train_clips_per_s, infer_clips_per_s. The confusion matrix and
 per-clip predictions go to evals/epoch_NNNNNN.json. Checkpoints every epoch and on SIGTERM
 (mid-epoch included; resuming skips the batches already done, so a resumed run follows the
-uninterrupted trajectory).
+uninterrupted trajectory). ``--single-frame K`` is the no-motion control: the same backbone
+trained and scored on input frame K repeated over the window.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ from synthvid.trajectory import (
     constant_position_baseline,
     constant_velocity_baseline,
     load_trajectory_split,
+    mean_position_baseline,
+    single_frame_video,
 )
 
 MODELS = ("conv_temporal", "i3d", "slowfast", "vivit")
@@ -108,6 +112,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--shuffle-labels",
         action="store_true",
         help="control: permute the TRAIN class labels (val accuracy must fall to chance)",
+    )
+    p.add_argument(
+        "--single-frame",
+        type=int,
+        default=None,
+        metavar="K",
+        help="control: every clip (train, val, test) becomes input frame K repeated T_in times "
+        "(no motion; what one frame gives away)",
     )
     p.add_argument("--train-samples", type=int, default=None, help="use the first N train clips")
     p.add_argument("--val-samples", type=int, default=None, help="use the first N val clips")
@@ -190,8 +202,13 @@ def evaluate(
     device: torch.device,
     batch_size: int,
     autocast: bool,
+    train_mean_xy: np.ndarray,
 ) -> tuple[dict, dict]:
-    """Score held-out clips. Returns (metrics without prefix, per-clip eval record)."""
+    """Score held-out clips. Returns (metrics without prefix, per-clip eval record).
+
+    ``train_mean_xy`` float [2] pixels: the train-mean target, scored as the constant predictor
+    (``mean_position_error_px``) on the same clips.
+    """
     model.eval()
     logits, positions, infer_s = [], [], 0.0
     for start in range(0, len(clips), batch_size):
@@ -216,6 +233,8 @@ def evaluate(
     err = np.linalg.norm(pred_xy - clips.target, axis=1)  # [N] pixels
     cv_err = np.linalg.norm(cv_xy - clips.target, axis=1)
     static_err = np.linalg.norm(static_xy - clips.target, axis=1)
+    mean_xy = mean_position_baseline(np.asarray(train_mean_xy, np.float32)[None], len(clips))
+    mean_err = np.linalg.norm(mean_xy - clips.target, axis=1)
     rep = classification_report(clips.label, preds, len(CLASSES))
     diff = err - cv_err
     p_value = float(stats.wilcoxon(err, cv_err).pvalue) if np.any(diff != 0) else 1.0
@@ -228,6 +247,7 @@ def evaluate(
         "position_error_median_px": float(np.median(err)),
         "baseline_position_error_px": float(cv_err.mean()),
         "static_position_error_px": float(static_err.mean()),
+        "mean_position_error_px": float(mean_err.mean()),
         "position_vs_baseline_p": p_value,
         "position_better_than_baseline_frac": float((diff < 0).mean()),
         "infer_clips_per_s": len(clips) / max(infer_s, 1e-9),
@@ -307,6 +327,14 @@ def main(argv: list[str] | None = None) -> int:
         default_run_dir=args.run_dir or f"runs/trajectory/{args.model}-seed{args.seed}"
     )
     size = train.image_size
+    if args.single_frame is not None:  # control: no motion, one frame repeated
+        try:
+            train.video = single_frame_video(train.video, args.single_frame)
+            val.video = single_frame_video(val.video, args.single_frame)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    train_mean_xy = train.target.mean(0)  # [2] pixels: the constant position predictor
     train_video, val_video = (
         resize_video(train.video, image_size),
         resize_video(val.video, image_size),
@@ -425,17 +453,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"stop requested: checkpoint at epoch {done}", flush=True)
                 return 0
             continue
-        val_m, records = evaluate(model, val_video, val, device, 64, autocast)
+        val_m, records = evaluate(model, val_video, val, device, 64, autocast, train_mean_xy)
         metrics = {
             f"val_{k}": v
             for k, v in val_m.items()
-            if not k.startswith(("position", "baseline", "static", "infer"))
+            if not k.startswith(("position", "baseline", "static", "mean_position", "infer"))
         }
         metrics.update(
             {
                 k: v
                 for k, v in val_m.items()
-                if k.startswith(("position", "baseline", "static", "infer"))
+                if k.startswith(("position", "baseline", "static", "mean_position", "infer"))
             }
         )
         metrics["val_majority_accuracy"] = float((val.label == majority).mean())
@@ -454,8 +482,17 @@ def main(argv: list[str] | None = None) -> int:
         if done == args.epochs:  # the held-out test split, once, in the last record
             test = load_trajectory_split(args.data_dir, "test", **load)
             assert not set(test.sample_ids) & (set(train.sample_ids) | set(val.sample_ids))
+            test_video = test.video
+            if args.single_frame is not None:
+                test_video = single_frame_video(test_video, args.single_frame)
             test_m, test_records = evaluate(
-                model, resize_video(test.video, image_size), test, device, 64, autocast
+                model,
+                resize_video(test_video, image_size),
+                test,
+                device,
+                64,
+                autocast,
+                train_mean_xy,
             )
             metrics.update(
                 {
@@ -467,10 +504,13 @@ def main(argv: list[str] | None = None) -> int:
                         "macro_f1",
                         "position_error_px",
                         "baseline_position_error_px",
+                        "mean_position_error_px",
+                        "static_position_error_px",
                         "position_vs_baseline_p",
                     )
                 }
             )
+            metrics["test_majority_accuracy"] = float((test.label == majority).mean())
             rep.write_eval("test_final", test_records)
         rep.write_eval(f"epoch_{done:06d}", records)
         save(

@@ -14,8 +14,10 @@ held-out (val) query frames are scored three ways, from the same encoder pass:
 - shuffled: forward_video(frame, context of ANOTHER val video, same frame indices)
 
 and the paired per-video gain of "on" over each control gets a bootstrap 95% CI
-(scipy.stats.bootstrap) and a Wilcoxon signed-rank p (the video is the statistical unit).
-Metrics per mode: Hungarian-matched per-frame mask IoU, J&F (DAVIS boundary tolerance),
+(scipy.stats.bootstrap) and a one-sided t-test p of its mean (the video is the statistical unit);
+"shuffled" is the mean over --num-shuffles derangements of the videos.
+Metrics per mode: Hungarian-matched per-frame mask IoU, instance J&F (class-agnostic: J = IoU and
+F = DAVIS boundary F of Hungarian-matched instances; not the DAVIS/SA-V tracking J&F),
 detection precision/recall/F1 at IoU 0.5, and frame-level presence precision/recall/F1 where
 frames with no visible object are the negatives. Per-frame records go to evals/.
 
@@ -42,6 +44,7 @@ from scipy import stats
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from models.colour_rule import segment_frame
 from models.detr_student import MEMORY_MODULES, DETRStudent, StudentConfig, count_parameters
 from models.set_criterion import HungarianMatcher, SetCriterion, score_frame
 from orchestrator.reporting import Reporter
@@ -131,7 +134,11 @@ def make_batch(
 def bootstrap_gain(
     per_video: np.ndarray, seed: int, n_resamples: int
 ) -> tuple[float, float, float, float]:
-    """Mean of paired per-video differences, its 95% bootstrap CI (BCa) and Wilcoxon p."""
+    """Mean of paired per-video differences, its 95% BCa bootstrap CI, one-sided p (mean > 0).
+
+    The p-value is a one-sided one-sample t-test of the mean (the quantity claimed), not a
+    two-sided median-shift test.
+    """
     mean = float(per_video.mean())
     if len(per_video) < 3 or np.ptp(per_video) == 0:
         return mean, mean, mean, 1.0  # degenerate: no spread (e.g. gate 0)
@@ -143,8 +150,20 @@ def bootstrap_gain(
         method="BCa",
         random_state=np.random.default_rng(seed),
     ).confidence_interval
-    p = float(stats.wilcoxon(per_video).pvalue) if np.any(per_video != 0) else 1.0
+    p = float(stats.ttest_1samp(per_video, 0.0, alternative="greater").pvalue)
     return mean, float(ci.low), float(ci.high), p
+
+
+def colour_rule_instance_jf(videos: dict[str, SegVideo], context_frames: int) -> float:
+    """Mean instance J&F of the non-learned colour rule (models/colour_rule.py, default config,
+    chosen on train frames) over the query frames t >= context_frames that evaluate() scores."""
+    scores = []
+    for vid in sorted(videos):
+        v = videos[vid]
+        for t in range(context_frames, v.num_frames):
+            gt = v.masks[t][v.masks[t].reshape(len(v.masks[t]), -1).any(-1)]
+            scores.append(score_frame(segment_frame(v.frames[t]), gt)["jf"])
+    return float(np.mean(scores))
 
 
 def prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
@@ -165,28 +184,43 @@ def evaluate(
     seed: int,
     n_resamples: int,
     prefix: str,
+    num_shuffles: int = 3,
 ) -> tuple[dict, list[dict]]:
     """Score every query frame t >= context_frames of ``videos`` with memory on, off, shuffled.
 
+    "shuffled" feeds the context of ANOTHER video (same frame indices), for each of
+    ``num_shuffles`` cyclic derangements of the videos (distinct shifts); its per-frame scores
+    (``rec["shuffled"]``) and summary metrics are means over the derangements, so no single
+    pairing of videos decides the control. Scores are the class-agnostic instance J&F of
+    ``score_frame`` (not the DAVIS/SA-V tracking J&F).
+
     Returns:
-        (summary metrics with keys ``{prefix}_jf_on`` ..., per-frame records).
+        (summary metrics with keys ``{prefix}_instance_jf_on`` ..., per-frame records).
     """
     student.eval()
     ids = sorted(videos)
-    shift = np.random.default_rng(seed).integers(1, len(ids)) if len(ids) > 1 else 0
-    other = {vid: ids[(i + shift) % len(ids)] for i, vid in enumerate(ids)}  # derangement
+    shifts = (
+        np.random.default_rng(seed).permutation(np.arange(1, len(ids)))[:num_shuffles]
+        if len(ids) > 1
+        else np.zeros(1, int)
+    )
+    others = [
+        {vid: ids[(i + int(sh)) % len(ids)] for i, vid in enumerate(ids)} for sh in shifts
+    ]  # derangements
     queries = [(vid, t) for vid in ids for t in range(context_frames, videos[vid].num_frames)]
+    shuf_modes = [f"shuffled{k}" for k in range(len(others))]
     records = []
     for s in range(0, len(queries), batch_size):
         q = queries[s : s + batch_size]
         x, targets, ctx = make_batch(videos, feats, q, context_frames, device)
-        _, _, ctx_shuf = make_batch(
-            videos, feats, q, context_frames, device, [other[v] for v, _ in q]
-        )
+        ctx_shuf = [
+            make_batch(videos, feats, q, context_frames, device, [o[v] for v, _ in q])[2]
+            for o in others
+        ]
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             tokens, maps = student.encode(x)
             outs = {"off": student.decode(tokens, maps)}
-            for mode, c in (("on", ctx), ("shuffled", ctx_shuf)):
+            for mode, c in (("on", ctx), *zip(shuf_modes, ctx_shuf, strict=True)):
                 mem = student.perceiver_resampler(c)
                 outs[mode] = student.decode(student.memory_cross_attn(tokens, mem), maps)
         for i, (vid, t) in enumerate(q):
@@ -205,12 +239,16 @@ def evaluate(
                     pred = (logits > 0).cpu().numpy()
                 sc = score_frame(pred, gt)
                 rec[mode] = {k: round(v, 5) if isinstance(v, float) else v for k, v in sc.items()}
+            rec["shuffled"] = {  # mean over the derangements
+                k: round(float(np.mean([rec[m][k] for m in shuf_modes])), 5)
+                for k in ("iou", "j", "f", "jf")
+            }
             records.append(rec)
 
     summary: dict[str, float] = {}
-    for mode in MODES:
+    for mode in ("on", "off", *shuf_modes):
         rs = [r[mode] for r in records]
-        summary[f"{prefix}_jf_{mode}"] = float(np.mean([r["jf"] for r in rs]))
+        summary[f"{prefix}_instance_jf_{mode}"] = float(np.mean([r["jf"] for r in rs]))
         summary[f"{prefix}_iou_{mode}"] = float(np.mean([r["iou"] for r in rs]))
         p, r, f1 = prf(sum(x["tp"] for x in rs), sum(x["fp"] for x in rs), sum(x["fn"] for x in rs))
         summary.update(
@@ -234,6 +272,12 @@ def evaluate(
                 f"{prefix}_presence_f1_{mode}": f1,
             }
         )
+    for name in ("instance_jf", "iou", "det_precision", "det_recall", "det_f1") + tuple(
+        f"presence_{x}" for x in ("precision", "recall", "f1")
+    ):  # the shuffled control = mean over derangements
+        vals = [summary.pop(f"{prefix}_{name}_{m}") for m in shuf_modes]
+        summary[f"{prefix}_{name}_shuffled"] = float(np.mean(vals))
+    summary[f"{prefix}_num_shuffles"] = len(shuf_modes)
     summary[f"{prefix}_negative_frames"] = float(np.mean([rec["n_gt"] == 0 for rec in records]))
     for control in ("off", "shuffled"):
         per_video = np.array(
@@ -243,8 +287,10 @@ def evaluate(
             ]
         )
         mean, lo, hi, p = bootstrap_gain(per_video, seed, n_resamples)
-        key = f"{prefix}_jf_gain_vs_{control}"
-        summary.update({key: mean, f"{key}_ci_low": lo, f"{key}_ci_high": hi, f"{key}_p": p})
+        key = f"{prefix}_instance_jf_gain_vs_{control}"
+        summary.update(
+            {key: mean, f"{key}_ci_low": lo, f"{key}_ci_high": hi, f"{key}_p_greater": p}
+        )
         for name, sel in (("degraded", True), ("clean", False)):
             d = [r["on"]["jf"] - r[control]["jf"] for r in records if r["degraded"] == sel]
             summary[f"{key}_{name}"] = float(np.mean(d)) if d else float("nan")
@@ -323,6 +369,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--batch-size", type=int, default=16, help="query frames per step")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs")
+    p.add_argument(
+        "--num-shuffles",
+        type=int,
+        default=3,
+        help="derangements the shuffled-context control averages over",
+    )
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument(
         "--threads", type=int, default=max(1, (os.cpu_count() or 1) // 4), help="torch CPU threads"
@@ -338,8 +390,8 @@ def train(args: argparse.Namespace) -> int:
     manifest_path = args.data_dir / "manifest.json"
     if not manifest_path.exists():
         raise UserError(f"{manifest_path} not found; run scripts/make_segmentation_videos.py")
-    if args.context_frames < 1 or args.epochs < 1 or args.batch_size < 1:
-        raise UserError("--context-frames, --epochs and --batch-size must be >= 1")
+    if min(args.context_frames, args.epochs, args.batch_size, args.num_shuffles) < 1:
+        raise UserError("--context-frames, --epochs, --batch-size and --num-shuffles must be >= 1")
     split = json.loads(manifest_path.read_text())["split"]
     cfg = StudentConfig.tiny() if args.preset == "tiny" else StudentConfig.full()
     if args.context_frames > cfg.perceiver.max_frames:
@@ -360,12 +412,27 @@ def train(args: argparse.Namespace) -> int:
     def autocast() -> torch.autocast:
         return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
 
+    rule_jf: dict[str, float] = {}  # the non-learned colour rule, same frames (computed once)
+
     def ev(split_name: str, prefix: str) -> tuple[dict, list[dict]]:
         videos, feats = data[split_name]
         eval_batch = 2 * args.batch_size
-        return evaluate(
-            student, videos, feats, T, device, eval_batch, args.seed, args.bootstrap, prefix
+        if split_name not in rule_jf:
+            rule_jf[split_name] = colour_rule_instance_jf(videos, T)
+        summary, records = evaluate(
+            student,
+            videos,
+            feats,
+            T,
+            device,
+            eval_batch,
+            args.seed,
+            args.bootstrap,
+            prefix,
+            args.num_shuffles,
         )
+        summary[f"{prefix}_instance_jf_colour_rule"] = rule_jf[split_name]
+        return summary, records
 
     # ---- stage 1: the image model on single frames ----
     image_path, pre_path = rep.run_dir / "student_image.pt", rep.run_dir / "pretrain_state.pt"
@@ -532,12 +599,16 @@ def train(args: argparse.Namespace) -> int:
             **summary,
             **extra,
         )
-        checkpoint(epoch + 1, 0, epoch=epoch, metrics={"val_jf_on": summary["val_jf_on"]})
+        checkpoint(
+            epoch + 1, 0, epoch=epoch, metrics={"val_instance_jf_on": summary["val_instance_jf_on"]}
+        )
         sm = summary
         print(
-            f"epoch {epoch}: val J&F on {sm['val_jf_on']:.4f} off {sm['val_jf_off']:.4f} "
-            f"shuffled {sm['val_jf_shuffled']:.4f}; gain vs off {sm['val_jf_gain_vs_off']:+.4f} "
-            f"[{sm['val_jf_gain_vs_off_ci_low']:+.4f}, {sm['val_jf_gain_vs_off_ci_high']:+.4f}]"
+            f"epoch {epoch}: val instance J&F on {sm['val_instance_jf_on']:.4f} "
+            f"off {sm['val_instance_jf_off']:.4f} shuffled {sm['val_instance_jf_shuffled']:.4f}; "
+            f"gain vs off {sm['val_instance_jf_gain_vs_off']:+.4f} "
+            f"[{sm['val_instance_jf_gain_vs_off_ci_low']:+.4f}, "
+            f"{sm['val_instance_jf_gain_vs_off_ci_high']:+.4f}]"
         )
         epoch, step_in_epoch = epoch + 1, 0
         if rep.should_stop:

@@ -14,6 +14,7 @@ Shapes: frames are ``uint8 [T, H, W, 3]`` (RGB, H = W = ``image_size``), centres
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -207,4 +208,67 @@ def make_split(
         if not out[name] and fractions[SPLITS.index(name)] > 0:
             raise ValueError(f"split {name!r} is empty with {num_samples} samples; generate more")
         out[name].sort()
+    return out
+
+
+# -- the text prior: what a caption costs a model that never sees the video ---------------------
+
+WORD_TYPES = ("colour", "shape", "direction", "structure")
+
+
+def caption_word_nats(caption: str, max_objects: int = 2) -> list[tuple[str, str, float]]:
+    """Exact text-only cost of each word of a caption of this generator, and of its end.
+
+    -log P(word | previous words) in nats under the generator's own distribution (object count
+    uniform in [1, max_objects]; colours drawn without replacement from COLORS; shapes uniform
+    with replacement; first direction uniform, second uniform over the other three). No model
+    that reads only the text can do better on average (the Bayes-optimal text prior); a
+    captioner's CE minus this floor is what the video is worth to it. The article carries part
+    of the colour ("an" -> orange), so it is typed "colour"; "moves", "then", "and" and the end
+    of caption are "structure". By the chain rule the per-word costs equal the sum of the
+    per-token costs under any tokenizer that never merges across spaces (the fVLM BPE).
+
+    Args:
+        caption: as produced by generate_clip, e.g. "a red circle moves left then up".
+        max_objects: the generator's max_objects (1 or 2).
+
+    Returns:
+        [(word, type, nats)] for every word, then ("</s>", "structure", nats of ending here).
+
+    Raises:
+        ValueError: if the caption is not one this generator can produce.
+    """
+    if max_objects not in (1, 2):
+        raise ValueError(f"max_objects must be 1 or 2, got {max_objects}")
+    parts = caption.split(" and ")
+    if not 1 <= len(parts) <= max_objects:
+        raise ValueError(f"{caption!r}: {len(parts)} objects, generator makes 1..{max_objects}")
+    out: list[tuple[str, str, float]] = []
+    used: list[str] = []
+    for k, part in enumerate(parts):
+        words = part.split(" ")
+        if len(words) != 7 or words[3] != "moves" or words[5] != "then":
+            raise ValueError(f"{caption!r}: object {k + 1} is not 'a COLOUR SHAPE moves D then D'")
+        article, colour, shape, _, d1, _, d2 = words
+        free = [c for c in COLORS if c not in used]
+        vowel = [c for c in free if c[0] in "aeiou"]
+        same = vowel if article == "an" else [c for c in free if c[0] not in "aeiou"]
+        if colour not in same or article not in ("a", "an"):
+            raise ValueError(f"{caption!r}: '{article} {colour}' is not a possible colour here")
+        if shape not in SHAPES or d1 not in DIRECTIONS or d2 not in DIRECTIONS or d1 == d2:
+            raise ValueError(f"{caption!r}: unknown shape or direction pair in object {k + 1}")
+        if k:
+            out.append(("and", "structure", math.log(2.0)))  # a second object: P = 1/2
+        out += [
+            (article, "colour", -math.log(len(same) / len(free))),
+            (colour, "colour", math.log(len(same))),
+            (shape, "shape", math.log(len(SHAPES))),
+            ("moves", "structure", 0.0),
+            (d1, "direction", math.log(len(DIRECTIONS))),
+            ("then", "structure", 0.0),
+            (d2, "direction", math.log(len(DIRECTIONS) - 1)),
+        ]
+        used.append(colour)
+    ends_early = len(parts) < max_objects  # the end competes with "and" (P = 1/2 each)
+    out.append(("</s>", "structure", math.log(2.0) if ends_early else 0.0))
     return out

@@ -55,6 +55,9 @@ class VideoSpec:
     degraded_prob: float = 0.35  # probability that a frame is degraded
     degraded_contrast: float = 0.25  # degraded frame = contrast * frame + (1 - contrast) * grey
     degraded_noise: float = 0.12  # std of the Gaussian noise added to degraded frames (0-1 scale)
+    # harder data (both off by default; off, the videos are bit-identical to earlier versions):
+    texture: float = 0.0  # amplitude of a random multi-scale texture added to the background
+    palette_size: int = 0  # > 0: objects AND background draw colours from one small palette
 
 
 @dataclass
@@ -95,6 +98,11 @@ def _shape_mask(kind: int, cx: float, cy: float, r: float, aspect: float, size: 
 def generate_video(rng: np.random.Generator, spec: VideoSpec, video_id: str) -> SegVideo:
     """Render one synthetic video.
 
+    ``spec.texture`` > 0 adds a random multi-scale texture to the background (so it is no longer
+    a plane) and ``spec.palette_size`` > 0 draws object and background colours from one small
+    palette (objects can share a colour with each other and with the background): both defeat
+    the colour rule of models/colour_rule.py, which solves the default data.
+
     Returns:
         SegVideo with frames uint8 [T, S, S, 3], masks bool [T, K, S, S] (visible parts, after
         occlusion by the objects in front), degraded bool [T].
@@ -123,6 +131,20 @@ def generate_video(rng: np.random.Generator, spec: VideoSpec, video_id: str) -> 
     frames = np.zeros((T, S, S, 3), np.uint8)
     masks = np.zeros((T, K, S, S), bool)
     degraded = rng.random(T) < spec.degraded_prob
+    if spec.palette_size > 0:  # shared colours: objects may match each other and the background
+        palette = rng.uniform(0.0, 1.0, (spec.palette_size, 3))
+        colours = palette[rng.integers(0, spec.palette_size, K)]
+        c0, c1 = palette[rng.integers(0, spec.palette_size, 2)]
+        background = c0[None, None] * (1 - g[..., None]) + c1[None, None] * g[..., None]
+    if spec.texture > 0:  # sums of random oriented sinusoids, 3 to 16 px periods, per channel
+        yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
+        tex = np.zeros((S, S, 3))
+        for _ in range(6):
+            period, theta = rng.uniform(3.0, 16.0), rng.uniform(0, np.pi)
+            phase, amp = rng.uniform(0, 2 * np.pi), rng.uniform(-1, 1, 3)
+            wave = np.sin(2 * np.pi * (xx * np.cos(theta) + yy * np.sin(theta)) / period + phase)
+            tex += wave[..., None] * amp[None, None]
+        background = background + spec.texture * tex / np.abs(tex).max()
     order = np.argsort(depth)  # back to front
     for t in range(T):
         img = background.copy()

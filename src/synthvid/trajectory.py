@@ -160,3 +160,46 @@ def constant_velocity_baseline(centres: np.ndarray, horizon: int) -> np.ndarray:
 def constant_position_baseline(centres: np.ndarray) -> np.ndarray:
     """The last observed ground-truth centre, float32 [N, 2] pixels (the object stands still)."""
     return centres[:, -1].astype(np.float32)
+
+
+def mean_position_baseline(train_target: np.ndarray, n: int) -> np.ndarray:
+    """The constant predictor: the mean TRAIN target centre for every one of ``n`` clips.
+
+    A model whose position head learned nothing from the video converges to this; its error is
+    the floor a position error must beat before it says anything about the clip.
+
+    Args:
+        train_target: float [N_train, 2] target centres of the train split, pixels.
+        n: number of held-out clips to predict.
+
+    Returns:
+        float32 [n, 2] pixels, every row the train mean.
+
+    Raises:
+        ValueError: if ``train_target`` is empty or not [N, 2].
+    """
+    if train_target.ndim != 2 or train_target.shape[1] != 2 or len(train_target) == 0:
+        raise ValueError(f"train_target must be a non-empty [N, 2] array, got {train_target.shape}")
+    return np.repeat(train_target.mean(0, keepdims=True), n, axis=0).astype(np.float32)
+
+
+def single_frame_video(video: np.ndarray, frame: int) -> np.ndarray:
+    """Control input: frame ``frame`` of each clip repeated over the whole input window.
+
+    A backbone fed this sees the object's appearance and ONE position but no motion, so its
+    accuracy is what a single frame gives away (e.g. the height of a parabolic bump).
+
+    Args:
+        video: uint8 [N, T_in, 3, H, W].
+        frame: index in [0, T_in).
+
+    Returns:
+        uint8 [N, T_in, 3, H, W], a contiguous copy.
+
+    Raises:
+        ValueError: if ``frame`` is outside the input window.
+    """
+    T = video.shape[1]
+    if not 0 <= frame < T:
+        raise ValueError(f"--single-frame must be in [0, {T - 1}] (the input window), got {frame}")
+    return np.ascontiguousarray(np.repeat(video[:, frame : frame + 1], T, axis=1))
