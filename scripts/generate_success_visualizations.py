@@ -11,7 +11,7 @@ passes the best worker's run directory, and this script says FAILURE on its own)
 
 Writes <results_dir>/<experiment>/success_viz/{SUCCESS,FAILURE}_VISUALIZATION.png (2x2, 150 dpi),
 each panel alone, and {SUCCESS,FAILURE}_REPORT.md. After a success it first scores the winner's
-checkpoint (the controller's pin in <results_dir>/<experiment>/winner/, else the run's own) ONCE on
+checkpoint (the controller's pin in <results_dir>/<experiment>/_winner/, else the run's own) ONCE on
 the untouched test split (cached in success_viz/test_split.json) and the report shows test beside
 val. See docs/success_figure.md and workers/persistence_report/.
 """

@@ -133,9 +133,6 @@ def _stop_losers_false_race(repo: Path) -> tuple[int, PlanState]:
     return code, controller.state
 
 
-# The controller returns before the workers exit (see the xfail below): their Popen objects are
-# collected while the processes still run. Remove this filter with that bug.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_stop_losers_false_records_the_winner_and_stops_nobody(
     repo: Path, leak_check: str
 ) -> None:
@@ -150,9 +147,6 @@ def test_stop_losers_false_records_the_winner_and_stops_nobody(
         wait_for(lambda n=name: metric_epochs(repo, n) == [1, 2, 3, 4, 5, 6])
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.xfail(strict=True, reason="with stop_losers: false the controller returns once the "
-                   "winner is recorded; the others finish unobserved and stay 'running' in state")
 def test_stop_losers_false_waits_for_every_worker_to_finish(repo: Path, leak_check: str) -> None:
     _, state = _stop_losers_false_race(repo)
     assert state.run("race", "winner").state == RunState.succeeded

@@ -2,7 +2,7 @@
 
 The race selects its winner on val, so val numbers of the winner are optimistic. The on_success
 hook scores the winner's checkpoint once on the test split and SUCCESS_REPORT.md shows test
-beside val. Which checkpoint: the controller's pin (``<results>/<experiment>/winner/winner.json``,
+beside val. Which checkpoint: the controller's pin (``<results>/<experiment>/_winner/winner.json``,
 the copy of the checkpoint that belongs to the winning record, with its sha256); when no pin
 exists (an orchestrator without it), the run's own checkpoint of the winning epoch, and the report
 says so. The score is cached in ``success_viz/test_split.json`` keyed by the checkpoint's sha256,
@@ -69,7 +69,7 @@ def winner_checkpoint(outcome: RaceOutcome) -> tuple[Path | None, str]:
     path, note = checkpoint_for(outcome)
     if path is None:
         return None, note
-    return path, f"NO PIN (winner/winner.json absent): fell back to the run's {note}"
+    return path, f"NO PIN (_winner/winner.json absent): fell back to the run's {note}"
 
 
 def score_winner_on_test(outcome: RaceOutcome, data_dir: str | Path | None = None) -> HeldOutScore:
