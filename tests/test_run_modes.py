@@ -8,7 +8,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import pytest
 from conftest import fake, run_cli, wait_for, write_plan
 
 from orchestrator.core.config import load_plan
