@@ -375,7 +375,11 @@ class Controller(ResumeMixin, SchedulingMixin, ControlsMixin, PruningMixin):
             self._stop([live], RunState.succeeded, reason="won")
         if live.handle is None and not live.record.state.terminal:
             live.record.transition(RunState.succeeded, why="passed while no controller ran")
-        self.pins.start(self.plan, self.state, live, record)  # off the decision path
+        exp_runs = [r for r in self.runs.values() if r.experiment is exp]
+        self.pins.start(  # off the decision path, once the losers' stops are done
+            self.plan, self.state, live, record,
+            after=lambda: all(r.stopping is None or r is live for r in exp_runs),
+        )
         self._start_hook(live)
         self._dirty = True
         self._flush(force=True)

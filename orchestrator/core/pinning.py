@@ -228,11 +228,17 @@ class Pinner:
         self._futures: dict[str, Future[dict[str, Any]]] = {}
         self._settled: set[str] = set()
 
-    def start(self, plan: Plan, state: PlanState, live: LiveRun, record: dict[str, Any]) -> None:
+    def start(
+        self, plan: Plan, state: PlanState, live: LiveRun, record: dict[str, Any],
+        *, after: Callable[[], bool] = lambda: True,
+    ) -> None:
         """Start tagging and pinning ``live``'s winning ``record`` on a thread (returns at once).
 
         Sets the experiment's ``winner_commit`` now; ``pin`` and ``tag`` once ``settle`` sees
-        the thread done.
+        the thread done. ``after``: the thread first waits (at most ``grace_s`` + 10 s) until
+        it returns True, so git and the copy do not compete for the CPU with the losers that
+        are checkpointing and exiting (the decision latency); the checkpoint itself is safe
+        meanwhile (a stop checkpoint never replaces an evaluated one).
         """
         exp = live.experiment.name
         erec = state.experiments[exp]
@@ -244,6 +250,9 @@ class Pinner:
 
         def work() -> None:
             try:
+                deadline = time.monotonic() + plan.grace_s + 10.0
+                while not after() and time.monotonic() < deadline:
+                    time.sleep(PIN_POLL_S)
                 tag = tag_winner(plan, exp, state.race_id, live.record.commit)
                 info = pin_checkpoint(
                     live.paths.checkpoints, paths.winner_dir(exp), record,

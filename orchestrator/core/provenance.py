@@ -128,7 +128,10 @@ def check_worktree(worktree: Path, *, allow_dirty: bool) -> str | None:
     Raises:
         WorktreeError: the worktree holds uncommitted work and ``allow_dirty`` is False.
     """
-    dirty = worktrees.tracked_changes(worktree)
+    return _dirty_diff(worktree, worktrees.tracked_changes(worktree), allow_dirty=allow_dirty)
+
+
+def _dirty_diff(worktree: Path, dirty: list[str], *, allow_dirty: bool) -> str | None:
     if not dirty:
         return None
     if not allow_dirty:
@@ -168,9 +171,8 @@ def attempt_provenance(
     Raises:
         WorktreeError: the worktree is dirty and ``allow_dirty`` is False, or git fails.
     """
-    diff = check_worktree(worktree, allow_dirty=allow_dirty)
-    commit = worktrees.head_commit(worktree)
-    untracked = worktrees.untracked_files(worktree)
+    commit, changed, untracked = worktrees.worktree_status(worktree)  # one git process
+    diff = _dirty_diff(worktree, changed, allow_dirty=allow_dirty)
     diff_path = None
     if diff is not None:
         diff_path = run_paths.attempt_diff(attempt)

@@ -307,10 +307,46 @@ def resolve_commit(repo_path: Path, ref: str) -> str | None:
 
 def commits_behind(repo_path: Path, ref: str, base_ref: str) -> int | None:
     """How many commits of ``base_ref`` are not in ``ref`` (``git rev-list --count
-    ref..base_ref``); None when either does not resolve to a commit."""
-    if resolve_commit(repo_path, ref) is None or resolve_commit(repo_path, base_ref) is None:
+    ref..base_ref``, one git process); None when either does not resolve to a commit."""
+    try:
+        out = _git(repo_path, "rev-list", "--count", f"{ref}^{{commit}}..{base_ref}^{{commit}}")
+    except WorktreeError:
         return None
-    return int(_git(repo_path, "rev-list", "--count", f"{ref}..{base_ref}").strip() or 0)
+    return int(out.strip() or 0)
+
+
+def worktree_status(path: Path) -> tuple[str, list[str], list[str]]:
+    """HEAD, uncommitted changes to tracked files and untracked non-ignored files of the
+    worktree at ``path``, from one ``git status --porcelain=v2 --branch -z``.
+
+    Returns:
+        (full SHA of HEAD, ``XY path`` lines of changed tracked files, untracked paths).
+
+    Raises:
+        WorktreeError: not a git worktree, or it has no commit.
+    """
+    out = _git(path, "status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all")
+    head, changed, untracked = "", [], []
+    entries = out.split("\0")
+    i = 0
+    while i < len(entries):
+        entry = entries[i]
+        i += 1
+        if entry.startswith("# branch.oid "):
+            head = entry.split(" ", 2)[2]
+        elif entry.startswith("? "):
+            untracked.append(entry[2:])
+        elif entry.startswith(("1 ", "u ")):
+            fields = entry.split(" ")
+            changed.append(f"{fields[1].replace('.', ' ')} "
+                           f"{entry.split(' ', 8 if entry[0] == '1' else 10)[-1]}")
+        elif entry.startswith("2 "):  # a rename: the original path is the next entry
+            fields = entry.split(" ", 9)
+            changed.append(f"{fields[1].replace('.', ' ')} {fields[-1]}")
+            i += 1
+    if not head or head == "(initial)":
+        raise WorktreeError(f"{path} has no commit checked out")
+    return head, changed, untracked
 
 
 def tracked_changes(path: Path) -> list[str]:
