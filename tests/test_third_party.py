@@ -266,3 +266,20 @@ def test_an_untrained_evaluation_at_epoch_0_is_never_a_check_point(repo: Path) -
     code, state, _ = race(plan)
     assert code == 1 and state.experiments["race"].winner is None
     assert state.run("race", "w").state == RunState.exhausted
+
+
+def test_rerun_records_a_tensorboard_sourced_worker(repo: Path) -> None:
+    from tests.conftest import run_cli
+
+    plan = write_plan(repo, [
+        {"name": "w", "branch": "r/w", "metrics": {"source": "tensorboard",
+                                                   "path": "{worktree}/runs"},
+         "command": trainer("--steps", 300, "--target", 2.0, "--logdir", "{worktree}/runs")},
+    ], criteria=["`Loss/test` < 2.4"], experiment={"max_steps": 300, "max_epochs": None})
+    out = run_cli("rerun", str(plan), "w", cwd=repo, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "step 300 train loss" in out.stdout  # the log reached the terminal
+    last = out.stdout.strip().splitlines()[-1]
+    assert "metrics (tensorboard)" in last and "3 records" in last and "HELD" in last, last
+    log = (repo / "results" / "race" / "w" / "stdout.log").read_text()
+    assert "step 300 train loss" in log  # and the run's log

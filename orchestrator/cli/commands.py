@@ -19,6 +19,7 @@ from orchestrator.core.config import (
     ExperimentConfig,
     Plan,
     WorkerConfig,
+    _fill,
     describe,
     expand,
     load_plan,
@@ -193,7 +194,8 @@ def cmd_rerun(args: argparse.Namespace) -> int:
                                  ended_at=rec.ended_at, exit_code=code)
         rec.transition(RunState.exhausted if code == 0 else RunState.failed, why="rerun ended")
         state.save(paths.state)
-        print(f"rerun {key} exited with {code}; {_metrics_summary(exp, worker, run_paths)}")
+        print(f"rerun {key} exited with {code}; "
+              f"{_metrics_summary(plan, exp, worker, run_paths)}")
         return code
     finally:
         lock.release()
@@ -239,16 +241,22 @@ def _run_tee(argv: list[str], cwd: Path, env: dict[str, str], run_paths: RunPath
     return code
 
 
-def _metrics_summary(exp: ExperimentConfig, worker: WorkerConfig, run_paths: RunPaths) -> str:
-    """Where the run's metrics are (its metric source, read as in a race) and whether the
-    criteria held at the last record."""
+def _metrics_summary(
+    plan: Plan, exp: ExperimentConfig, worker: WorkerConfig, run_paths: RunPaths
+) -> str:
+    """Where the run's metrics are (its metric source, read as in a race: placeholders in its
+    path filled, names renamed) and whether the criteria held at the last record."""
     from orchestrator.core.criteria import all_pass
-    from orchestrator.sources.metrics import MetricHistory, make_source
+    from orchestrator.core.environment import placeholder_values
+    from orchestrator.core.runs import metric_source
+    from orchestrator.sources.metrics import MetricHistory
 
     m = worker.metrics
-    source = make_source(m.source, run_dir=run_paths.run_dir, path=m.path, pattern=m.pattern)
+    source = metric_source(plan, exp, worker, ResultsPaths(plan.results_dir))
     where = {"jsonl": m.path or str(run_paths.metrics),
              "regex": m.path or str(run_paths.stdout)}.get(m.source, m.path or "")
+    where = _fill(where, placeholder_values(
+        plan, exp, worker, run_paths, plan.worktree_path(worker, exp)))
     history = MetricHistory()
     try:
         history.add(source.read_new())

@@ -18,8 +18,8 @@ import json
 import platform
 import re
 import socket
-import threading
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
