@@ -110,23 +110,26 @@ def marked_processes(marker: str, *, report_wait_s: float = 60.0) -> list[psutil
     """Live processes (not this one) whose environment carries ``marker``.
 
     A race report renderer (the detached process a decided race starts) is waited for, up to
-    ``report_wait_s``, rather than counted: it ends on its own once the report is written. One
-    still alive after that is returned like any other leak.
+    ``report_wait_s``, rather than counted: it ends on its own once the report is written. So
+    is a process caught in passing, whose command line cannot be read (it is exiting, or being
+    born). Any process still alive after that is returned like any other leak.
     """
     deadline = time.monotonic() + report_wait_s
     while True:
         found = _marked(marker)
-        renderers = [p for p in found if _is_renderer(p)]
-        if not renderers or time.monotonic() > deadline:
-            return found
+        transient = [p for p in found if _is_renderer(p)]
+        if not transient or time.monotonic() > deadline:
+            return [p for p in found if p.is_running()]
         time.sleep(0.05)
 
 
 def _is_renderer(proc: psutil.Process) -> bool:
+    """A race report renderer, or a process whose command line cannot be read right now."""
     try:
-        return REPORT_RENDERER in proc.cmdline()
+        cmdline = proc.cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return False
+        return True  # gone (or going) while we looked: look again
+    return not cmdline or REPORT_RENDERER in cmdline
 
 
 def _marked(marker: str) -> list[psutil.Process]:

@@ -233,7 +233,8 @@ def test_worker_kill9_at_random_moments_resumes_and_races_correctly(
             # checkpoints and exits); its records count, and here they won the race
             assert all(r["resumed"] == 0 for r in history), what
             orphan_wins += 1
-            assert marked_processes(leak_check) == [], what
+            leaked = marked_processes(leak_check)
+            assert leaked == [], what + " leaked: " + repr([_describe(p) for p in leaked])
             continue
         if target == "wrapper":
             assert "race/a: stopped processes left behind by the exited attempt" in events, what
@@ -1190,3 +1191,11 @@ def test_a_malformed_plan_through_the_real_cli(repo: Path, leak_check: str) -> N
     assert out.stderr.startswith("error: 2 problems in ") and out.stderr.count("error:") == 1
     assert "Traceback" not in out.stderr
     assert sorted(p.name for p in repo.iterdir()) == [".git", "README.md", "plan.yaml"]
+
+
+def _describe(proc: psutil.Process) -> tuple[int, str, str]:
+    """(pid, status, command line) of a leaked process, for the failure message."""
+    try:
+        return proc.pid, proc.status(), " ".join(proc.cmdline())[:200]
+    except psutil.Error as e:
+        return proc.pid, type(e).__name__, ""
