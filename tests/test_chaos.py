@@ -254,7 +254,8 @@ def test_worker_kill9_at_random_moments_resumes_and_races_correctly(
         assert resumed_at in (last_of_first, last_of_first + 1), what
         assert all(r["resumed"] == (r["epoch"] >= resumed_at) for r in history), what
         assert state.run("race", "b").state == RunState.stopped, what
-        assert marked_processes(leak_check) == [], what
+        leaked = marked_processes(leak_check)
+        assert leaked == [], what + " leaked: " + repr([_describe(p) for p in leaked])
     print(
         f"worker kills: {WORKER_KILL_TRIALS} trainers and {WRAPPER_KILL_TRIALS} launch wrappers "
         f"killed; {orphan_wins} orphaned trainers won before their retry started; {late} kills "
@@ -427,7 +428,8 @@ def test_controller_kill9_at_random_moments_then_run_again(repo: Path, leak_chec
                 assert ended in again.stdout, what + again.stdout
                 ended_meanwhile += 1
         no_live += not alive_before
-        assert marked_processes(leak_check) == [], what
+        leaked = marked_processes(leak_check)
+        assert leaked == [], what + " leaked: " + repr([_describe(p) for p in leaked])
     print(
         f"controller kills: {CONTROLLER_KILL_TRIALS} trials; {reattached} live runs re-attached, "
         f"{ended_meanwhile} ended between the kill and the rerun, {no_live} trials with no live "
