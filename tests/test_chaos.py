@@ -213,7 +213,10 @@ def test_worker_kill9_at_random_moments_resumes_and_races_correctly(
         victim = trainer if target == "trainer" else wrapper
         written_at_kill = metric_lines(metrics)
         if victim is not None:
-            victim.send_signal(signal.SIGKILL)
+            try:
+                victim.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:  # it ended between the lookup and the kill: no trial
+                victim = None
         code = race.join()
         what = f"trial {trial} (kill the {target} after {kill_after} records + {jitter:.3f}s)"
         state = state_of(results)
