@@ -8,6 +8,8 @@ Layout under the plan's results directory::
       events.jsonl                    append-only event log (launches, exits, decisions)
       software.json pip_freeze.txt    what this race ran with (written once per race)
       races/<race-id>/                earlier races, moved here whole when a new race starts
+      reruns/<race-id>/<exp>/<worker>/  `rerun --race ID`: a worker of an earlier race run again
+                                      at that race's commit (the race's own files stay as they were)
       control/stop.json               stop requests from `orchestrator stop` in another shell
       <experiment>/
         <worker>/                     the run directory (ORCH_RUN_DIR), shared by all attempts
@@ -31,6 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.reporting import CHECKPOINT_DIR, EVALS_DIR, LATEST, METRICS_FILE
+
+
+# Folders at the top of the results directory that are not experiments: no experiment may be
+# named so (the plan loader refuses it).
+RESERVED_NAMES = frozenset({"races", "reruns", "control", "crashes"})
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,11 @@ class ResultsPaths:
     def archived_race(self, race_id: str) -> ResultsPaths:
         """The results layout of an earlier race, moved to ``races/<race-id>/``."""
         return ResultsPaths(self.races_dir / race_id)
+
+    def rerun(self, race_id: str, experiment: str, worker: str) -> RunPaths:
+        """The run directory of ``rerun --race RACE_ID``: a worker of an earlier race run again
+        at the commit that race recorded, kept apart from the race's own files."""
+        return RunPaths(self.root / "reruns" / race_id / experiment / worker)
 
     @property
     def crash_dir(self) -> Path:

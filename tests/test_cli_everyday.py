@@ -70,6 +70,8 @@ def test_stop_w1_is_a_worker_of_the_default_plan(repo: Path, leak_check: str) ->
     env = {**os.environ, "ORCH_PLAN": "other.yaml"}
     out = run_cli("status", cwd=repo, env=env)
     assert out.returncode == 2 and "other.yaml" in out.stderr
+    out = run_cli("report", cwd=repo, env=env)  # report reads the same default
+    assert out.returncode == 2 and "other.yaml" in out.stderr
 
 
 def test_clean_results_without_yes_and_without_a_terminal_refuses(

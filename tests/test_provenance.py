@@ -102,6 +102,48 @@ def test_commit_between_two_races_each_report_names_its_own_sha(
     assert second[:8] in dash and "3 behind" in dash
 
 
+def test_rerun_of_an_earlier_race_runs_its_commit_and_leaves_the_race_alone(
+    repo: Path, leak_check: str
+) -> None:
+    first = commit_file(repo, "model.py", "VERSION = 'first'\n")
+    command = ('python -c "import model; print(chr(109) + chr(61), model.VERSION)" && '
+               + " ".join(fake("--epochs", 3, "--interval", FAST, "--metric", "acc=0.5+0.2*epoch")))
+    plan = write_plan(repo, [{"name": "w", "branch": "r/w", "shell": True, "command": command}],
+                      base_ref="main")
+    code, state, _ = race(plan)
+    first_race = state.race_id
+    assert code == 0 and state.run("race", "w").commit == first
+    # the branch moves on, and a second race runs the new code
+    wt = repo / ".worktrees" / "race" / "w"
+    second = commit_file(wt, "model.py", "VERSION = 'second'\n")
+    code, state, _ = race(plan, fresh=True)
+    assert code == 0 and state.run("race", "w").commit == second
+    archived = repo / "results" / "races" / first_race
+    before = {p: p.stat().st_mtime_ns for p in archived.rglob("*") if p.is_file()}
+    out = run_cli("rerun", str(plan), "w", "--race", first_race, cwd=repo)
+    assert out.returncode == 0, out.stderr
+    assert "m= first" in out.stdout and first[:8] in out.stdout, out.stdout + out.stderr
+    run_dir = repo / "results" / "reruns" / first_race / "race" / "w"
+    prov = json.loads((run_dir / "attempts" / "0001.provenance.json").read_text())
+    assert prov["commit"] == first and prov["rerun_of"] == first_race and prov["exit"] == 0
+    assert "m= first" in (run_dir / "stdout.log").read_text()
+    assert (run_dir / "metrics.jsonl").read_text().count("\n") == 3
+    # the earlier race's files and the live race are untouched; the branch did not move
+    assert before == {p: p.stat().st_mtime_ns for p in archived.rglob("*") if p.is_file()}
+    assert PlanState.load(repo / "results" / "state.json").run("race", "w").attempt == 1
+    assert git(wt, "rev-parse", "HEAD").strip() == second
+    # a second rerun is attempt 2 in the same folder; the live race is the default
+    again = run_cli("rerun", str(plan), "w", "--race", first_race[:-1], cwd=repo)
+    assert again.returncode == 0 and (run_dir / "attempts" / "0002.provenance.json").exists()
+    bad = run_cli("rerun", str(plan), "w", "--race", "19990101", cwd=repo)
+    assert bad.returncode == 2 and bad.stderr.count("error:") == 1 and "no race" in bad.stderr
+    # clean removes the rerun worktree with the others
+    out = run_cli("clean", str(plan), cwd=repo)
+    assert out.returncode == 0, out.stderr
+    assert not (repo / ".worktrees" / "_reruns").exists()
+    assert "_reruns" not in git(repo, "worktree", "list")
+
+
 def test_a_dirty_worktree_is_refused(repo: Path, leak_check: str) -> None:
     plan = write_plan(repo, [
         {"name": "w", "branch": "r/w", "command": fake("--epochs", 3, "--interval", FAST)},
@@ -165,6 +207,10 @@ def test_bad_branch_and_experiment_names_fail_validation(repo: Path) -> None:
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "'bad~name' is not a valid git branch name" in out.stderr
     assert "'a..b'" in out.stderr
+    # an experiment may not be named like a folder of the results directory
+    plan = write_plan(repo, [{"name": "w", "branch": "r/w", "command": fake()}], name="races")
+    out = run_cli("validate", str(plan), cwd=repo)
+    assert out.returncode == 2 and "'races' names a folder of the results directory" in out.stderr
 
 
 def test_untracked_files_are_listed_not_refused(repo: Path, leak_check: str) -> None:

@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("words", nargs="+", metavar="[PLAN] WORKER",
                    help="worker name (or experiment/worker)")
     p.add_argument("--resume", action="store_true", help="resume from its latest checkpoint")
+    p.add_argument("--race", metavar="RACE_ID",
+                   help="an earlier race: run the worker again at the commit that race ran, "
+                        "into results/reruns/RACE_ID/ (default: the live race)")
     p.set_defaults(func=cmd_rerun)
 
     p = sub.add_parser("logs", help="show (or follow) one worker's log")

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from orchestrator.cli.args import find_worker, one_worker
 from orchestrator.core import provenance
@@ -140,6 +140,9 @@ def _wait_for_stop(paths: ResultsPaths, workers: list[str], timeout_s: float = 6
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
+    """Run one worker in the foreground in its worktree, as the controller would launch it (the
+    live race's next attempt); with ``--race`` naming an earlier race, see ``_rerun_past_race``."""
+    from orchestrator.core import races
     from orchestrator.core.environment import placeholder_values, worker_env
     from orchestrator.core.lock import ControllerLock
     from orchestrator.core.state import ExperimentRecord, RunRecord
@@ -149,6 +152,10 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     args.worker = one_worker(args.words, "rerun")
     exp, worker = find_worker(plan, args.worker)
     paths = ResultsPaths(plan.results_dir)
+    if args.race is not None:
+        race = races.find_race(paths, args.race)
+        if not race.live:
+            return _rerun_past_race(plan, exp, worker, paths, race, resume=args.resume)
     lock = ControllerLock(paths.lock)
     lock.acquire()  # refuses while a controller runs this plan
     try:
@@ -199,6 +206,58 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         return code
     finally:
         lock.release()
+
+
+def _rerun_past_race(plan: Plan, exp: ExperimentConfig, worker: WorkerConfig,
+                     paths: ResultsPaths, race: Any, *, resume: bool) -> int:
+    """Run ``worker`` again at the commit it ran in the earlier race ``race``: in a detached
+    worktree at that commit (``worktree_root/_reruns/<race-id>/...``), with the plan's current
+    command and env, into ``results/reruns/<race-id>/<experiment>/<worker>/`` (attempts numbered
+    there, each with its provenance). The race's own files are not touched, and no controller
+    lock is needed (the live race is not involved).
+
+    Raises:
+        StateError: the race recorded no commit for the worker (it never started there).
+        WorktreeError: that commit is no longer in the repository, or git fails.
+    """
+    from orchestrator.core.environment import placeholder_values, worker_env
+    from orchestrator.running import worktrees
+
+    key = f"{exp.name}/{worker.name}"
+    rec = race.state.runs.get(key)
+    commit = rec.commit if rec is not None else None
+    if not commit:
+        raise StateError(f"race {race.race_id} recorded no commit for {key}: it never started "
+                         "there", hint="`python -m orchestrator compare PLAN RACE` shows what ran")
+    wt = worktrees.ensure_detached_worktree(
+        plan.repo, plan.rerun_worktree_path(worker, exp, race.race_id), commit)
+    run_paths = paths.rerun(race.race_id, exp.name, worker.name)
+    run_paths.ensure()
+    attempt = len(list(run_paths.attempts_dir.glob("*.provenance.json"))) + 1
+    values = placeholder_values(plan, exp, worker, run_paths, wt, attempt)
+    values["race_dir"] = str(race.root)
+    argv = expand(worker.command, values, shell=worker.shell)
+    env = worker_env(exp, worker, run_paths, wt, attempt, resume=resume,
+                     cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                     values=values)
+    prov = provenance.attempt_provenance(
+        repo=plan.repo, worktree=wt, branch=worker.branch, base_ref=plan.base_ref,
+        attempt=attempt, argv=argv, plan_env=dict(worker.env), slot="by hand",
+        software=provenance.write_race_software(ResultsPaths(run_paths.run_dir)),
+        allow_dirty=False, run_paths=run_paths,
+    )
+    prov["rerun_of"] = race.race_id
+    started = time.time()
+    print(f"rerun {key} of race {race.race_id} at its commit {commit[:8]} (attempt {attempt}) "
+          f"in {wt}: {' '.join(argv)}", flush=True)
+    header = (f"==== attempt {attempt} {time.strftime('%Y-%m-%d %H:%M:%S')} rerun of race "
+              f"{race.race_id} at {commit[:12]} resume={int(resume)}: {' '.join(argv)}")
+    code = _run_tee(argv, wt, env, run_paths, header)
+    provenance.close_attempt(prov, run_paths, started_at=started, ended_at=time.time(),
+                             exit_code=code)
+    print(f"rerun {key} of race {race.race_id} exited with {code}; "
+          f"{_metrics_summary(plan, exp, worker, run_paths)}; files in {run_paths.run_dir}")
+    return code
 
 
 def _run_tee(argv: list[str], cwd: Path, env: dict[str, str], run_paths: RunPaths,
@@ -326,8 +385,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
     try:
         # Check every worktree first: remove nothing if any holds uncommitted work.
         dirty = []
-        for exp, w in plan.workers():
-            wt = plan.worktree_path(w, exp)
+        trees = [plan.worktree_path(w, exp) for exp, w in plan.workers()]
+        trees += worktrees.worktrees_under(plan.repo, plan.worktree_root / "_reruns")
+        for wt in trees:
             if wt.exists() and (files := worktrees.dirty_files(wt)):
                 dirty.append(f"{wt} ({len(files)} uncommitted files, e.g. {files[0].strip()})")
         if dirty:
@@ -336,11 +396,13 @@ def cmd_clean(args: argparse.Namespace) -> int:
                 hint="commit or stash the changes in those worktrees, then run clean again",
             )
         removed = 0
-        for exp, w in plan.workers():
-            wt = plan.worktree_path(w, exp)
+        for wt in trees:
             if wt.exists():
                 worktrees.remove_worktree(plan.repo, wt)
                 removed += 1
+        for folder, _, _ in os.walk(plan.worktree_root / "_reruns", topdown=False):
+            if not os.listdir(folder):
+                os.rmdir(folder)
         print(f"removed {removed} worktree(s) under {plan.worktree_root}")
         if args.results:
             gone = races.remove_races(paths, plan, keep=args.keep)

@@ -37,6 +37,7 @@ from orchestrator.core.criteria import Criterion
 from orchestrator.core.pruning import PruneConfig
 from orchestrator.core.refnames import branch_name, ref_component
 from orchestrator.errors import ConfigError, CriteriaError
+from orchestrator.paths import RESERVED_NAMES
 from orchestrator.remote.sync_config import SyncConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -132,10 +133,18 @@ class WorkerConfig(_Frozen):
         return v
 
 
+def _not_reserved(name: str) -> str:
+    """An experiment name that is not one of the results directory's own folders."""
+    if name in RESERVED_NAMES:
+        raise ValueError(f"{name!r} names a folder of the results directory; "
+                         f"rename the experiment (reserved: {', '.join(sorted(RESERVED_NAMES))})")
+    return name
+
+
 class ExperimentConfig(_Frozen):
     """A race among workers that share success criteria."""
 
-    name: Annotated[Name, AfterValidator(ref_component)]  # part of the winner's tag
+    name: Annotated[Name, AfterValidator(ref_component), AfterValidator(_not_reserved)]
     criteria: tuple[Criterion, ...] = Field(min_length=1)
     check_every: int = Field(default=1, ge=1)
     max_epochs: int | None = Field(default=None, ge=1)
@@ -295,6 +304,12 @@ class Plan(_Frozen):
     def worktree_path(self, worker: WorkerConfig, experiment: ExperimentConfig) -> Path:
         """``worktree_root/<experiment>/<worker>``; names are validated so it cannot escape."""
         return self.worktree_root / experiment.name / worker.name
+
+    def rerun_worktree_path(self, worker: WorkerConfig, experiment: ExperimentConfig,
+                            race_id: str) -> Path:
+        """``worktree_root/_reruns/<race-id>/<experiment>/<worker>``: the detached worktree of
+        ``rerun --race`` (``_``: no experiment name starts with it)."""
+        return self.worktree_root / "_reruns" / race_id / experiment.name / worker.name
 
 
 def _parse_criteria(v: Any) -> Any:

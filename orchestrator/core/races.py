@@ -106,7 +106,8 @@ def list_races(paths: ResultsPaths) -> list[RaceInfo]:
 
 
 def find_race(paths: ResultsPaths, race_id: str | None) -> RaceInfo:
-    """The race ``race_id`` (a unique prefix is enough), or the latest when None.
+    """The race ``race_id`` (a unique prefix is enough), or the latest when None or
+    ``"latest"``.
 
     Raises:
         StateError: no race yet, or no race (or several) match ``race_id``.
@@ -115,7 +116,7 @@ def find_race(paths: ResultsPaths, race_id: str | None) -> RaceInfo:
     if not races:
         raise StateError(f"no race under {paths.root}: this plan has not been run yet",
                          hint="start it with `python -m orchestrator run PLAN`")
-    if race_id is None:
+    if race_id is None or race_id == "latest":
         return races[-1]
     matches = [r for r in races if r.race_id == race_id] or [
         r for r in races if r.race_id.startswith(race_id)]
@@ -176,4 +177,7 @@ def remove_races(paths: ResultsPaths, plan: Plan, *, keep: int) -> list[str]:
                 (paths.root / file).unlink(missing_ok=True)
         else:
             shutil.rmtree(race.root)
+        reruns = paths.root / "reruns" / race.race_id  # `rerun --race` of that race
+        if reruns.is_dir():
+            shutil.rmtree(reruns)
     return [r.race_id for r in doomed]

@@ -190,6 +190,56 @@ def ensure_worktree(
     return path
 
 
+def ensure_detached_worktree(repo_path: Path, path: Path, commit: str) -> Path:
+    """A worktree at ``path`` with ``commit`` checked out (detached HEAD), for running a worker
+    of an earlier race again at the code that race ran (``rerun --race``).
+
+    An existing worktree at ``path`` is reused when it holds ``commit``, and moved to ``commit``
+    otherwise (refused if it holds uncommitted work). No branch is created or moved.
+
+    Returns:
+        ``path`` (resolved).
+
+    Raises:
+        WorktreeError: ``commit`` is not in the repository (e.g. garbage-collected after a
+            rebase), ``path`` exists but is not a worktree of this repository, the worktree
+            holds uncommitted work, or git fails.
+    """
+    path = path.resolve()
+    if resolve_commit(repo_path, commit) is None:
+        raise WorktreeError(
+            f"commit {commit[:12]} is not in {repo_path} (rewritten or garbage-collected?)",
+            hint="fetch or restore that commit (the race's tag names it, if one was made)",
+        )
+    with open_repo(repo_path) as repo:
+        with repo.git.custom_environment(**_git_env()):
+            try:
+                repo.git.worktree("prune")
+                mine = next((t for t in list_worktrees(repo) if t.path == path), None)
+                if mine is None:
+                    if path.exists() and any(path.iterdir()):
+                        raise WorktreeError(
+                            f"{path} exists and is not a worktree of {repo_path}",
+                            hint="move it away, then run again",
+                        )
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    repo.git.worktree("add", "--detach", str(path), commit)
+                    return path
+            except git.GitCommandError as e:
+                raise WorktreeError(
+                    f"git {' '.join(map(str, e.command[1:]))} failed: {_stderr(e)}"
+                ) from None
+    if head_commit(path) != resolve_commit(repo_path, commit):
+        if dirty := dirty_files(path):
+            raise WorktreeError(
+                f"worktree {path} has uncommitted changes ({len(dirty)} files, e.g. "
+                f"{dirty[0].strip()}); not moving it to {commit[:12]}",
+                hint="commit or stash them in that worktree first",
+            )
+        _git(path, "checkout", "--quiet", "--detach", commit)
+    return path
+
+
 def _checked_out_here(repo_path: Path, path: Path, branch: str) -> bool:
     """True if ``path`` is a linked worktree of ``repo_path`` with ``branch`` checked out,
     read from git's on-disk layout (``<path>/.git`` -> ``gitdir: <repo>/.git/worktrees/<id>``,
@@ -254,6 +304,17 @@ def remove_worktree(repo_path: Path, path: Path) -> None:
             raise WorktreeError(f"cannot remove worktree {path}: {_stderr(e)}") from None
     if path.parent.is_dir() and not any(path.parent.iterdir()):
         os.rmdir(path.parent)  # the experiment's folder under worktree_root, now empty
+
+
+def worktrees_under(repo_path: Path, folder: Path) -> list[Path]:
+    """The repository's worktrees whose path is inside ``folder`` (e.g. ``rerun --race``'s),
+    deepest first; none when ``folder`` does not exist."""
+    folder = folder.resolve()
+    if not folder.is_dir():
+        return []
+    with open_repo(repo_path) as repo:
+        paths = [t.path for t in list_worktrees(repo) if t.path.is_relative_to(folder)]
+    return sorted(paths, key=lambda p: len(p.parts), reverse=True)
 
 
 def _is_locked(repo: git.Repo, path: Path) -> bool:

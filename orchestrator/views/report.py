@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import statistics
 import sys
@@ -244,7 +245,8 @@ def plot_curves(groups: list[GroupSummary], metrics: list[str], out: Path, title
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the report's arguments to ``parser`` (used by scripts/compare_runs.py and the CLI)."""
-    parser.add_argument("plan", nargs="?", default="experiments.yaml", help="plan file")
+    parser.add_argument("plan", nargs="?", default=os.environ.get("ORCH_PLAN") or "experiments.yaml",
+                        help="plan file (default: $ORCH_PLAN or experiments.yaml)")
     parser.add_argument(
         "--experiment",
         action="append",
