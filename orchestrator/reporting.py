@@ -66,10 +66,12 @@ def _clean_number(value: Any, key: str) -> float | int | bool | str | None:
     raise TypeError(f"metric {key!r} has type {type(value).__name__}; log numbers only")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
     """Write ``data`` to ``path`` so a reader sees the old file or the new one, never half.
 
     Temp file in the same folder, fsync, os.replace (POSIX rename is atomic on one file system).
+    ``durable=False`` skips the fsync: still atomic for readers and against the writer being
+    killed, but a power loss may leave the older file (for views redrawn every few seconds).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -77,7 +79,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

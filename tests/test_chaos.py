@@ -723,9 +723,7 @@ def test_full_disk_keeps_last_good_state_and_dashboard_and_keeps_racing(
         # is on disk (the next is at least 30 s away), and top up once more after a moment.
         dash = next(v for v in race.controller.views if isinstance(v, Dashboard))
         wait_for(
-            lambda: dash.progress_path.exists()
-            and dash._plot_thread is not None
-            and not dash._plot_thread.is_alive(),
+            lambda: dash.progress_path.exists() and not dash.plot_in_flight(),
             timeout=60,
         )
         filler = _fill(results)

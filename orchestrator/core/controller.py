@@ -43,6 +43,9 @@ from orchestrator.running.processes import reap_orphans
 from orchestrator.sources.metrics import write_order_keys
 
 STDERR_TAIL_LINES = 20
+# After a decision the views (dashboard, live table, sync push) wait for the losers' stops, at
+# most this long (seconds): a worker that checkpoints for a minute must not hide the verdict.
+VIEWS_AFTER_DECISION_S = 1.0
 
 
 class Controller(ResumeMixin, SchedulingMixin, ControlsMixin, PruningMixin):
@@ -97,6 +100,7 @@ class Controller(ResumeMixin, SchedulingMixin, ControlsMixin, PruningMixin):
         self.detach = False
         self._dirty = True
         self._view_failed = False
+        self._views_due_at: float | None = None  # see _declare_winner
         self.write_errors = WriteErrors(clock)
         self._replay: dict[str, list[dict[str, Any]]] = {}
         self._retired: list[RunHandle] = []  # released handles whose process is not reaped yet
@@ -150,7 +154,10 @@ class Controller(ResumeMixin, SchedulingMixin, ControlsMixin, PruningMixin):
                 if self.interrupted:
                     break
                 self.tick()
-                self.wake.wait(self.plan.poll_interval_s)
+                wait_s = self.plan.poll_interval_s
+                if self._views_due_at is not None:  # wake for a decision's held views
+                    wait_s = min(wait_s, max(0.0, self._views_due_at - self.clock()))
+                self.wake.wait(wait_s)
                 self.wake.clear()
             return self._shutdown()
         finally:
@@ -382,8 +389,10 @@ class Controller(ResumeMixin, SchedulingMixin, ControlsMixin, PruningMixin):
         )
         self._start_hook(live)
         self._dirty = True
-        self._flush(force=True)
-        self._publish()
+        self._flush(force=True, views=False)  # the decision is on disk now
+        # The views render once the stops are done (or after VIEWS_AFTER_DECISION_S): drawing
+        # the dashboard now would compete for the CPU with the losers' checkpoints and exits.
+        self._views_due_at = self.clock() + VIEWS_AFTER_DECISION_S
 
     def _stop_losers(self, live: LiveRun, erec: ExperimentRecord, written_at: float | None) -> None:
         losers = [
@@ -592,12 +601,19 @@ class Controller(ResumeMixin, SchedulingMixin, ControlsMixin, PruningMixin):
             events=list(self.events), now=self.clock(),
         )
 
-    def _flush(self, force: bool = False) -> None:
+    def _flush(self, force: bool = False, *, views: bool = True) -> None:
         if self._dirty or force:
             self._dirty = False
             self._save_state()
-        if not self.views:
+        if not self.views or not views:
             return
+        publish = False
+        if self._views_due_at is not None:  # a decision's views, held while the stops run
+            stopping = any(r.stopping is not None for r in self.runs.values())
+            if stopping and self.clock() < self._views_due_at and not force:
+                return
+            self._views_due_at = None
+            force = publish = True
         snap = self.snapshot()
         for view in self.views:
             try:
@@ -611,6 +627,8 @@ class Controller(ResumeMixin, SchedulingMixin, ControlsMixin, PruningMixin):
                 if not self._view_failed:
                     self._view_failed = True
                     self.event(f"{type(view).__name__} cannot be rendered: {e!r}")
+        if publish:
+            self._publish()  # the decision goes out to the laptop now
 
     def wait_for_views(self, timeout_s: float = 60.0) -> None:
         """Wait for what the views render in the background after the race (the race report,

@@ -37,6 +37,7 @@ Criteria of another form (``or``, arithmetic of metrics, ``==``) are "not projec
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -167,6 +168,13 @@ class WorkerProjection:
     blocking: str | None
     criteria: tuple[CriterionProjection, ...]
     unit: str = "epoch"
+    due_at: float | None = None  # Unix seconds of the check point at the measured pace
+
+    def at(self, now: float) -> WorkerProjection:
+        """The same projection with ``eta_s`` measured from ``now`` (a cached projection)."""
+        if self.due_at is None:
+            return self
+        return dataclasses.replace(self, eta_s=max(0.0, self.due_at - now))
 
     def text(self) -> str:
         """The dashboard cell: ``~14m (epoch 23)``, ``due (epoch 25)`` (the check point's time
@@ -529,10 +537,12 @@ def project_worker(
         return WorkerProjection(NOT_PROJECTABLE, None, None, f"`{loose}`", parts, unit)
     cps = [p.check_point for p in projectable if p.check_point is not None]
     cp = max(cps) if cps else None
-    eta = None
+    eta = due_at = None
     rate = seconds_per_unit(records, unit)
-    if cp is not None and rate is not None and x_now is not None and now is not None:
+    if cp is not None and rate is not None and x_now is not None:
         last_t = max(r["time_s"] for r in records if isinstance(r.get("time_s"), (int, float)))
-        eta = max(0.0, last_t + (cp - x_now) * rate - now)
+        due_at = last_t + (cp - x_now) * rate
+        eta = None if now is None else max(0.0, due_at - now)
     status = MET if all(p.status == MET for p in projectable) else ON_COURSE
-    return WorkerProjection(status, cp, eta, f"`{loose}`" if loose else None, parts, unit)
+    return WorkerProjection(status, cp, eta, f"`{loose}`" if loose else None, parts, unit,
+                            due_at=due_at)

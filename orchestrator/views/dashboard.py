@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-import threading
+import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.core.config import ExperimentConfig, Plan, WorkerConfig
 from orchestrator.core.criteria import Criterion
-from orchestrator.core.projection import WINDOW, project_worker
 from orchestrator.core.ranking import best_worker, missing_text
 from orchestrator.core.snapshot import RaceSnapshot
 from orchestrator.core.state import ExperimentStatus, PlanState, RunRecord, RunState
@@ -26,6 +25,7 @@ from orchestrator.formatting import code, duration, fmt_against
 from orchestrator.paths import ResultsPaths
 from orchestrator.reporting import atomic_write_bytes
 from orchestrator.sources.metrics import MetricHistory
+from orchestrator.views.renderer import spawn_renderer
 
 if TYPE_CHECKING:
     from orchestrator.remote.sync import Syncer
@@ -111,10 +111,32 @@ def eta_to_criteria(
     why not (``not on course: val_accuracy``); see ``orchestrator.core.projection``."""
     if rec.state != RunState.running or rec.budget is None:
         return ""
-    return project_worker(
-        exp.criteria_for(worker), history.records, unit=exp.unit, check_every=exp.check_every,
-        budget=rec.budget, now=now, window=exp.prune.window if exp.prune else WINDOW,
-    ).text()
+    records = history.records
+    criteria = exp.criteria_for(worker)
+    window = exp.prune.window if exp.prune else None
+    key = (exp.name, worker.name, tuple(c.source for c in criteria), exp.unit, exp.check_every,
+           window, rec.budget, len(records),
+           records[0].get("time_s") if records else None,
+           records[-1].get("time_s") if records else None)
+    projection = _PROJECTIONS.get(key)
+    if projection is None:
+        # numpy is imported here, once a running worker has records: not at start-up
+        from orchestrator.core.projection import WINDOW, project_worker
+
+        projection = project_worker(
+            criteria, records, unit=exp.unit, check_every=exp.check_every,
+            budget=rec.budget, window=window or WINDOW,
+        )
+        if len(_PROJECTIONS) >= 4096:
+            _PROJECTIONS.clear()
+        _PROJECTIONS[key] = projection
+    return projection.at(now).text()
+
+
+# Memo of eta_to_criteria's projections (a pure function of the key): a dashboard refresh
+# projects only the workers with new records. Keyed on the worker, its criteria and budget, and
+# its history's length and first and last record times.
+_PROJECTIONS: dict[tuple[Any, ...], Any] = {}
 
 
 def _progress(rec: RunRecord) -> str:
@@ -399,11 +421,11 @@ class Dashboard:
         self._last_plot: float | None = None
         self._plot_signature: tuple[Any, ...] | None = None
         self.write_errors = WriteErrors(clock)
-        # Plots render on their own thread: a slow matplotlib never delays a decision. Once the
-        # race has finished no new plot starts (the race report's renderer draws the last one),
-        # so the exit waits at most for a render already in flight. (A daemon thread killed in
-        # the middle of matplotlib at interpreter shutdown can crash the process: SIGSEGV.)
-        self._plot_thread: threading.Thread | None = None
+        # Plots render in a detached, lower-priority process (views.renderer): matplotlib never
+        # holds the controller's GIL, so a render never delays a decision, and the exit never
+        # waits for one. Once the race has finished no new plot starts (the race report's
+        # renderer draws the last one).
+        self._plotter: subprocess.Popen[bytes] | None = None
         self.syncer = syncer
         self.syncer.start()
 
@@ -417,7 +439,7 @@ class Dashboard:
         ):
             return
         image = (
-            self.progress_path.name if self.progress_path.exists() else None
+            self.progress_path.name if self._final_plot_due(snapshot.state) else None
         ) if snapshot.state.finished else self._maybe_plot(
             snapshot.histories, now,
             running={k for k, r in snapshot.state.runs.items() if r.state == RunState.running},
@@ -442,7 +464,7 @@ class Dashboard:
             links=self._links(snapshot.state),
         )
         try:
-            atomic_write_bytes(self.path, text.encode())
+            atomic_write_bytes(self.path, text.encode(), durable=False)  # redrawn in seconds
         except OSError as e:
             self.write_errors.report("dashboard", e)
             return
@@ -470,32 +492,44 @@ class Dashboard:
             return self.progress_path.name if have else None
         if not any(h.records for h in histories.values()):
             return None
-        if self._plot_thread is not None and self._plot_thread.is_alive():
+        if self.plot_in_flight():
             return self.progress_path.name if have else None
-        snapshot = {k: MetricHistory(list(h.records)) for k, h in histories.items()}
-        self._plot_thread = threading.Thread(
-            target=self._render_plot, args=(snapshot, frozenset(running)), name="plot"
-        )
-        self._plot_thread.start()
+        try:
+            self._plotter = spawn_renderer(
+                self.plan, ["--progress", str(self.plan.source), *sorted(running)],
+                self.progress_path.with_name("progress.log"),
+            )
+        except OSError as e:
+            self.write_errors.report("progress plot", e)
         self._plot_signature = signature
         self._last_plot = now
         return self.progress_path.name if have else None
 
-    def _render_plot(
-        self, histories: Mapping[str, MetricHistory], running: frozenset[str] = frozenset()
-    ) -> None:
-        from orchestrator.views.plots import render_progress
+    def _final_plot_due(self, state: PlanState) -> bool:
+        """The finished race's page links the progress plot: it exists, is being drawn, or a
+        race report renderer (which draws the last plot) is due."""
+        return self.progress_path.exists() or self.plot_in_flight() or any(
+            report_due(state, e.name) for e in self.plan.experiments)
 
-        try:
-            render_progress(self.plan, histories, self.progress_path, running=running)
-        except OSError as e:
-            self.write_errors.report("progress plot", e)
+    def plot_in_flight(self) -> bool:
+        """A progress plot is being drawn. A finished one is reaped here, and the syncer told
+        (the new plot goes out with the next push)."""
+        if self._plotter is None:
+            return False
+        if self._plotter.poll() is None:
+            return True
+        self._plotter = None
         self.syncer.notify_changed()
+        return False
 
     def wait(self, timeout_s: float) -> None:
         """Block until the progress plot in flight (if any) is written (tests, benchmarks)."""
-        if self._plot_thread is not None:
-            self._plot_thread.join(timeout_s)
+        if self._plotter is not None:
+            try:
+                self._plotter.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                return
+            self.plot_in_flight()
 
     def _links(self, state: PlanState | None = None) -> dict[str, list[tuple[str, str]]]:
         return dashboard_links(self.plan, self.paths, state)
@@ -504,8 +538,11 @@ class Dashboard:
         self.syncer.push_now()
 
     def close(self) -> None:
-        """Finish the plot in flight, flush the sync (bounded) and stop its thread."""
-        self.wait(60.0)
+        """Flush the sync (bounded) and stop its thread. With a ``sync:`` target, a plot in
+        flight is waited for first (at most 60 s) so the last push carries it; without one,
+        nothing waits: the plot process finishes on its own."""
+        if self.plan.sync is not None:
+            self.wait(60.0)
         self.syncer.close()
 
 

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from orchestrator.paths import ResultsPaths
 from orchestrator.reporting import atomic_write_bytes
 from orchestrator.sources.metrics import MetricHistory
 from orchestrator.views.dashboard import report_due
+from orchestrator.views.renderer import lower_priority, spawn_renderer
 
 FIGURE = "race_report.png"
 
@@ -387,12 +387,7 @@ def write_race_report(plan: Plan, experiment: str, *, progress: bool = True) -> 
     report = paths.race_report(exp.name)
     atomic_write_bytes(report, text.encode())
     if progress:
-        from orchestrator.views.plots import render_progress
-
-        all_histories: dict[str, MetricHistory] = {}
-        for e in plan.experiments:
-            all_histories.update(histories if e is exp else load_histories(plan, e))
-        render_progress(plan, all_histories, plan.dashboard.with_name("progress.png"))
+        write_progress_plot(plan)
     return report
 
 
@@ -429,16 +424,8 @@ class RaceReportView:
             self._children.append(self._spawn(name))
 
     def _spawn(self, experiment: str) -> subprocess.Popen[bytes]:
-        out_dir = self.paths.race_report_dir(experiment)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "render.log", "ab") as log:
-            return subprocess.Popen(
-                [sys.executable, "-m", "orchestrator.views.race_report",
-                 str(self.plan.source), experiment],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, cwd=self.plan.plan_dir,
-                env={**os.environ, "MPLBACKEND": "Agg"},
-            )
+        log = self.paths.race_report_dir(experiment) / "render.log"
+        return spawn_renderer(self.plan, [str(self.plan.source), experiment], log)
 
     def wait(self, timeout_s: float) -> None:
         """Wait for the reports being rendered (tests and benchmarks)."""
@@ -459,11 +446,42 @@ class RaceReportView:
             self.wait(60.0)
 
 
+def write_progress_plot(plan: Plan, running: Collection[str] = ()) -> Path:
+    """Read every worker's metrics from disk and redraw the dashboard's progress plot
+    (``progress.png`` next to the dashboard); ``running``: the run keys whose projection to
+    the criteria is drawn.
+
+    Returns:
+        The plot's path.
+
+    Raises:
+        OSError: the plot cannot be written.
+    """
+    histories: dict[str, MetricHistory] = {}
+    for exp in plan.experiments:
+        histories.update(load_histories(plan, exp))
+    from orchestrator.views.plots import render_progress
+
+    path = plan.dashboard.with_name("progress.png")
+    render_progress(plan, histories, path, running=running)
+    return path
+
+
+USAGE = ("usage: python -m orchestrator.views.race_report PLAN EXPERIMENT\n"
+         "       python -m orchestrator.views.race_report --progress PLAN [RUNNING_RUN_KEY ...]")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m orchestrator.views.race_report PLAN EXPERIMENT``: write one race report."""
+    """``python -m orchestrator.views.race_report PLAN EXPERIMENT``: write one race report;
+    ``--progress PLAN [RUN_KEY ...]``: redraw the dashboard's progress plot. Runs at a lower
+    CPU priority (``views.renderer``)."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: python -m orchestrator.views.race_report PLAN EXPERIMENT", file=sys.stderr)
+    lower_priority()
+    if args[:1] == ["--progress"] and len(args) >= 2:
+        print(f"progress plot: {write_progress_plot(load_plan(args[1]), args[2:])}")
+        return 0
+    if len(args) != 2 or args[0].startswith("-"):
+        print(USAGE, file=sys.stderr)
         return 2
     plan = load_plan(args[0])
     path = write_race_report(plan, args[1])
