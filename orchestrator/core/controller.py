@@ -46,6 +46,9 @@ STDERR_TAIL_LINES = 20
 # After a decision the views (dashboard, live table, sync push) wait for the losers' stops, at
 # most this long (seconds): a worker that checkpoints for a minute must not hide the verdict.
 VIEWS_AFTER_DECISION_S = 1.0
+# A run's progress (new records) reaches state.json at most this often (seconds); transitions
+# (launch, exit, decision, stop) are written at once.
+STATE_PROGRESS_INTERVAL_S = 0.5
 
 
 class Controller(ResumeMixin, SchedulingMixin, ControlsMixin, PruningMixin):
@@ -99,6 +102,8 @@ class Controller(ResumeMixin, SchedulingMixin, ControlsMixin, PruningMixin):
         self.interrupted: str | None = None  # "interrupted" once Ctrl-C/SIGTERM arrived
         self.detach = False
         self._dirty = True
+        self._progress_dirty = False
+        self._next_progress_save = 0.0
         self._view_failed = False
         self._views_due_at: float | None = None  # see _declare_winner
         self.write_errors = WriteErrors(clock)
@@ -157,6 +162,8 @@ class Controller(ResumeMixin, SchedulingMixin, ControlsMixin, PruningMixin):
                 wait_s = self.plan.poll_interval_s
                 if self._views_due_at is not None:  # wake for a decision's held views
                     wait_s = min(wait_s, max(0.0, self._views_due_at - self.clock()))
+                if self._progress_dirty:  # and for progress not yet saved
+                    wait_s = min(wait_s, max(0.0, self._next_progress_save - time.monotonic()))
                 self.wake.wait(wait_s)
                 self.wake.clear()
             return self._shutdown()
@@ -305,7 +312,7 @@ class Controller(ResumeMixin, SchedulingMixin, ControlsMixin, PruningMixin):
         rec.epoch = last.get("epoch", rec.epoch)
         rec.step = last.get("step", rec.step)
         rec.last_metrics = {k: v for k, v in last.items() if k != "time_s"}
-        self._dirty = True
+        self._progress_dirty = True  # saved within STATE_PROGRESS_INTERVAL_S (see _flush)
         at = self._check_point(live, merged)
         if at is not None:
             self._note_unreported(live, merged)
@@ -602,8 +609,12 @@ class Controller(ResumeMixin, SchedulingMixin, ControlsMixin, PruningMixin):
         )
 
     def _flush(self, force: bool = False, *, views: bool = True) -> None:
-        if self._dirty or force:
-            self._dirty = False
+        now = time.monotonic()
+        if self._dirty or force or (self._progress_dirty and now >= self._next_progress_save):
+            # Transitions are saved at once; a run's progress (epochs, last metrics: derived
+            # from its metrics file, replayed on resume) at most every few hundred ms.
+            self._dirty = self._progress_dirty = False
+            self._next_progress_save = now + STATE_PROGRESS_INTERVAL_S
             self._save_state()
         if not self.views or not views:
             return

@@ -113,9 +113,10 @@ class ProcessTree:
     def alive(self) -> bool:
         """Whether the leader still runs (a zombie counts as dead)."""
         if self.popen is not None and self.returncode is None:
-            rc = self.popen.poll()
-            if rc is not None:
-                self.returncode = rc
+            rc = self.popen.poll()  # waitpid(WNOHANG): a zombie is reaped here
+            if rc is None:
+                return True  # our own child, not yet exited: no /proc read needed
+            self.returncode = rc
         if self.returncode is not None:
             return False
         if self.leader_process() is not None:

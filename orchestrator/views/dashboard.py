@@ -419,6 +419,7 @@ class Dashboard:
         self.clock = clock
         self._last_write: float | None = None
         self._last_plot: float | None = None
+        self._records_seen_at: float | None = None
         self._plot_signature: tuple[Any, ...] | None = None
         self.write_errors = WriteErrors(clock)
         # Plots render in a detached, lower-priority process (views.renderer): matplotlib never
@@ -492,6 +493,13 @@ class Dashboard:
             return self.progress_path.name if have else None
         if not any(h.records for h in histories.values()):
             return None
+        # The first plot waits two refresh intervals after the first records: a race decided
+        # within seconds never starts one (its renderer draws the final plot), so no plot
+        # process competes for the CPU with a quick decision.
+        if self._records_seen_at is None:
+            self._records_seen_at = now
+        if now - self._records_seen_at < 2 * self.plan.dashboard_interval_s:
+            return self.progress_path.name if have else None
         if self.plot_in_flight():
             return self.progress_path.name if have else None
         try:
