@@ -159,6 +159,8 @@ class Controller(ResumeMixin, SchedulingMixin, ControlsMixin, PruningMixin):
                 if self.interrupted:
                     break
                 self.tick()
+                if self._finished():
+                    break  # at once: not after the next wake-up
                 wait_s = self.plan.poll_interval_s
                 if self._views_due_at is not None:  # wake for a decision's held views
                     wait_s = min(wait_s, max(0.0, self._views_due_at - self.clock()))

@@ -201,7 +201,6 @@ class SchedulingMixin:
         rec.transition(RunState.preparing, why="slot free")
         live.slot = slot
         rec.slot = slot.label()
-        self._save_state()
         try:
             wt = self._worktree(live)
             worktrees.ensure_worktree(
