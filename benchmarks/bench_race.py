@@ -16,12 +16,17 @@ in a real git repository with real worktrees (created once, reused). Reported pe
 
     python benchmarks/bench_race.py                    # 20 races of 4, 3 races of 64
     python benchmarks/bench_race.py --repeats 5 --large-repeats 1
+    # before/after: races of each code version one after the other (interleaved, so a change
+    # in the machine's load hits every version alike), PYTHONPATH pointing at each checkout
+    git worktree add --detach /tmp/before a8023b1
+    python benchmarks/bench_race.py --code before=/tmp/before --code after=. --repeats 10
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -38,7 +43,7 @@ FAKE = ROOT / "tests" / "fake_worker.py"
 
 def make_repo(root: Path) -> Path:
     repo = root / "bench repo"
-    repo.mkdir()
+    repo.mkdir(parents=True)
     for args in (["init", "-q", "-b", "main"], ["config", "user.email", "b@b"],
                  ["config", "user.name", "b"]):
         subprocess.run(["git", *args], cwd=repo, check=True)
@@ -69,12 +74,14 @@ def write_plan(repo: Path, n: int) -> Path:
     return path
 
 
-def one_race(repo: Path, plan: Path) -> dict:
+def one_race(repo: Path, plan: Path, code: str | None = None) -> dict:
+    """One race; ``code``: a checkout of the project to run (PYTHONPATH), default this one."""
     shutil.rmtree(repo / "results", ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": str(Path(code).resolve())} if code else None
     start = time.perf_counter()
     t0 = time.time()
     out = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(plan), "--plain"],
-                         cwd=repo, capture_output=True, text=True)
+                         cwd=repo, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     t_exit = time.time()
     if out.returncode != 0:
@@ -102,11 +109,13 @@ def one_race(repo: Path, plan: Path) -> dict:
             "phases": phases, "overhead_s": wall - (won - first_record)}
 
 
-def import_time_s(repeats: int = 5) -> float:
+def import_time_s(repeats: int = 5, code: str | None = None) -> float:
     """Median seconds to import the controller's modules, an empty interpreter subtracted."""
-    def run(code: str) -> float:
+    env = {**os.environ, "PYTHONPATH": str(Path(code).resolve())} if code else None
+
+    def run(stmt: str) -> float:
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], check=True)
+        subprocess.run([sys.executable, "-c", stmt], check=True, env=env)
         return time.perf_counter() - t
 
     full = statistics.median(run("import orchestrator.cli, orchestrator.session")
@@ -120,6 +129,14 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
+def summary(runs: list[dict]) -> tuple:
+    lat = [r["latency_s"] for r in runs]
+    return (statistics.median(r["started"] for r in runs),
+            statistics.median(r["wall_s"] for r in runs),
+            statistics.median(lat), pct(lat, 0.95),
+            statistics.median(r["cpu_s"] for r in runs), max(r["rss_mib"] for r in runs))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -128,41 +145,56 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--large", type=int, default=64, help="workers in the large race (0: skip)")
     p.add_argument("--large-repeats", type=int, default=3)
+    p.add_argument("--code", action="append", default=[], metavar="NAME=PATH",
+                   help="a checkout of the project to race with (repeatable: the versions' "
+                        "races are interleaved); default: this checkout")
     args = p.parse_args()
-    small: list[dict] = []
+    codes: dict[str, str | None] = {}
+    for item in args.code:
+        name, sep, path = item.partition("=")
+        if not sep or not (Path(path) / "orchestrator").is_dir():
+            p.error(f"--code {item!r}: give NAME=PATH, PATH a checkout with orchestrator/")
+        codes[name] = path
+    codes = codes or {"this": None}
+    rows = []
+    small: dict[str, list[dict]] = {}
+    loads: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
-        repo = make_repo(Path(tmp))
-        rows = []
         for n, repeats in ((args.workers, args.repeats), (args.large, args.large_repeats)):
             if n <= 0 or repeats <= 0:
                 continue
-            plan = write_plan(repo, n)
-            one_race(repo, plan)  # warm-up: creates the worktrees
-            runs = [one_race(repo, plan) for _ in range(repeats)]
+            setups = {}
+            for name, code in codes.items():
+                repo = make_repo(Path(tmp) / f"{name}-{n}")
+                plan = write_plan(repo, n)
+                one_race(repo, plan, code)  # warm-up: creates the worktrees
+                setups[name] = (repo, plan, code)
+            runs: dict[str, list[dict]] = {name: [] for name in codes}
+            for _ in range(repeats):
+                for name, (repo, plan, code) in setups.items():
+                    runs[name].append(one_race(repo, plan, code))
+                loads.append(os.getloadavg()[0])
             if n == args.workers:
                 small = runs
-            lat = [r["latency_s"] for r in runs]
-            rows.append((n, repeats, statistics.median(r["started"] for r in runs),
-                         statistics.median(r["wall_s"] for r in runs),
-                         statistics.median(lat), pct(lat, 0.95),
-                         statistics.median(r["cpu_s"] for r in runs),
-                         max(r["rss_mib"] for r in runs)))
+            rows += [(name, n, repeats, *summary(runs[name])) for name in codes]
     print(f"\nrace benchmark ({Path(sys.argv[0]).name}; fake workers report every 0.1 s, "
-          "the winner passes at 1.3 s)\n")
-    print("| workers | races | started before the decision (median) | wall s (median) "
+          "the winner passes at 1.3 s); 1-minute load average during the races: "
+          f"{min(loads):.1f}-{max(loads):.1f}\n")
+    print("| code | workers | races | started before the decision (median) | wall s (median) "
           "| win record -> losers reaped s (median) | (p95) | controller CPU s (median) "
           "| controller peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for n, k, started, wall, lat, p95, cpu, rss in rows:
-        print(f"| {n} | {k} | {started:.0f} | {wall:.2f} | {lat:.3f} | {p95:.3f} | {cpu:.2f} "
-              f"| {rss:.0f} |")
-    names = list(small[0]["phases"])
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, n, k, started, wall, lat, p95, cpu, rss in rows:
+        print(f"| {name} | {n} | {k} | {started:.0f} | {wall:.2f} | {lat:.3f} | {p95:.3f} "
+              f"| {cpu:.2f} | {rss:.0f} |")
+    names = list(next(iter(small.values()))[0]["phases"])
     print(f"\n{args.workers}-worker race: overhead (wall minus the winner's work), medians\n")
-    print("| overhead s | " + " | ".join(f"{n} s" for n in names) + " |")
-    print("|---|" + "---|" * len(names))
-    print(f"| {statistics.median(r['overhead_s'] for r in small):.2f} | " + " | ".join(
-        f"{statistics.median(r['phases'][n] for r in small):.2f}" for n in names) + " |")
-    print(f"\ncontroller import time: {import_time_s():.2f} s (median of 5)")
+    print("| code | overhead s | " + " | ".join(f"{n} s" for n in names) + " | import s |")
+    print("|---|---|" + "---|" * len(names) + "---|")
+    for name, runs_ in small.items():
+        print(f"| {name} | {statistics.median(r['overhead_s'] for r in runs_):.2f} | " + " | ".join(
+            f"{statistics.median(r['phases'][n] for r in runs_):.2f}" for n in names)
+            + f" | {import_time_s(code=codes[name]):.2f} |")
 
 
 if __name__ == "__main__":
