@@ -34,7 +34,6 @@ from pathlib import Path
 
 from orchestrator.reporting import CHECKPOINT_DIR, EVALS_DIR, LATEST, METRICS_FILE
 
-
 # Folders at the top of the results directory that are not experiments: no experiment may be
 # named so (the plan loader refuses it).
 RESERVED_NAMES = frozenset({"races", "reruns", "control", "crashes"})

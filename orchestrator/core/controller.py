@@ -27,7 +27,7 @@ from orchestrator.core.ranking import best_summary, best_worker
 from orchestrator.core.resume import ResumeMixin
 from orchestrator.core.runs import LiveRun
 from orchestrator.core.scheduling import SchedulingMixin
-from orchestrator.core.snapshot import RaceSnapshot, RaceView
+from orchestrator.core.snapshot import RaceSnapshot, RaceView, Views
 from orchestrator.core.state import (
     ExperimentRecord,
     ExperimentStatus,
@@ -81,7 +81,8 @@ class Controller(ResumeMixin, SchedulingMixin, ControlsMixin, PruningMixin):
         self.only = set(only) if only else None
         self.fresh = fresh
         self.launcher = launcher or LocalLauncher()
-        self.views: list[RaceView] = list(views or [])
+        self.write_errors = WriteErrors(clock)
+        self.views = Views(views or [], self.write_errors, self.event)
         self.subreaper = subreaper
         self.clock = clock
         self.echo = echo or (lambda line: None)
@@ -104,9 +105,7 @@ class Controller(ResumeMixin, SchedulingMixin, ControlsMixin, PruningMixin):
         self._dirty = True
         self._progress_dirty = False
         self._next_progress_save = 0.0
-        self._view_failed = False
         self._views_due_at: float | None = None  # see _declare_winner
-        self.write_errors = WriteErrors(clock)
         self._replay: dict[str, list[dict[str, Any]]] = {}
         self._retired: list[RunHandle] = []  # released handles whose process is not reaped yet
         self._stopper = ThreadPoolExecutor(max_workers=4, thread_name_prefix="stop")
@@ -173,8 +172,7 @@ class Controller(ResumeMixin, SchedulingMixin, ControlsMixin, PruningMixin):
             self._files.stop()
             self._stopper.shutdown(wait=True)
             self.slot_holds.close()
-            for view in reversed(self.views):  # the dashboard's syncer flushes last
-                view.close()
+            self.views.close()
             self.launcher.close()
             self._lock.release()
 
@@ -542,7 +540,7 @@ class Controller(ResumeMixin, SchedulingMixin, ControlsMixin, PruningMixin):
             self.state.experiments[name].hook = "ok" if rc == 0 else f"exit {rc}"
             self.event(f"{name}: on_success hook finished ({'ok' if rc == 0 else f'exit {rc}'})")
             self._dirty = True
-            self._publish()
+            self.views.publish()
 
     # -- control requests from other shells -------------------------------------------------
 
@@ -627,31 +625,13 @@ class Controller(ResumeMixin, SchedulingMixin, ControlsMixin, PruningMixin):
                 return
             self._views_due_at = None
             force = publish = True
-        snap = self.snapshot()
-        for view in self.views:
-            try:
-                view.refresh(snap, force=force)
-                status = view.sync_status()
-                if status is not None:
-                    self.state.sync = status
-            except OSError as e:
-                self.write_errors.report(type(view).__name__.lower(), e)
-            except Exception as e:  # a rendering bug must not end the race: report it, go on
-                if not self._view_failed:
-                    self._view_failed = True
-                    self.event(f"{type(view).__name__} cannot be rendered: {e!r}")
+        status = self.views.refresh(self.snapshot(), force=force)
+        if status is not None:
+            self.state.sync = status
         if publish:
-            self._publish()  # the decision goes out to the laptop now
+            self.views.publish()  # the decision goes out to the laptop now
 
     def wait_for_views(self, timeout_s: float = 60.0) -> None:
         """Wait for what the views render in the background after the race (the race report,
         the last plot). For tests and benchmarks: ``run`` itself never waits."""
-        for view in self.views:
-            view.wait(timeout_s)
-
-    def _publish(self) -> None:
-        for view in self.views:
-            try:
-                view.publish()
-            except Exception as e:  # never let a view end the race
-                self.event(f"{type(view).__name__} cannot publish: {e!r}")
+        self.views.wait(timeout_s)

@@ -14,11 +14,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-import git
+from typing import Any
 
 from orchestrator.core.refnames import ref_format_problem  # noqa: F401  (re-exported)
 from orchestrator.errors import WorktreeError
+
+
+class _LazyGit:
+    """GitPython, imported on first use: the launch path (worktree exists, lock, provenance)
+    runs plain git processes, so a race whose worktrees exist never pays its import."""
+
+    def __getattr__(self, name: str) -> Any:
+        import git as gitpython
+
+        globals()["git"] = gitpython
+        return getattr(gitpython, name)
+
+
+git: Any = _LazyGit()
 
 
 @dataclass(frozen=True)
@@ -261,22 +274,27 @@ def _checked_out_here(repo_path: Path, path: Path, branch: str) -> bool:
 
 
 def lock_worktree(repo_path: Path, path: Path, reason: str) -> None:
-    """``git worktree lock`` (idempotent) so ``prune``/``remove`` leave a live run alone."""
-    with open_repo(repo_path) as repo:
-        try:
-            repo.git.worktree("lock", "--reason", reason, str(path))
-        except git.GitCommandError as e:
-            if "already locked" not in _stderr(e):
-                raise WorktreeError(f"cannot lock worktree {path}: {_stderr(e)}") from None
+    """``git worktree lock`` (idempotent) so ``prune``/``remove`` leave a live run alone.
+
+    One git process, no GitPython (this runs at every launch: a race whose worktrees exist
+    never imports GitPython).
+
+    Raises:
+        WorktreeError: git refuses (other than "already locked").
+    """
+    try:
+        _git(repo_path, "worktree", "lock", "--reason", reason, str(path))
+    except WorktreeError as e:
+        if "already locked" not in str(e):
+            raise WorktreeError(f"cannot lock worktree {path}: {e}") from None
 
 
 def unlock_worktree(repo_path: Path, path: Path) -> None:
     """``git worktree unlock``; a worktree that is not locked (or gone) is fine."""
-    with open_repo(repo_path) as repo:
-        try:
-            repo.git.worktree("unlock", str(path))
-        except git.GitCommandError:
-            pass
+    try:
+        _git(repo_path, "worktree", "unlock", str(path))
+    except WorktreeError:
+        pass
 
 
 def remove_worktree(repo_path: Path, path: Path) -> None:

@@ -245,7 +245,8 @@ def plot_curves(groups: list[GroupSummary], metrics: list[str], out: Path, title
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the report's arguments to ``parser`` (used by scripts/compare_runs.py and the CLI)."""
-    parser.add_argument("plan", nargs="?", default=os.environ.get("ORCH_PLAN") or "experiments.yaml",
+    parser.add_argument("plan", nargs="?",
+                        default=os.environ.get("ORCH_PLAN") or "experiments.yaml",
                         help="plan file (default: $ORCH_PLAN or experiments.yaml)")
     parser.add_argument(
         "--experiment",
