@@ -11,28 +11,17 @@ Part of ``Controller`` (a mixin: the methods share its state).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from orchestrator.core.config import ExperimentConfig
 from orchestrator.core.criteria import all_pass
+from orchestrator.core.parts import ControllerParts
 from orchestrator.core.runs import LiveRun
-from orchestrator.core.state import ExperimentRecord, ExperimentStatus, PlanState, RunState
+from orchestrator.core.state import ExperimentRecord, ExperimentStatus, RunState
 
 
-class ControlsMixin:
+class ControlsMixin(ControllerParts):
     """What the controller does for control workers."""
-
-    state: PlanState
-    runs: dict[str, LiveRun]
-    event: Callable[[str], None]
-    _dirty: bool
-
-    if TYPE_CHECKING:
-        def _stop(
-            self, lives: list[LiveRun], final: RunState, *, reason: str,
-            decided_from: float | None = None, experiment: ExperimentRecord | None = None,
-        ) -> None: ...
 
     def _control_record(self, live: LiveRun, record: dict[str, Any], at: int | None) -> None:
         """A control's merged record: note a pass of the criteria; settle an awaited control

@@ -10,30 +10,16 @@ running or queued (the slot would go to no one).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from orchestrator.core.parts import ControllerParts
 from orchestrator.core.pruning import prune_verdict
 from orchestrator.core.runs import LiveRun
-from orchestrator.core.state import ExperimentRecord, ExperimentStatus, PlanState, RunState
+from orchestrator.core.state import ExperimentStatus, RunState
 
 
-class PruningMixin:
+class PruningMixin(ControllerParts):
     """``_maybe_prune`` of ``Controller``."""
-
-    # Attributes and methods of the Controller this part uses (see controller.py).
-    state: PlanState
-    runs: dict[str, LiveRun]
-    clock: Callable[[], float]
-    event: Callable[[str], None]
-    _dirty: bool
-
-    if TYPE_CHECKING:
-        def _selected(self, live: LiveRun) -> bool: ...
-        def _stop(
-            self, lives: list[LiveRun], final: RunState, *, reason: str,
-            decided_from: float | None = None, experiment: ExperimentRecord | None = None,
-        ) -> None: ...
 
     def _maybe_prune(self, live: LiveRun, record: dict[str, Any]) -> None:
         """Update the run's hopeless streak after ``record`` (already in its history) and stop

@@ -7,13 +7,9 @@ Part of ``Controller`` (a mixin: the methods share its state).
 from __future__ import annotations
 
 import shutil
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
 
 from orchestrator.core import races
-from orchestrator.core.config import Plan
+from orchestrator.core.parts import ControllerParts
 from orchestrator.core.runs import LiveRun, live_runs
 from orchestrator.core.state import (
     ExperimentRecord,
@@ -22,44 +18,14 @@ from orchestrator.core.state import (
     RunState,
     controller_identity,
 )
-from orchestrator.paths import ResultsPaths
-from orchestrator.running.gpus import Slot, SlotHolds
-from orchestrator.running.launchers import Launcher, RunHandle, read_exit_status
+from orchestrator.running.gpus import Slot
+from orchestrator.running.launchers import read_exit_status
 from orchestrator.running.processes import find_strays, stop_processes
 from orchestrator.sources.metrics import write_order_keys
 
 
-class ResumeMixin:
+class ResumeMixin(ControllerParts):
     """Loading state and re-attaching runs (``Controller.run`` calls these first)."""
-
-    # Attributes and methods of the Controller this part uses (see controller.py).
-    plan: Plan
-    state: PlanState
-    paths: ResultsPaths
-    runs: dict[str, LiveRun]
-    launcher: Launcher
-    clock: Callable[[], float]
-    slots: list[Slot]
-    slot_holds: SlotHolds
-    fresh: bool
-    interrupted: str | None
-    wake: threading.Event
-    _dirty: bool
-    _replay: dict[str, list[dict[str, Any]]]
-    _retired: list[RunHandle]
-    _stopper: ThreadPoolExecutor
-    event: Callable[[str], None]
-
-    if TYPE_CHECKING:
-        def _selected(self, live: LiveRun) -> bool: ...
-        def _read_source(self, live: LiveRun) -> list[dict[str, Any]]: ...
-        def _accept(self, live: LiveRun, record: dict[str, Any], *, decide: bool) -> None: ...
-        def _handle_exit(self, live: LiveRun, code: int) -> None: ...
-        def _release(self, live: LiveRun, now: float) -> None: ...
-        def _stop(
-            self, lives: list[LiveRun], final: RunState, *, reason: str,
-            decided_from: float | None = None, experiment: ExperimentRecord | None = None,
-        ) -> None: ...
 
     def _load_state(self) -> None:
         if self.fresh:

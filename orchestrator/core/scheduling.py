@@ -6,54 +6,25 @@ Part of ``Controller`` (a mixin: the methods share its state).
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from orchestrator.core import provenance
-from orchestrator.core.config import ExperimentConfig, Plan, expand
+from orchestrator.core.config import ExperimentConfig, expand
 from orchestrator.core.environment import placeholder_values, worker_env
+from orchestrator.core.parts import ControllerParts
 from orchestrator.core.runs import LiveRun
-from orchestrator.core.state import ExperimentRecord, ExperimentStatus, PlanState, RunState
+from orchestrator.core.state import ExperimentRecord, ExperimentStatus, RunState
 from orchestrator.errors import LaunchError, WorktreeError
-from orchestrator.paths import ResultsPaths
 from orchestrator.running import worktrees
-from orchestrator.running.gpus import Slot, SlotHolds
-from orchestrator.running.launchers import Launcher, LaunchSpec, RunHandle
+from orchestrator.running.gpus import Slot
+from orchestrator.running.launchers import LaunchSpec
 
 
-class SchedulingMixin:
+class SchedulingMixin(ControllerParts):
     """Slots, launches and stops of ``Controller``."""
-
-    # Attributes and methods of the Controller this part uses (see controller.py).
-    plan: Plan
-    state: PlanState
-    paths: ResultsPaths
-    runs: dict[str, LiveRun]
-    launcher: Launcher
-    clock: Callable[[], float]
-    slots: list[Slot]
-    slot_holds: SlotHolds
-    fresh: bool
-    interrupted: str | None
-    wake: threading.Event
-    _dirty: bool
-    _replay: dict[str, list[dict[str, Any]]]
-    _retired: list[RunHandle]
-    _stopper: ThreadPoolExecutor
-    event: Callable[[str], None]
-
-    if TYPE_CHECKING:
-        def _selected(self, live: LiveRun) -> bool: ...
-        def _save_state(self) -> None: ...
-        def _watch(self, live: LiveRun) -> None: ...
-        def _read_source(self, live: LiveRun) -> list[dict[str, Any]]: ...
-        def _accept(self, live: LiveRun, record: dict[str, Any], *, decide: bool) -> None: ...
-        def _ingest(self, lives: list[LiveRun]) -> None: ...
 
     def _stop(
         self,
