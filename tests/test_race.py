@@ -281,3 +281,42 @@ def test_second_controller_on_the_same_plan_is_refused(repo: Path, leak_check: s
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+
+
+def test_the_verdict_is_drawn_after_the_stops_or_while_a_slow_one_runs(
+    repo: Path, leak_check: str
+) -> None:
+    """The dashboard is not redrawn while the losers checkpoint and exit (the CPU is theirs),
+    but a loser that checkpoints for seconds does not hide the verdict: it shows as stopping."""
+    def plan_with(slow_checkpoint_s: float, file: str) -> Path:
+        return write_plan(repo, [
+            {"name": "win", "branch": "r/win",
+             "command": fake("--epochs", 50, "--interval", FAST, "--metric", "acc=0.1*epoch")},
+            {"name": "loser", "branch": "r/loser",
+             "command": fake("--epochs", 500, "--interval", FAST, "--metric", "acc=0.01",
+                             "--checkpoint-s", slow_checkpoint_s)},
+        ], criteria=["acc >= 0.5"], file=file, dashboard=f"results/{file}.md",
+            results_dir=f"results/{file}", grace_s=30, dashboard_interval_s=0.05)
+
+    def first_page_with_the_verdict(plan: Path) -> tuple[str, subprocess.Popen[bytes]]:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(plan),
+                                 "--plain"], cwd=repo, stdout=subprocess.DEVNULL)
+        page = repo / "results" / f"{plan.name}.md"
+        text = wait_for(lambda: (t := page.read_text() if page.exists() else "")
+                        and "won at" in t and t, timeout=60, interval=0.005)
+        return text, proc
+
+    # a loser that stops at once: the first page with the verdict already shows it stopped
+    text, proc = first_page_with_the_verdict(plan_with(0, "quick"))
+    row = next(line for line in text.splitlines() if line.startswith("| loser "))
+    assert "stopped: lost to win" in row and "running" not in row, row
+    assert proc.wait(timeout=60) == 0
+    # a loser that checkpoints for 4 s: the verdict is drawn while it is still stopping
+    text, proc = first_page_with_the_verdict(plan_with(4, "slow"))
+    row = next(line for line in text.splitlines() if line.startswith("| loser "))
+    assert "⏹ stopping: lost to win" in row, row
+    state = PlanState.load(repo / "results" / "slow" / "state.json")
+    assert state.run("race", "loser").state == RunState.running  # its stop is not over
+    assert proc.wait(timeout=60) == 0
+    state = PlanState.load(repo / "results" / "slow" / "state.json")
+    assert state.run("race", "loser").state == RunState.stopped

@@ -207,6 +207,7 @@ class SchedulingMixin(ControllerParts):
             self._dirty = True
             return
         rec.transition(RunState.running, why="launched")
+        rec.stop_reason = None  # an earlier attempt's stop is over
         rec.pid = live.handle.pid
         rec.create_time = live.handle.create_time
         rec.started_at = self.clock()

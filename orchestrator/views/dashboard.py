@@ -43,6 +43,14 @@ STATUS_ICON = {
 }
 
 
+def status_icon(rec: RunRecord) -> str:
+    """The run's state with its icon; a running run whose stop has begun (it is checkpointing
+    and exiting: ``stop_reason`` set) reads ``⏹ stopping``."""
+    if rec.state == RunState.running and rec.stop_reason:
+        return "⏹ stopping"
+    return STATUS_ICON[rec.state]
+
+
 def criterion_cell(c: Criterion, metrics: Mapping[str, Any]) -> str:
     """``0.81 ✓`` / ``0.62 ✗`` / ``—`` for one criterion on one record."""
     names = sorted(c.names)
@@ -224,7 +232,7 @@ def render_markdown(
                 first.threshold.metric if first.threshold else None,
                 first.threshold.higher_is_better if first.threshold else True,
             )
-            status_cell = STATUS_ICON[rec.state]
+            status_cell = status_icon(rec)
             if rec.control:
                 status_cell += " (control)"
             for name in rec.unreported:
@@ -233,7 +241,7 @@ def render_markdown(
                 status_cell += " ⚠ stalled"
             if rec.attempt > 1:
                 status_cell += f" (attempt {rec.attempt})"
-            if rec.state == RunState.stopped and rec.stop_reason:
+            if rec.state in (RunState.stopped, RunState.running) and rec.stop_reason:
                 status_cell += f": {rec.stop_reason}"
             if rec.state == RunState.pruned and rec.stop_reason:
                 status_cell += f" ({rec.stop_reason.removeprefix('pruned: ').split(';')[0]})"

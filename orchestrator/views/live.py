@@ -111,12 +111,12 @@ class DecisionNotifierView:
 
 
 def _status(rec: RunRecord) -> str:
-    from orchestrator.views.dashboard import STATUS_ICON
+    from orchestrator.views.dashboard import status_icon
 
-    text = STATUS_ICON[rec.state] + (" ⚠ stalled" if rec.stalled else "")
+    text = status_icon(rec) + (" ⚠ stalled" if rec.stalled else "")
     if rec.attempt > 1:
         text += f" (attempt {rec.attempt})"
-    if rec.state == RunState.stopped and rec.stop_reason:
+    if rec.state in (RunState.stopped, RunState.running) and rec.stop_reason:
         text += f": {rec.stop_reason}"
     if rec.state == RunState.pruned and rec.stop_reason:
         text += f" ({rec.stop_reason.removeprefix('pruned: ').split(':')[0]})"
