@@ -37,6 +37,8 @@ from orchestrator.reporting import CHECKPOINT_DIR, EVALS_DIR, LATEST, METRICS_FI
 # Folders at the top of the results directory that are not experiments: no experiment may be
 # named so (the plan loader refuses it).
 RESERVED_NAMES = frozenset({"races", "reruns", "control", "crashes"})
+# Folders of an experiment's results that are not run directories: no worker may be named so.
+RESERVED_WORKER_NAMES = frozenset({"race_report", "success_viz"})
 
 
 @dataclass(frozen=True)

@@ -211,6 +211,9 @@ def test_bad_branch_and_experiment_names_fail_validation(repo: Path) -> None:
     plan = write_plan(repo, [{"name": "w", "branch": "r/w", "command": fake()}], name="races")
     out = run_cli("validate", str(plan), cwd=repo)
     assert out.returncode == 2 and "'races' names a folder of the results directory" in out.stderr
+    plan = write_plan(repo, [{"name": "race_report", "branch": "r/w", "command": fake()}])
+    out = run_cli("validate", str(plan), cwd=repo)
+    assert out.returncode == 2 and "'race_report' names a folder of the experiment" in out.stderr
 
 
 def test_untracked_files_are_listed_not_refused(repo: Path, leak_check: str) -> None:

@@ -37,7 +37,7 @@ from orchestrator.core.criteria import Criterion
 from orchestrator.core.pruning import PruneConfig
 from orchestrator.core.refnames import branch_name, ref_component
 from orchestrator.errors import ConfigError, CriteriaError
-from orchestrator.paths import RESERVED_NAMES
+from orchestrator.paths import RESERVED_NAMES, RESERVED_WORKER_NAMES
 from orchestrator.remote.sync_config import SyncConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -97,10 +97,18 @@ class MetricsSource(_Frozen):
         return self
 
 
+def _not_reserved_worker(name: str) -> str:
+    """A worker name that is not one of the experiment folder's own entries."""
+    if name in RESERVED_WORKER_NAMES:
+        raise ValueError(f"{name!r} names a folder of the experiment's results; rename the "
+                         f"worker (reserved: {', '.join(sorted(RESERVED_WORKER_NAMES))})")
+    return name
+
+
 class WorkerConfig(_Frozen):
     """One approach: a branch, a command, its environment and optional overrides."""
 
-    name: Name
+    name: Annotated[Name, AfterValidator(_not_reserved_worker)]
     branch: str = Field(min_length=1)
     command: Command
     shell: bool = False
