@@ -11,10 +11,10 @@ import json
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from orchestrator.errors import StateError
 from orchestrator.reporting import atomic_write_bytes
@@ -86,8 +86,29 @@ class IllegalTransition(AssertionError):
     """A state change the life cycle does not allow: a bug in the controller."""
 
 
+class _JsonRecord:
+    """``to_json``/``from_json`` of a record dataclass: enum fields (``_ENUMS``) stored as their
+    values; keys this version does not know (written by a newer one) are dropped on load."""
+
+    _ENUMS: ClassVar[dict[str, type[Enum]]] = {}
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)  # type: ignore[call-overload]
+        for name in self._ENUMS:
+            d[name] = getattr(self, name).value
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Self:
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        kw = {k: v for k, v in d.items() if k in known}
+        for name, enum in cls._ENUMS.items():
+            kw[name] = enum(kw[name])
+        return cls(**kw)
+
+
 @dataclass
-class RunRecord:
+class RunRecord(_JsonRecord):
     """Everything the controller knows about one worker's run."""
 
     experiment: str
@@ -162,17 +183,7 @@ class RunRecord:
             )
         self.state = new
 
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["state"] = self.state.value
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> RunRecord:
-        d = dict(d)
-        d["state"] = RunState(d["state"])
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
+    _ENUMS: ClassVar[dict[str, type[Enum]]] = {"state": RunState}
 
 
 class ExperimentStatus(str, Enum):
@@ -184,7 +195,7 @@ class ExperimentStatus(str, Enum):
 
 
 @dataclass
-class ExperimentRecord:
+class ExperimentRecord(_JsonRecord):
     name: str
     status: ExperimentStatus = ExperimentStatus.running
     winner: str | None = None
@@ -205,17 +216,7 @@ class ExperimentRecord:
     pin: dict[str, Any] | None = None  # winner.json of the pinned checkpoint (core.pinning)
     tag: str | None = None  # "race/<exp>/<race-id> (created)" or "... (exists, left alone)"
 
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["status"] = self.status.value
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> ExperimentRecord:
-        d = dict(d)
-        d["status"] = ExperimentStatus(d["status"])
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
+    _ENUMS: ClassVar[dict[str, type[Enum]]] = {"status": ExperimentStatus}
 
 
 @dataclass
