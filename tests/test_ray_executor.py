@@ -40,7 +40,7 @@ from orchestrator.ray_executor.executor import (
 )
 from orchestrator.ray_executor.packaging import pack_worktree, unpack_worktree
 from orchestrator.running.gpus import Slot
-from orchestrator.running.launchers import LaunchSpec
+from orchestrator.running.launchers import LaunchSpec, read_exit_status
 from orchestrator.running.processes import RUN_ID_ENV
 from orchestrator.session import build_controller
 
@@ -552,7 +552,18 @@ def test_controller_killed_under_ray_then_run_again_resumes_and_decides(
                "--children", 1),
         worker("b", "--epochs", 1000, "--interval", 0.1, "--metric", "acc=0.1"),
     ], ["acc >= 0.9"], ray={"num_cpus_per_worker": 0.5, "address": gcs_address(local_ray)})
+    exit_files = [repo / "results" / RACE / name / "attempts" / "0001.exit.json"
+                  for name in ("a", "b")]
+    seen: set[int] = set()  # every exit code a restarted controller could have read
+    watching = threading.Event()
+
+    def watch_exit_files() -> None:
+        while watching.is_set():
+            seen.update(read_exit_status(f) for f in exit_files)
+            time.sleep(0.001)
+
     proc = start_cli(repo, plan)
+    watcher = threading.Thread(target=watch_exit_files, daemon=True)
     try:
         state = wait_until(lambda: all_running_from(repo, ["a", "b"], 3), 120)
         assert state, (repo.parent / "controller.log").read_text()[-3000:]
@@ -560,14 +571,24 @@ def test_controller_killed_under_ray_then_run_again_resumes_and_decides(
         workers = tagged_process_objects(f"{RACE}/")
         assert len(workers) >= 5
     finally:
+        watching.set()
+        watcher.start()
         proc.kill()
         proc.wait()
     run_ids = [r.run_id for r in state.runs.values()]
     # No controller: the actors die with their driver, the sentinels stop the trees.
     procs = [*workers, *actors.values()]
-    assert wait_until(lambda: alive(procs) == [], 60), alive(procs)
-    assert wait_until(lambda: all(sentinels(r or "") == [] for r in run_ids), 30)
+    try:
+        assert wait_until(lambda: alive(procs) == [], 60), alive(procs)
+        assert wait_until(lambda: all(sentinels(r or "") == [] for r in run_ids), 30)
+    finally:
+        watching.clear()
+        watcher.join(timeout=5)
     assert tagged_processes(f"{RACE}/") == []
+    # The trainers exited 0 on the sentinels' SIGTERM, but the attempts were cut short: at no
+    # moment may their exit status say 0, or a controller restarted then would take the runs
+    # as finished (exhausted) instead of resuming them.
+    assert seen == {-9}, seen
     killed_at = {name: int(json.loads((repo / "results" / RACE / name / "checkpoints"
                                        / "latest.json").read_text())["epoch"])
                  for name in ("a", "b")}
