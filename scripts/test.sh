@@ -3,6 +3,7 @@
 #   bash scripts/test.sh            # everything
 #   bash scripts/test.sh -k race    # extra arguments go to pytest
 #   CHAOS_SEED=random bash scripts/test.sh tests/test_chaos.py   # explore with a fresh seed
+#   CHAOS_TRIALS=20 bash scripts/test.sh tests/test_chaos.py      # more kill trials (default 6)
 # The chaos suite's seed is fixed (tests/conftest.py) so CI is reproducible; every run prints it.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ from typing import Any
 import psutil
 import pytest
 import yaml
+from conftest import run_cli
 
 from orchestrator.core.config import load_plan
 from orchestrator.core.state import PlanState, RunState
@@ -38,7 +40,7 @@ from orchestrator.ray_executor.executor import (
 )
 from orchestrator.ray_executor.packaging import pack_worktree, unpack_worktree
 from orchestrator.running.gpus import Slot
-from orchestrator.running.launchers import LaunchSpec
+from orchestrator.running.launchers import LaunchSpec, read_exit_status
 from orchestrator.running.processes import RUN_ID_ENV
 from orchestrator.session import build_controller
 
@@ -393,3 +395,225 @@ def test_killed_actor_is_retried_with_resume(local_ray: Any, tmp_path: Path) -> 
     assert epochs[-1] >= 25
     assert sorted(set(epochs)) == list(range(1, epochs[-1] + 1))  # no gap across attempts
     assert "Ray actor of" in (plan.results_dir / RACE / "solo" / "stderr.log").read_text()
+
+
+# -- the CLI under executor: ray: Ctrl-C, `stop`, and a controller killed mid-race ---------------
+#
+# The controller is a real `python -m orchestrator run` process that connects to the module's
+# Ray instance as a second driver (ray.address), so these tests pay no Ray start-up of their own.
+
+
+def gcs_address(ray: Any) -> str:
+    return str(ray.get_runtime_context().gcs_address)
+
+
+def start_cli(repo: Path, plan: Path) -> subprocess.Popen:
+    log = open(repo.parent / "controller.log", "ab")  # noqa: SIM115 (the child keeps it)
+    with log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "run", str(plan), "--plain"],
+            cwd=repo, stdout=log, stderr=subprocess.STDOUT,
+        )
+
+
+def load_state(repo: Path) -> PlanState | None:
+    try:
+        return PlanState.load(repo / "results" / "state.json")
+    except Exception:  # not written yet, or being replaced
+        return None
+
+
+def all_running_from(repo: Path, workers: list[str], epoch: int) -> PlanState | None:
+    """The state once every worker in ``workers`` is running and has reported ``epoch``."""
+    state = load_state(repo)
+    if state is None:
+        return None
+    recs = [state.runs.get(f"{RACE}/{w}") for w in workers]
+    if all(r is not None and r.state == RunState.running and r.run_id and (r.epoch or 0) >= epoch
+           for r in recs):
+        return state
+    return None
+
+
+def actor_processes(ray: Any, state: PlanState) -> dict[str, psutil.Process]:
+    """Run key -> the process of its attempt's Ray actor (asked of the actor itself)."""
+    out = {}
+    for key, rec in state.runs.items():
+        actor = ray.get_actor(f"run:{rec.run_id}", namespace="orchestrator")
+        pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
+        out[key] = psutil.Process(pid)
+    return out
+
+
+def tagged_process_objects(prefix: str) -> list[psutil.Process]:
+    """Like ``tagged_processes``, as process objects (a reused pid is then not a survivor)."""
+    found = []
+    for proc in psutil.process_iter(["uids"]):
+        try:
+            if proc.info["uids"].real == os.getuid() \
+                    and proc.environ().get(RUN_ID_ENV, "").startswith(prefix):
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def alive(procs: list[psutil.Process]) -> list[str]:
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{p.pid} {' '.join(p.cmdline())[-80:]}")
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def actor_is_gone(ray: Any, run_id: str) -> bool:
+    try:
+        ray.get_actor(f"run:{run_id}", namespace="orchestrator")
+    except ValueError:
+        return True
+    return False
+
+
+def wait_until(condition: Any, timeout_s: float) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ctrl-c", "stop"])
+def test_ctrl_c_and_stop_under_ray_end_every_process_and_keep_checkpoints(
+    local_ray: Any, tmp_path: Path, leak_check: str, how: str
+) -> None:
+    """Ctrl-C (SIGINT to the controller) or `orchestrator stop` from another shell: each
+    worker gets SIGTERM on its node, checkpoints and exits 0; its actor is killed; the state says
+    stopped (interrupted / user) and the checkpoints stay; no worker, child or actor process is
+    left."""
+    repo = make_repo(tmp_path)
+    plan = write_plan(repo, [
+        worker("a", "--epochs", 1000, "--interval", 0.1, "--metric", "acc=0", "--children", 1),
+        worker("b", "--epochs", 1000, "--interval", 0.1, "--metric", "acc=0"),
+    ], ["acc >= 0.9"], ray={"num_cpus_per_worker": 0.5, "address": gcs_address(local_ray)})
+    proc = start_cli(repo, plan)
+    try:
+        state = wait_until(lambda: all_running_from(repo, ["a", "b"], 2), 120)
+        assert state, (repo.parent / "controller.log").read_text()[-3000:]
+        actors = actor_processes(local_ray, state)
+        workers = tagged_process_objects(f"{RACE}/")
+        assert len(workers) >= 5  # a: wrapper, trainer, child; b: wrapper, trainer
+        if how == "ctrl-c":
+            proc.send_signal(signal.SIGINT)
+            reason = "interrupted"
+        else:
+            out = run_cli("stop", str(plan), cwd=repo)
+            assert out.returncode == 0, out.stdout + out.stderr
+            reason = "user"
+        assert proc.wait(timeout=120) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    final = PlanState.load(repo / "results" / "state.json")
+    for name in ("a", "b"):
+        rec = final.runs[f"{RACE}/{name}"]
+        assert rec.state == RunState.stopped and rec.stop_reason == reason
+        run_dir = repo / "results" / RACE / name
+        # SIGTERM reached the trainer on its node: it stopped at a safe point and exited 0 ...
+        exit_status = json.loads((run_dir / "attempts" / "0001.exit.json").read_text())
+        assert exit_status["returncode"] == 0
+        # ... and its checkpoints are kept, at least as far as the epoch seen before the stop.
+        assert (run_dir / "checkpoints" / "latest.ckpt").is_file()
+        saved = json.loads((run_dir / "checkpoints" / "latest.json").read_text())["epoch"]
+        assert saved >= state.runs[f"{RACE}/{name}"].epoch
+        assert [r["epoch"] for r in read_metrics(run_dir)] == list(range(1, saved + 1))
+    procs = [*workers, *actors.values()]
+    assert wait_until(lambda: alive(procs) == [], 30), alive(procs)
+    assert tagged_processes(f"{RACE}/") == []
+    assert wait_until(
+        lambda: all(actor_is_gone(local_ray, r.run_id) for r in state.runs.values()), 30)
+
+
+@pytest.mark.slow
+def test_controller_killed_under_ray_then_run_again_resumes_and_decides(
+    local_ray: Any, tmp_path: Path, leak_check: str
+) -> None:
+    """SIGKILL the controller mid-race: its actors die with it (they belong to its Ray job) and
+    their sentinels stop the workers, so nothing runs on without a controller. `run` again
+    resumes every run from the checkpoint it left (attempt 2) and decides exactly as an
+    undisturbed race would (a at epoch 18), with every epoch recorded once."""
+    repo = make_repo(tmp_path)
+    plan = write_plan(repo, [
+        worker("a", "--epochs", 100, "--interval", 0.1, "--metric", "acc=0.05*epoch",
+               "--children", 1),
+        worker("b", "--epochs", 1000, "--interval", 0.1, "--metric", "acc=0.1"),
+    ], ["acc >= 0.9"], ray={"num_cpus_per_worker": 0.5, "address": gcs_address(local_ray)})
+    exit_files = [repo / "results" / RACE / name / "attempts" / "0001.exit.json"
+                  for name in ("a", "b")]
+    seen: set[int] = set()  # every exit code a restarted controller could have read
+    watching = threading.Event()
+
+    def watch_exit_files() -> None:
+        while watching.is_set():
+            seen.update(read_exit_status(f) for f in exit_files)
+            time.sleep(0.001)
+
+    proc = start_cli(repo, plan)
+    watcher = threading.Thread(target=watch_exit_files, daemon=True)
+    try:
+        state = wait_until(lambda: all_running_from(repo, ["a", "b"], 3), 120)
+        assert state, (repo.parent / "controller.log").read_text()[-3000:]
+        actors = actor_processes(local_ray, state)
+        workers = tagged_process_objects(f"{RACE}/")
+        assert len(workers) >= 5
+    finally:
+        watching.set()
+        watcher.start()
+        proc.kill()
+        proc.wait()
+    run_ids = [r.run_id for r in state.runs.values()]
+    # No controller: the actors die with their driver, the sentinels stop the trees.
+    procs = [*workers, *actors.values()]
+    try:
+        assert wait_until(lambda: alive(procs) == [], 60), alive(procs)
+        assert wait_until(lambda: all(sentinels(r or "") == [] for r in run_ids), 30)
+    finally:
+        watching.clear()
+        watcher.join(timeout=5)
+    assert tagged_processes(f"{RACE}/") == []
+    # The trainers exited 0 on the sentinels' SIGTERM, but the attempts were cut short: at no
+    # moment may their exit status say 0, or a controller restarted then would take the runs
+    # as finished (exhausted) instead of resuming them.
+    assert seen == {-9}, seen
+    killed_at = {name: int(json.loads((repo / "results" / RACE / name / "checkpoints"
+                                       / "latest.json").read_text())["epoch"])
+                 for name in ("a", "b")}
+    assert killed_at["a"] >= 3
+
+    again = run_cli("run", str(plan), "--plain", cwd=repo, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    final = PlanState.load(repo / "results" / "state.json")
+    exp = final.experiments[RACE]
+    assert exp.winner == "a" and exp.winner_epoch == 18
+    a, b = final.runs[f"{RACE}/a"], final.runs[f"{RACE}/b"]
+    assert a.state == RunState.succeeded and a.attempt == 2
+    assert b.state == RunState.stopped and b.stop_reason == "lost to a" and b.attempt == 2
+    for name in ("a", "b"):
+        run_dir = repo / "results" / RACE / name
+        stdout = (run_dir / "stdout.log").read_text()
+        assert "==== attempt 2" in stdout
+        assert f"resumed at epoch {killed_at[name] + 1}" in stdout  # from the checkpoint left
+        epochs = [r["epoch"] for r in read_metrics(run_dir)]
+        assert epochs == list(range(1, epochs[-1] + 1))  # every epoch once, across attempts
+    assert [r["epoch"] for r in read_metrics(repo / "results" / RACE / "a")][:18] \
+        == list(range(1, 19))
+    assert wait_until(lambda: tagged_processes(f"{RACE}/") == [], plan_grace_s(plan) + 10)
+    assert wait_until(lambda: all(actor_is_gone(local_ray, r or "") for r in run_ids), 30)
+
+
+def plan_grace_s(plan: Path) -> float:
+    return float(load_plan(plan).grace_s)

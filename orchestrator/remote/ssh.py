@@ -127,7 +127,8 @@ def classify_sftp_error(
     if session is not None and session.deadline_fired:
         return LinkDownError(f"{op} {path} on {where}: attempt exceeded its deadline")
     if isinstance(exc, (TimeoutError, socket.timeout)):
-        return LinkDownError(f"{op} {path} on {where} timed out")
+        after = f" after {session.op_timeout_s:g} s (op_timeout_s)" if session else ""
+        return LinkDownError(f"{op} {path} on {where} timed out{after}")
     if isinstance(exc, (EOFError, paramiko.SSHException)):
         return LinkDownError(f"{op} {path} on {where}: connection lost ({one_line(exc)})")
     if isinstance(exc, OSError):

@@ -282,11 +282,13 @@ def upload_atomic(session: SshSession, local: Path, rel: str) -> Signature | Non
             session.sftp.posix_rename(tmp, remote)
         except Exception as exc:  # noqa: BLE001 (classified and re-raised)
             err = classify_sftp_error(exc, op="write", path=remote, session=session)
-            if session.alive:
+            # Best effort only: on a stalled or lost link the cleanup would block (until the
+            # round's deadline) and its own error would hide the one that ended the write.
+            if session.alive and not isinstance(err, LinkDownError):
                 try:
                     session.sftp.remove(tmp)
-                except OSError:
-                    pass  # the temp file was never created
+                except Exception:  # noqa: BLE001 (the temp file was never created, or the link went)
+                    pass
             raise err from exc
     return _signature(st)
 
@@ -440,7 +442,7 @@ class SftpSyncer(Syncer):
             for attempt in range(2):
                 reused = self._session is not None
                 try:
-                    self._push_changed(deadline_s - (time.monotonic() - started))
+                    self._push_changed(deadline_s - (time.monotonic() - started), deadline_s)
                     break
                 except LinkDownError:
                     self._abort_session()
@@ -461,9 +463,14 @@ class SftpSyncer(Syncer):
             log.warning("sync: link to %s is back", self.target)
         return True
 
-    def _push_changed(self, budget_s: float) -> None:
+    def _deadline_error(self, round_s: float) -> LinkDownError:
+        """The error of a round whose deadline expired (named, whatever paramiko raised)."""
+        return LinkDownError(f"push to {self.target} exceeded its {round_s:g} s deadline")
+
+    def _push_changed(self, budget_s: float, round_s: float) -> None:
+        """Push what changed within ``budget_s`` (what is left of the round's ``round_s``)."""
         if budget_s <= 0:
-            raise LinkDownError(f"push to {self.target} exceeded its deadline")
+            raise self._deadline_error(round_s)
         files = scan_files(
             self.local_root,
             self.config.patterns,
@@ -474,10 +481,13 @@ class SftpSyncer(Syncer):
         session = self._session
         if not changed and session is not None and session.alive:
             # Nothing to upload: one round trip proves the link (and the status) still true.
-            with session.deadline(max(0.1, min(budget_s, self.options.op_timeout_s))):
+            limit_s = max(0.1, min(budget_s, self.options.op_timeout_s))
+            with session.deadline(limit_s):
                 try:
                     session.sftp.stat(session.root)
                 except Exception as exc:  # noqa: BLE001 (classified and re-raised)
+                    if session.deadline_fired and limit_s >= budget_s:
+                        raise self._deadline_error(round_s) from exc
                     raise classify_sftp_error(
                         exc, op="stat", path=session.root, session=session
                     ) from exc
@@ -486,6 +496,19 @@ class SftpSyncer(Syncer):
             session = open_session(self.target, self.options, create_root=True, deadline_s=budget_s)
             with self._session_lock:
                 self._session = session
+        try:
+            self._upload(session, files, changed, budget_s)
+        except Exception as exc:  # noqa: BLE001 (named after the deadline if that is what fired)
+            if session.deadline_fired:
+                raise self._deadline_error(round_s) from exc
+            raise
+
+    def _upload(
+        self, session: SshSession, files: dict[str, os.stat_result], changed: list[str],
+        budget_s: float,
+    ) -> None:
+        """Upload ``changed`` files, the dashboard last; the connection is closed after
+        ``budget_s`` (what paramiko then raises is replaced by the deadline's error)."""
         with session.deadline(max(0.1, budget_s)):
             for rel in push_order(changed):
                 st = files[rel]
