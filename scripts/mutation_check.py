@@ -41,7 +41,8 @@ class Mutation:
 
 PROC = "orchestrator/running/processes.py"
 CTRL = "orchestrator/core/controller.py"
-CLI = "orchestrator/cli.py"
+CLI = "orchestrator/cli/__init__.py"
+CLI_COMMANDS = "orchestrator/cli/commands.py"
 
 MUTATIONS = [
     Mutation(
@@ -102,7 +103,7 @@ MUTATIONS = [
     ),
     Mutation(
         "rerun --resume ignored",
-        ((CLI, "rec.attempt, resume=args.resume,", "rec.attempt, resume=False,"),),
+        ((CLI_COMMANDS, "rec.attempt, resume=args.resume,", "rec.attempt, resume=False,"),),
         ("tests/test_run_modes.py::test_rerun_resume_continues_from_the_latest_checkpoint",),
     ),
     Mutation(
@@ -126,6 +127,21 @@ MUTATIONS = [
         (("orchestrator/errors.py", "if last is not None and now - last < self.interval_s:",
           "if False:"),),
         ("tests/test_clock.py::test_write_errors_warn_once_a_minute_per_kind",),
+    ),
+    Mutation(
+        "a decision's views drawn at once (not after the losers' stops)",
+        ((CTRL, "self._flush(force=True, views=False)", "self._flush(force=True, views=True)"),),
+        ("tests/test_race.py::test_the_verdict_is_drawn_after_the_stops_or_while_a_slow_one_runs",),
+    ),
+    Mutation(
+        "a decision's views held until every stop ends (a slow loser hides the verdict)",
+        ((CTRL, "VIEWS_AFTER_DECISION_S = 1.0", "VIEWS_AFTER_DECISION_S = 600.0"),),
+        ("tests/test_race.py::test_the_verdict_is_drawn_after_the_stops_or_while_a_slow_one_runs",),
+    ),
+    Mutation(
+        "rerun --race ignored (runs the live race's branch)",
+        ((CLI_COMMANDS, "        if not race.live:\n", "        if False:\n"),),
+        ("tests/test_provenance.py::test_rerun_of_an_earlier_race_runs_its_commit_and_leaves_the_race_alone",),
     ),
     Mutation(
         "dashboard not throttled",
