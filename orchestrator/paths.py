@@ -105,6 +105,12 @@ class ResultsPaths:
         """The race report of the experiment (written at every decision and failure)."""
         return self.root / experiment / "race_report"
 
+    def rendering_marker(self, experiment: str, pid: int) -> Path:
+        """Present while race report renderer ``pid`` may still write the experiment's report
+        (written by the controller at the spawn, removed by the renderer when it is done): a
+        new race waits for it before moving this race's files (``core.races``)."""
+        return self.race_report_dir(experiment) / f".rendering-{pid}"
+
     def race_report(self, experiment: str) -> Path:
         return self.race_report_dir(experiment) / "RACE_REPORT.md"
 

@@ -87,6 +87,14 @@ def rng_for(name: str) -> random.Random:
     return random.Random(f"{SEED}:{name}")
 
 
+def _sid(pid: int) -> int | None:
+    """The session id of ``pid``, or None once it is gone."""
+    try:
+        return os.getsid(pid)
+    except ProcessLookupError:
+        return None
+
+
 class RaceThread:
     """An in-process Controller running its race on a thread, so the test can inject faults."""
 
@@ -519,11 +527,14 @@ def test_sigterm_ignoring_and_setsid_losers_are_stopped_without_orphans(
     )
     race = RaceThread(plan).start()
     # the setsid helper really escaped: it is in another session than the run's leader
-    wait_for(
-        lambda: (
-            (h := race.handle("escaper")) is not None and len(h.tree.members(scan_env=True)) >= 4
-        )
-    )
+    def escaped() -> bool:  # the helper is born, then calls setsid: wait for both
+        h = race.handle("escaper")
+        if h is None:
+            return False
+        members = h.tree.members(scan_env=True)
+        return len(members) >= 4 and len({_sid(p.pid) for p in members} - {None}) == 2
+
+    wait_for(escaped)
     handle = race.handle("escaper")
     leader_sid = os.getsid(handle.pid)
     sids = {os.getsid(p.pid) for p in handle.tree.members(scan_env=True)}

@@ -197,3 +197,36 @@ def test_rerun_tees_the_log_and_reads_a_regex_source(repo: Path, leak_check: str
     assert rec.commit and rec.attempts[0]["slot"] == "by hand"
     # the one-worker syntax with the plan first keeps working; two workers do not
     assert run_cli("rerun", str(plan), "a", "b", cwd=repo).returncode == 2
+
+
+def test_a_new_race_waits_for_the_last_race_report_renderer(repo: Path, leak_check: str) -> None:
+    """`run --fresh` moves the last race's files only once its race report renderer (a detached
+    process that may still be writing) is done: the report is never split between races."""
+    import threading
+
+    from orchestrator.core.config import load_plan
+    from orchestrator.core.races import archive_current
+    from orchestrator.paths import ResultsPaths
+
+    plan = write_plan(repo, [
+        {"name": "w", "branch": "r/w",
+         "command": fake("--epochs", 20, "--interval", FAST, "--metric", "acc=0.5+0.2*epoch")},
+    ])
+    assert run_cli("run", str(plan), "--plain", cwd=repo).returncode == 0
+    paths = ResultsPaths(repo / "results")
+    wait_for(lambda: not list(paths.race_report_dir("race").glob(".rendering-*")), timeout=60)
+    renderer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    marker = paths.rendering_marker("race", renderer.pid)
+    marker.touch()
+    moved: list[str | None] = []
+    mover = threading.Thread(target=lambda: moved.append(archive_current(paths, load_plan(plan))))
+    mover.start()
+    mover.join(0.5)
+    assert mover.is_alive() and (repo / "results" / "state.json").exists()  # still waiting
+    renderer.terminate()
+    renderer.wait()
+    mover.join(30)
+    assert not mover.is_alive() and moved and moved[0] is not None
+    archived = paths.archived_race(moved[0])
+    assert (archived.race_report("race")).exists() and not marker.exists()
+    assert not list(archived.race_report_dir("race").glob(".rendering-*"))

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from orchestrator.core.accounting import RunUsage, compute_savings
 from orchestrator.core.config import Plan
 from orchestrator.core.state import ExperimentStatus, PlanState
@@ -53,6 +55,7 @@ def archive_current(paths: ResultsPaths, plan: Plan) -> str | None:
     if not paths.state.exists():
         return None
     state = PlanState.load(paths.state)
+    wait_for_renderers(paths, plan)
     race_id = state.race_id or adopted_race_id(state)
     if state.race_id is None:
         state.race_id = race_id
@@ -72,6 +75,26 @@ def archive_current(paths: ResultsPaths, plan: Plan) -> str | None:
         if src.exists():
             os.replace(src, dest.root / file)
     return race_id
+
+
+def wait_for_renderers(paths: ResultsPaths, plan: Plan, timeout_s: float = 120.0) -> None:
+    """Wait (at most ``timeout_s``) until no race report renderer of this race is still writing
+    (``ResultsPaths.rendering_marker``), so moving the race cannot split its report between the
+    old and the new race. Markers of processes that are gone are removed."""
+    deadline = time.monotonic() + timeout_s
+    for exp in plan.experiments:
+        for marker in paths.race_report_dir(exp.name).glob(".rendering-*"):
+            pid = int(marker.name.rsplit("-", 1)[1]) if marker.name[11:].isdigit() else 0
+            while _running(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            marker.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return pid > 0 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import subprocess
 import sys
 import time
@@ -425,7 +426,10 @@ class RaceReportView:
 
     def _spawn(self, experiment: str) -> subprocess.Popen[bytes]:
         log = self.paths.race_report_dir(experiment) / "render.log"
-        return spawn_renderer(self.plan, [str(self.plan.source), experiment], log)
+        child = spawn_renderer(self.plan, [str(self.plan.source), experiment], log)
+        # A new race waits for this marker before it moves the race's files (core.races).
+        self.paths.rendering_marker(experiment, child.pid).touch()
+        return child
 
     def wait(self, timeout_s: float) -> None:
         """Wait for the reports being rendered (tests and benchmarks)."""
@@ -484,7 +488,11 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     plan = load_plan(args[0])
-    path = write_race_report(plan, args[1])
+    try:
+        path = write_race_report(plan, args[1])
+    finally:
+        ResultsPaths(plan.results_dir).rendering_marker(args[1], os.getpid()).unlink(
+            missing_ok=True)
     print(f"race report: {path}")
     return 0
 
