@@ -22,4 +22,6 @@ python3 -m venv .venv
 . .venv/bin/activate
 pip install -q --disable-pip-version-check torch==2.13.0   # CPU build; pin it before the project
 pip install -q --disable-pip-version-check -c constraints/ci.txt -e ".[dev,ray,jobs]"
-python -m pytest "$@"
+# Two workers (pytest-xdist), one test file per worker at a time (module fixtures such as the
+# shared Ray instance stay in one process): about 1.3x faster on 2 cores. `-n 0` runs serially.
+python -m pytest -n 2 --dist loadfile "$@"
