@@ -1,7 +1,6 @@
 """Tiny launch wrapper: runs a worker command and records how it ended.
 
-    python -I -S orchestrator/running/_launch.py STATUS_FILE -- ARGV...
-    python -m orchestrator.running._launch STATUS_FILE -- ARGV...       (the same)
+    python -m orchestrator.running._launch STATUS_FILE -- ARGV...
 
 A process that is not the controller's child gives the controller no exit code, so after a
 controller restart an exit is only known from this file (shared/DESIGN.md, "Mechanisms").

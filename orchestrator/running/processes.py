@@ -241,11 +241,8 @@ def launch(
     exit_status.unlink(missing_ok=True)
     full_env = dict(env)
     full_env[RUN_ID_ENV] = run_id
-    # The wrapper is stdlib only: run as a file in an isolated interpreter without site (-I -S),
-    # it starts in a fraction of the time a `-m` import through site-packages takes.
-    wrapper = [sys.executable, "-I", "-S", str(Path(__file__).with_name("_launch.py")),
-               str(exit_status), "--", *argv]
-    # Workers import orchestrator.reporting even when cwd is another checkout.
+    wrapper = [sys.executable, "-m", "orchestrator.running._launch", str(exit_status), "--", *argv]
+    # The wrapper must import this package even when cwd is another checkout.
     pkg_root = str(Path(__file__).resolve().parent.parent)
     full_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (full_env.get("PYTHONPATH", ""), pkg_root) if p
