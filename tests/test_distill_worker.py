@@ -242,3 +242,31 @@ def test_evaluate_when_no_query_is_present(data_dir):
     negatives = [r for r in recs if r["n_gt"] == 0]
     assert all(r["on"]["jf"] == 1.0 for r in negatives)
     assert summary["val_instance_jf_on"] == pytest.approx(len(negatives) / len(recs))
+
+
+def test_pretrain_curve_leaves_training_unchanged(full_run, data_dir, tmp_path):
+    """--pretrain-eval-every logs stage 1's val curve without changing what stage 1 learns; its
+    last point is the epoch-0 record's memory-off score (same frames, same scoring; evaluate
+    rounds each frame's score to 5 decimals)."""
+    run_dir = tmp_path / "curve"
+    env = {**os.environ, "ORCH_RUN_DIR": str(run_dir), "ORCH_RESUME": "0"}
+    args = [*ARGS, "--pretrain-eval-every", "3", "--epochs", "1", "--steps-per-epoch", "1"]
+    r = subprocess.run(
+        [sys.executable, "-m", "workers.video_distillation", "--data-dir", str(data_dir), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    curve = [json.loads(x) for x in (run_dir / "pretrain_curve.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in curve] == [3, 6, 8]
+    assert all(0 <= c["val_instance_jf_off"] <= 1 for c in curve)
+    assert curve[-1]["val_instance_jf_off"] == pytest.approx(
+        records(full_run)[0]["val_instance_jf_off"],
+        abs=1e-5,  # evals round per frame
+    )
+    a = torch.load(full_run / "student_image.pt", weights_only=True)
+    b = torch.load(run_dir / "student_image.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
