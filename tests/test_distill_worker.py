@@ -270,3 +270,18 @@ def test_pretrain_curve_leaves_training_unchanged(full_run, data_dir, tmp_path):
     a = torch.load(full_run / "student_image.pt", weights_only=True)
     b = torch.load(run_dir / "student_image.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_score_image_script_matches_the_worker(full_run, data_dir, capsys):
+    """scripts/distill_score_image.py scores the run's image model as the worker's epoch 0."""
+    spec = importlib.util.spec_from_file_location(
+        "score_image", ROOT / "scripts/distill_score_image.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ["--data-dir", str(data_dir), "--run-dir", str(full_run), "--context-frames", "2"]
+    assert script.main(args) == 0
+    scores = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert set(scores) == {"train", "val", "test"}
+    assert scores["val"] == pytest.approx(records(full_run)[0]["val_instance_jf_off"], abs=1e-5)
+    assert script.main(["--data-dir", str(data_dir), "--run-dir", str(data_dir)]) == 2
