@@ -285,3 +285,18 @@ def test_score_image_script_matches_the_worker(full_run, data_dir, capsys):
     assert set(scores) == {"train", "val", "test"}
     assert scores["val"] == pytest.approx(records(full_run)[0]["val_instance_jf_off"], abs=1e-5)
     assert script.main(["--data-dir", str(data_dir), "--run-dir", str(data_dir)]) == 2
+
+
+def test_seeds_script_summarises_runs(full_run, tmp_path, capsys):
+    """scripts/distill_seeds.py: the same run twice gives its own numbers, sd 0."""
+    spec = importlib.util.spec_from_file_location("seeds", ROOT / "scripts/distill_seeds.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(full_run), str(full_run)]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    last = records(full_run)[-1]
+    for split in ("val", "test"):
+        gain = summary[f"{split}_gain_vs_off"]
+        assert gain["mean"] == pytest.approx(last[f"{split}_instance_jf_gain_vs_off"])
+        assert gain["sd"] == 0 and gain["lo"] == gain["hi"] == pytest.approx(gain["mean"])
+    assert script.main([str(tmp_path)]) == 2
