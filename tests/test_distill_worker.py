@@ -242,3 +242,61 @@ def test_evaluate_when_no_query_is_present(data_dir):
     negatives = [r for r in recs if r["n_gt"] == 0]
     assert all(r["on"]["jf"] == 1.0 for r in negatives)
     assert summary["val_instance_jf_on"] == pytest.approx(len(negatives) / len(recs))
+
+
+def test_pretrain_curve_leaves_training_unchanged(full_run, data_dir, tmp_path):
+    """--pretrain-eval-every logs stage 1's val curve without changing what stage 1 learns; its
+    last point is the epoch-0 record's memory-off score (same frames, same scoring; evaluate
+    rounds each frame's score to 5 decimals)."""
+    run_dir = tmp_path / "curve"
+    env = {**os.environ, "ORCH_RUN_DIR": str(run_dir), "ORCH_RESUME": "0"}
+    args = [*ARGS, "--pretrain-eval-every", "3", "--epochs", "1", "--steps-per-epoch", "1"]
+    r = subprocess.run(
+        [sys.executable, "-m", "workers.video_distillation", "--data-dir", str(data_dir), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    curve = [json.loads(x) for x in (run_dir / "pretrain_curve.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in curve] == [3, 6, 8]
+    assert all(0 <= c["val_instance_jf_off"] <= 1 for c in curve)
+    assert curve[-1]["val_instance_jf_off"] == pytest.approx(
+        records(full_run)[0]["val_instance_jf_off"],
+        abs=1e-5,  # evals round per frame
+    )
+    a = torch.load(full_run / "student_image.pt", weights_only=True)
+    b = torch.load(run_dir / "student_image.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_score_image_script_matches_the_worker(full_run, data_dir, capsys):
+    """scripts/distill_score_image.py scores the run's image model as the worker's epoch 0."""
+    spec = importlib.util.spec_from_file_location(
+        "score_image", ROOT / "scripts/distill_score_image.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ["--data-dir", str(data_dir), "--run-dir", str(full_run), "--context-frames", "2"]
+    assert script.main(args) == 0
+    scores = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert set(scores) == {"train", "val", "test"}
+    assert scores["val"] == pytest.approx(records(full_run)[0]["val_instance_jf_off"], abs=1e-5)
+    assert script.main(["--data-dir", str(data_dir), "--run-dir", str(data_dir)]) == 2
+
+
+def test_seeds_script_summarises_runs(full_run, tmp_path, capsys):
+    """scripts/distill_seeds.py: the same run twice gives its own numbers, sd 0."""
+    spec = importlib.util.spec_from_file_location("seeds", ROOT / "scripts/distill_seeds.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(full_run), str(full_run)]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    last = records(full_run)[-1]
+    for split in ("val", "test"):
+        gain = summary[f"{split}_gain_vs_off"]
+        assert gain["mean"] == pytest.approx(last[f"{split}_instance_jf_gain_vs_off"])
+        assert gain["sd"] == 0 and gain["lo"] == gain["hi"] == pytest.approx(gain["mean"])
+    assert script.main([str(tmp_path)]) == 2

@@ -173,6 +173,46 @@ def prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
     return p, r, (2 * p * r / (p + r) if p + r else 0.0)
 
 
+def predicted_masks(out: dict, i: int, size: tuple[int, int]) -> np.ndarray:
+    """Binary masks (P, H, W) of sample ``i``'s queries with p_object > 0.5, upsampled to size."""
+    present = out["pred_logits"][i].float().softmax(-1)[:, 0] > 0.5
+    if not present.any():
+        return np.zeros((0, *size), bool)
+    logits = F.interpolate(
+        out["pred_masks"][i][present][None].float(),
+        size=size,
+        mode="bilinear",
+        align_corners=False,
+    )[0]  # (P, H, W)
+    return (logits > 0).cpu().numpy()
+
+
+@torch.no_grad()
+def evaluate_image(
+    student: DETRStudent,
+    videos: dict[str, SegVideo],
+    context_frames: int,
+    device: torch.device,
+    batch_size: int,
+) -> float:
+    """Mean instance J&F of the image model (memory off) over the query frames t >= context_frames.
+
+    The same frames and the same ``score_frame`` as ``evaluate``'s "off" mode, without the
+    memory passes: stage 1's learning curve. Leaves the student in eval mode.
+    """
+    student.eval()
+    queries = [(v, t) for v in sorted(videos) for t in range(context_frames, videos[v].num_frames)]
+    scores = []
+    for s in range(0, len(queries), batch_size):
+        x, targets, _ = make_batch(videos, {}, queries[s : s + batch_size], 0, device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            out = student(x)
+        for i, tg in enumerate(targets):
+            gt = tg["masks"].cpu().numpy()
+            scores.append(score_frame(predicted_masks(out, i, gt.shape[-2:]), gt)["jf"])
+    return float(np.mean(scores))
+
+
 @torch.no_grad()
 def evaluate(
     student: DETRStudent,
@@ -227,17 +267,7 @@ def evaluate(
             gt = targets[i]["masks"].cpu().numpy()
             rec = {"video": vid, "t": t, "degraded": bool(videos[vid].degraded[t]), "n_gt": len(gt)}
             for mode, out in outs.items():
-                present = out["pred_logits"][i].float().softmax(-1)[:, 0] > 0.5
-                pred = np.zeros((0, *gt.shape[-2:]), bool)
-                if present.any():
-                    logits = F.interpolate(
-                        out["pred_masks"][i][present][None].float(),
-                        size=gt.shape[-2:],
-                        mode="bilinear",
-                        align_corners=False,
-                    )[0]  # (P, H, W)
-                    pred = (logits > 0).cpu().numpy()
-                sc = score_frame(pred, gt)
+                sc = score_frame(predicted_masks(out, i, gt.shape[-2:]), gt)
                 rec[mode] = {k: round(v, 5) if isinstance(v, float) else v for k, v in sc.items()}
             rec["shuffled"] = {  # mean over the derangements
                 k: round(float(np.mean([rec[m][k] for m in shuf_modes])), 5)
@@ -354,6 +384,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--pretrain-steps", type=int, default=1500, help="stage-1 (image) optimizer steps"
     )
     p.add_argument("--pretrain-lr", type=float, default=5e-4, help="stage-1 AdamW learning rate")
+    p.add_argument(
+        "--pretrain-eval-every",
+        type=int,
+        default=0,
+        help="stage-1 learning curve: every N steps (and at the last) score the val query frames "
+        "with the image model and append to run_dir/pretrain_curve.jsonl (0: off)",
+    )
     p.add_argument("--epochs", type=int, default=10, help="stage-2 (video) epochs")
     p.add_argument(
         "--steps-per-epoch", type=int, default=40, help="stage-2 optimizer steps per epoch"
@@ -392,6 +429,8 @@ def train(args: argparse.Namespace) -> int:
         raise UserError(f"{manifest_path} not found; run scripts/make_segmentation_videos.py")
     if min(args.context_frames, args.epochs, args.batch_size, args.num_shuffles) < 1:
         raise UserError("--context-frames, --epochs, --batch-size and --num-shuffles must be >= 1")
+    if args.pretrain_eval_every < 0:
+        raise UserError("--pretrain-eval-every must be >= 0 (0: no stage-1 learning curve)")
     split = json.loads(manifest_path.read_text())["split"]
     cfg = StudentConfig.tiny() if args.preset == "tiny" else StudentConfig.full()
     if args.context_frames > cfg.perceiver.max_frames:
@@ -464,6 +503,7 @@ def train(args: argparse.Namespace) -> int:
         gen = np.random.default_rng([args.seed, 1])
         order = gen.integers(0, len(frames_pool), (args.pretrain_steps, args.batch_size))
         student.train()
+        curve_path, loss_sum, loss_n = rep.run_dir / "pretrain_curve.jsonl", 0.0, 0
         bar = tqdm(range(step, args.pretrain_steps), desc="stage 1 (image)", mininterval=5)
         for step in bar:
             x, targets, _ = make_batch(
@@ -476,6 +516,25 @@ def train(args: argparse.Namespace) -> int:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step(), sched.step()
             bar.set_postfix(loss=f"{losses['loss'].item():.3f}", refresh=False)
+            loss_sum, loss_n = loss_sum + losses["loss"].item(), loss_n + 1
+            every = args.pretrain_eval_every
+            if every and ((step + 1) % every == 0 or step + 1 == args.pretrain_steps):
+                videos = data["val"][0]
+                jf = evaluate_image(student, videos, T, device, 2 * args.batch_size)
+                student.train()
+                if "val" not in rule_jf:
+                    rule_jf["val"] = colour_rule_instance_jf(videos, T)
+                rec = {
+                    "step": step + 1,
+                    "lr": sched.get_last_lr()[0],
+                    "train_loss": loss_sum / loss_n,
+                    "val_instance_jf_off": jf,
+                    "val_instance_jf_colour_rule": rule_jf["val"],
+                }
+                with curve_path.open("a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+                print(f"stage 1 step {step + 1}: val instance J&F (memory off) {jf:.4f}")
+                loss_sum, loss_n = 0.0, 0
             if rep.should_stop:
                 save_atomic(
                     {
