@@ -84,7 +84,8 @@ def wait_for_renderers(paths: ResultsPaths, plan: Plan, timeout_s: float = 120.0
     deadline = time.monotonic() + timeout_s
     for exp in plan.experiments:
         for marker in paths.race_report_dir(exp.name).glob(".rendering-*"):
-            pid = int(marker.name.rsplit("-", 1)[1]) if marker.name[11:].isdigit() else 0
+            digits = marker.name.removeprefix(".rendering-")
+            pid = int(digits) if digits.isdigit() else 0
             while _running(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             marker.unlink(missing_ok=True)
