@@ -265,6 +265,44 @@ def test_node_side_seeds_rewrites_streams_and_cleans_up(
     assert sentinels(run_id) == []
 
 
+def test_wrapper_killed_with_worker_running_is_not_an_exit_and_the_sentinel_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a dying actor does: Ray SIGKILLs its direct children (the launch wrapper) while
+    the actor's pull is still running. The worker, further down, runs on. The actor must not
+    take the wrapper's death for the run's end (which dismissed the sentinel and left the
+    worker training with no controller): the pull reports no exit while the worker lives, the
+    sentinel stays and stops it, and only then is the attempt over, as killed (-9)."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(FAKE_WORKER, tmp_path / "fake_worker.py")
+    run_dir = tmp_path / "run"
+    run_id = f"{RACE}/wrapper-killed/1/abc"
+    spec = NodeSpec(
+        argv=[sys.executable, "fake_worker.py", "--epochs", "2000", "--interval", "0.05",
+              "--metric", "acc=0.1", "--checkpoint-s", "2", "--run-dir", str(run_dir)],
+        env={"ORCH_RUN_DIR": str(run_dir)}, cwd=str(tmp_path), run_dir=str(run_dir),
+        run_id=run_id, attempt=1, header="==== attempt 1", shipped=False,
+        controller_python=sys.executable, checkpoint_sync_s=0.0, files={},
+    )
+    actor = RunActor(spec)
+    actor.start()
+    assert wait_until(lambda: (run_dir / "metrics.jsonl").exists(), 30)
+    worker_pids = actor.node_pids()
+    wrapper = psutil.Process(actor._tree.leader.pid)  # type: ignore[union-attr]
+    assert wrapper.pid in worker_pids and len(worker_pids) >= 2
+    wrapper.kill()  # not reaped here: the actor's Popen must see its status
+    assert wait_until(lambda: wrapper.status() == psutil.STATUS_ZOMBIE, 10)
+    # The worker takes 2 s to checkpoint on the sentinel's SIGTERM: it is alive meanwhile.
+    assert actor.pull(wait_s=0.2).returncode is None  # so the attempt has not ended
+    actor.close()  # as the last pull would: must not dismiss the sentinel
+    workers = [psutil.Process(p) for p in worker_pids if p != wrapper.pid]
+    assert wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                                      for p in workers), 30)  # the sentinel stopped them
+    assert wait_until(lambda: actor.pull(wait_s=0.1).returncode is not None, 10)
+    assert actor.pull(wait_s=0.1).returncode == -9  # cut short: resumed, never "finished"
+    assert wait_until(lambda: sentinels(run_id) == [], 10)
+
+
 @pytest.mark.parametrize("ship", [True, False], ids=["shipped", "in-place"])
 @pytest.mark.slow
 def test_race_decides_stops_losers_and_returns_results(
@@ -539,10 +577,6 @@ def test_ctrl_c_and_stop_under_ray_end_every_process_and_keep_checkpoints(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug, open (issue #20 note): under a loaded machine a Ray attempt's sentinel sometimes "
-    "does not stop its worker after the controller is SIGKILLed (the worker trains on to its end "
-    "and no -9 exit status is written); seen in 4 of 5 full runs on 2 busy cores"))
 def test_controller_killed_under_ray_then_run_again_resumes_and_decides(
     local_ray: Any, tmp_path: Path, leak_check: str
 ) -> None:

@@ -249,6 +249,11 @@ class RunActor:
         if tree.alive():
             return None
         exit_file = self.paths.exit_status(self.spec.attempt)
+        if not exit_file.exists() and tree.members(scan_env=False):
+            # The wrapper was killed before it could record the worker's end, and the worker
+            # runs on: Ray kills a dying actor's direct children (the wrapper), not their
+            # descendants. The run is not over until the sentinel has stopped what is left.
+            return None
         if tree.returncode is not None and not exit_file.exists():
             return tree.returncode
         return read_exit_status(exit_file)
@@ -373,7 +378,11 @@ class RunActor:
         if self._closed:
             return
         self._closed = True
-        self._tell_sentinel("done")
+        tree = self._tree
+        if tree is None or not tree.members(scan_env=False):
+            self._tell_sentinel("done")
+        # else part of the tree outlived the wrapper: the sentinel is not dismissed, it stops
+        # what is left (it does so once it sees the wrapper gone, or this actor)
         if self.base is not None:
             shutil.rmtree(self.base, ignore_errors=True)
 
