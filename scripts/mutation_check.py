@@ -149,6 +149,14 @@ MUTATIONS = [
           "and now - self._last_write < self.plan.dashboard_interval_s", "and False"),),
         ("tests/test_clock.py::test_dashboard_is_rewritten_at_most_every_dashboard_interval",),
     ),
+    Mutation(
+        "Ray actor takes its killed launch wrapper for the worker's exit",
+        (("orchestrator/ray_executor/node.py",
+          "        if not exit_file.exists() and tree.members(scan_env=False):\n",
+          "        if False:\n"),),
+        ("tests/test_ray_executor.py::"
+         "test_wrapper_killed_with_worker_running_is_not_an_exit_and_the_sentinel_stays",),
+    ),
 ]
 
 

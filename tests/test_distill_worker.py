@@ -300,3 +300,50 @@ def test_seeds_script_summarises_runs(full_run, tmp_path, capsys):
         assert gain["mean"] == pytest.approx(last[f"{split}_instance_jf_gain_vs_off"])
         assert gain["sd"] == 0 and gain["lo"] == gain["hi"] == pytest.approx(gain["mean"])
     assert script.main([str(tmp_path)]) == 2
+
+
+def test_augmented_batch_moves_frame_masks_and_boxes_together():
+    """--pretrain-augment: each sample gets one of the 8 symmetries of the square, the same one
+    for its frame and its masks (an object's pixels stay its pixels), boxes are those of the
+    moved masks, the draw is reproducible from the generator, and all 8 occur."""
+    from workers.video_distillation import make_batch
+    from synthvid.segmentation import SegVideo
+
+    rng = np.random.default_rng(0)
+    S = 12
+    masks = np.zeros((1, 2, S, S), bool)
+    masks[0, 0, 1:4, 2:9] = True  # off-centre, not square: every symmetry moves it
+    masks[0, 1, 6:11, 8:10] = True
+    frame = rng.integers(0, 256, (1, S, S, 3), dtype=np.uint8)
+    videos = {"v": SegVideo("v", frame, masks, np.zeros(1, bool))}
+    device = torch.device("cpu")
+    plain_x, plain_t, _ = make_batch(videos, {}, [("v", 0)], 0, device)
+    seen = set()
+    for seed in range(40):
+        x, t, _ = make_batch(videos, {}, [("v", 0)] * 3, 0, device,
+                             augment=np.random.default_rng(seed))
+        x2, t2, _ = make_batch(videos, {}, [("v", 0)] * 3, 0, device,
+                               augment=np.random.default_rng(seed))
+        assert torch.equal(x, x2) and all(torch.equal(a["masks"], b["masks"])
+                                          for a, b in zip(t, t2))
+        for i in range(3):
+            img, m = x[i], t[i]["masks"]
+            # the frame's transform, found by search among the 8, is the masks' transform too
+            found = [(k, f) for k in range(4) for f in (False, True)
+                     if torch.equal(_d4(plain_x[0], k, f, dims=(1, 2)), img)]
+            assert len(found) == 1
+            k, f = found[0]
+            assert torch.equal(_d4(plain_t[0]["masks"], k, f, dims=(1, 2)), m)
+            ys, xs = torch.nonzero(m[0], as_tuple=True)
+            cx, cy = (xs.min() + xs.max() + 1) / 2 / S, (ys.min() + ys.max() + 1) / 2 / S
+            assert torch.allclose(t[i]["boxes"][0, :2], torch.stack([cx, cy]).float())
+            seen.add((k, f))
+    assert len(seen) == 8
+    with pytest.raises(ValueError, match="context_frames=0"):
+        make_batch(videos, {}, [("v", 0)], 1, device, augment=np.random.default_rng(0))
+
+
+def _d4(x: torch.Tensor, k: int, flip: bool, dims: tuple[int, int]) -> torch.Tensor:
+    """Rotate by k x 90 degrees in ``dims`` (numpy's rot90 sense), then flip the second dim."""
+    y = torch.rot90(x, k, dims)
+    return torch.flip(y, (dims[1],)) if flip else y

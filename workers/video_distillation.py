@@ -99,15 +99,32 @@ def make_batch(
     context_frames: int,
     device: torch.device,
     context_from: list[str] | None = None,
+    augment: np.random.Generator | None = None,
 ) -> tuple[torch.Tensor, list[dict], torch.Tensor | None]:
     """Frames [B, 3, H, W] in [0, 1], targets (non-empty masks [n, H, W], boxes [n, 4] cxcywh in
     [0, 1]) and context [B, T, 256, 18, 18] (from ``context_from[i]``'s video if given; None
-    when context_frames is 0)."""
+    when context_frames is 0).
+
+    ``augment`` (stage 1 only; needs context_frames 0): each frame and its masks get one of the
+    8 symmetries of the square (k x 90 degree rotation, then a horizontal flip or not), drawn
+    from this generator; boxes are computed from the transformed masks. A regulariser, not a
+    symmetry of the data: motion and texture are isotropic, but the generator draws only
+    upward triangles and background ramps running right/down, so transformed frames show
+    sideways or downward triangles and other ramps the val/test frames never do."""
+    if augment is not None and context_frames:
+        raise ValueError("augment transforms the frame only: use it with context_frames=0")
     frames, targets, context = [], [], []
     for i, (vid, t) in enumerate(queries):
         v = videos[vid]
-        frames.append(torch.from_numpy(v.frames[t]))
+        frame = v.frames[t]  # (H, W, 3) uint8
         m = v.masks[t][v.masks[t].reshape(len(v.masks[t]), -1).any(-1)]  # (n, H, W) visible
+        if augment is not None:
+            k, flip = int(augment.integers(4)), bool(augment.integers(2))
+            frame, m = np.rot90(frame, k, axes=(0, 1)), np.rot90(m, k, axes=(1, 2))
+            if flip:
+                frame, m = frame[:, ::-1], m[:, :, ::-1]
+            frame, m = np.ascontiguousarray(frame), np.ascontiguousarray(m)
+        frames.append(torch.from_numpy(frame))
         H, W = m.shape[-2:]
         boxes = torch.from_numpy(masks_to_boxes(m)) / torch.tensor([W, H, W, H])
         boxes = torch.stack(
@@ -391,6 +408,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="stage-1 learning curve: every N steps (and at the last) score the val query frames "
         "with the image model and append to run_dir/pretrain_curve.jsonl (0: off)",
     )
+    p.add_argument(
+        "--pretrain-augment",
+        action="store_true",
+        help="stage 1: each train frame gets a random symmetry of the square (rotation by k x 90 "
+        "degrees, horizontal flip); off by default",
+    )
     p.add_argument("--epochs", type=int, default=10, help="stage-2 (video) epochs")
     p.add_argument(
         "--steps-per-epoch", type=int, default=40, help="stage-2 optimizer steps per epoch"
@@ -506,8 +529,10 @@ def train(args: argparse.Namespace) -> int:
         curve_path, loss_sum, loss_n = rep.run_dir / "pretrain_curve.jsonl", 0.0, 0
         bar = tqdm(range(step, args.pretrain_steps), desc="stage 1 (image)", mininterval=5)
         for step in bar:
+            aug = np.random.default_rng([args.seed, 2, step]) if args.pretrain_augment else None
             x, targets, _ = make_batch(
-                train_videos, train_feats, [frames_pool[i] for i in order[step]], 0, device
+                train_videos, train_feats, [frames_pool[i] for i in order[step]], 0, device,
+                augment=aug,
             )
             with autocast():
                 losses = criterion(student(x), targets)
