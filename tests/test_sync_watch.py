@@ -78,6 +78,13 @@ def run_env() -> dict[str, str]:
     return env
 
 
+def terminal_sigint() -> None:
+    """In the child before exec: SIGINT as a terminal's foreground job has it. A suite started
+    in the background (``cmd &`` in a script, as a CI harness may do) inherits SIGINT ignored,
+    and Python then leaves it ignored, so the Ctrl-C these tests send would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_image_references() -> None:
     assert image_references(DASHBOARD) == [
         "progress.png",
@@ -189,6 +196,7 @@ def test_watch_live_survives_link_drop_and_exits_on_ctrl_c(sshd: SshServer, tmp_
         stderr=subprocess.PIPE,
         text=True,
         env=run_env(),
+        preexec_fn=terminal_sigint,
     )
     try:
         wait_for(lambda: page.exists() and page.read_text() == DASHBOARD, 20, "the first fetch")
@@ -388,6 +396,7 @@ def test_watch_notify_pings_once_per_decision(sshd: SshServer, tmp_path: Path) -
     proc = subprocess.Popen(
         watch_argv(sshd, remote, out, "--interval-s", "0.2", "--notify"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=terminal_sigint,
     )
     try:
         wait_for(lambda: local.exists() and "racing" in local.read_text(), 20, "the first fetch")
