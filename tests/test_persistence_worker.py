@@ -91,12 +91,33 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+# Each approach's uninterrupted run (2 epochs, evaluated after each), made once and shared by the
+# tests that read it: most of a run's cost is the process start (torch, scipy), not training.
+UNINTERRUPTED = ("--epochs", "2", "--eval-every", "1")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    """``uninterrupted(approach)`` -> the run folder of that approach's uninterrupted run,
+    trained on first use. Tests only read it."""
+    done: dict[str, Path] = {}
+
+    def get(approach: str) -> Path:
+        if approach not in done:
+            run_dir = tmp_path_factory.mktemp(f"uninterrupted-{approach}")
+            _run(_cmd(data_dir, approach, *UNINTERRUPTED), run_dir)
+            done[approach] = run_dir
+        return done[approach]
+
+    return get
+
+
 @pytest.mark.parametrize(
     "approach", ["attention_supervised", "pretrained_features", "contrastive", "multitask"]
 )
-def test_each_approach_writes_valid_metrics_checkpoints_and_evals(data_dir, tmp_path, approach):
-    _run(_cmd(data_dir, approach, "--epochs", "2", "--eval-every", "2"), tmp_path)
-    recs = _records(tmp_path)
+def test_each_approach_writes_valid_metrics_checkpoints_and_evals(uninterrupted, approach):
+    run_dir = uninterrupted(approach)
+    recs = _records(run_dir)
     assert [r["epoch"] for r in recs] == [1, 2]
     last = recs[-1]
     for key in REQUIRED:
@@ -106,11 +127,11 @@ def test_each_approach_writes_valid_metrics_checkpoints_and_evals(data_dir, tmp_
         last["attention_ratio_ci_low"] <= last["attention_ratio"] <= last["attention_ratio_ci_high"]
     )
     assert 0.0 < last["separation_p"] <= 1.0
-    assert (tmp_path / "checkpoints" / "latest.pt").exists()
-    before = json.loads((tmp_path / "evals" / "epoch_000000.json").read_text())
+    assert (run_dir / "checkpoints" / "latest.pt").exists()
+    before = json.loads((run_dir / "evals" / "epoch_000000.json").read_text())
     assert before["epoch"] == 0 and len(before["samples"]) == last["n_val_clips"]
     assert ("RANDOM" in before["backbone"]) == (approach == "pretrained_features")
-    ev = json.loads((tmp_path / "evals" / "epoch_000002.json").read_text())
+    ev = json.loads((run_dir / "evals" / "epoch_000002.json").read_text())
     assert len(ev["samples"]) == last["n_val_clips"] >= 5
     s = ev["samples"][0]
     assert {
@@ -127,16 +148,15 @@ def test_each_approach_writes_valid_metrics_checkpoints_and_evals(data_dir, tmp_
     }
 
 
-def test_resume_reproduces_the_uninterrupted_trajectory(data_dir, tmp_path):
-    base = _cmd(data_dir, "contrastive", "--epochs", "3", "--eval-every", "1")
-    _run(base, tmp_path / "a")
+def test_resume_reproduces_the_uninterrupted_trajectory(data_dir, uninterrupted, tmp_path):
+    base = _cmd(data_dir, "contrastive", *UNINTERRUPTED)
     # stop mid-epoch 2 (2 steps per epoch), as SIGTERM would, then resume as the orchestrator does
     out = _run(base + ["--stop-after-steps", "3"], tmp_path / "b")
     assert "stop requested" in out.stdout
     assert [r["epoch"] for r in _records(tmp_path / "b")] == [1]
     _run(base, tmp_path / "b", resume=True)
-    a, b = _records(tmp_path / "a"), _records(tmp_path / "b")
-    assert [r["epoch"] for r in b] == [1, 2, 3]
+    a, b = _records(uninterrupted("contrastive")), _records(tmp_path / "b")
+    assert [r["epoch"] for r in b] == [1, 2]
     for ra, rb in zip(a, b, strict=True):
         for key in COMPARED:
             assert ra[key] == rb[key], (ra["epoch"], key, ra[key], rb[key])
@@ -184,20 +204,20 @@ def test_bad_input_is_one_error_line(tmp_path):
     )
 
 
-def test_a_scored_checkpoint_reproduces_the_logged_evaluation(data_dir, tmp_path):
+def test_a_scored_checkpoint_reproduces_the_logged_evaluation(data_dir, uninterrupted):
     """score_checkpoint (the winner's test-split scoring) rebuilds the model from the checkpoint,
     frozen random backbone included: on the worker's own val clips it gives the logged record."""
     from workers.early_persistence import score_checkpoint
 
-    _run(_cmd(data_dir, "pretrained_features", "--epochs", "2", "--eval-every", "1"), tmp_path)
-    logged = _records(tmp_path)[-1]
+    run_dir = uninterrupted("pretrained_features")
+    logged = _records(run_dir)[-1]
     metrics, records = score_checkpoint(
-        tmp_path / "checkpoints" / "epoch_000002.pt", data_dir, "val", limit=12
+        run_dir / "checkpoints" / "epoch_000002.pt", data_dir, "val", limit=12
     )
     assert records["checkpoint_epoch"] == 2 and records["split"] == "val"
     for key in ("val_accuracy", "balanced_accuracy", "attention_ratio", "association"):
         assert metrics[key] == pytest.approx(logged[key], rel=1e-5, abs=1e-6), key
     test_metrics, test_records = score_checkpoint(
-        tmp_path / "checkpoints" / "epoch_000002.pt", data_dir, "test"
+        run_dir / "checkpoints" / "epoch_000002.pt", data_dir, "test"
     )
     assert test_records["split"] == "test" and test_metrics["n_val_clips"] >= 5
