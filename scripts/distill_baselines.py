@@ -2,6 +2,7 @@
 
     python scripts/distill_baselines.py --data-dir data/segvid --context-frames 4 \\
         [--student-eval runs/vd/evals/epoch_000000.json] [--out results/distill_colour_rule.json]
+        [--thresholds residual_k=4,colour_tol=0.1,blur_px=3 | --thresholds default]
 
 The rule (models/colour_rule.py) picks its few thresholds by grid search on the TRAIN videos'
 query frames, then scores the val and test query frames (every frame t >= --context-frames,
@@ -11,6 +12,9 @@ J&F), mask IoU, detection F1 at IoU 0.5 and frame-level presence F1. The statist
 video: per-video means get a 95% BCa bootstrap CI. With ``--student-eval`` (an evals/epoch_*.json
 of workers/video_distillation.py on the same split and context frames) the per-video difference
 rule - student (each of the student's modes) is reported with its CI on the same frames.
+``--thresholds`` skips the grid search: ``default`` is the worker's own thresholds (what it logs
+as ``*_colour_rule``), ``K=V,...`` sets the GRID keys (e.g. the ones an earlier run chose; the
+search takes about 16 CPU-minutes on 552 train videos).
 """
 
 from __future__ import annotations
@@ -75,6 +79,27 @@ def choose_config(frames: list[tuple[SegVideo, int]]) -> tuple[ColourRuleConfig,
     return ColourRuleConfig(**{k: best[k] for k in GRID}), results
 
 
+def parse_thresholds(text: str) -> ColourRuleConfig:
+    """``default`` -> ColourRuleConfig(); ``residual_k=4,colour_tol=0.1,...`` -> those GRID keys.
+
+    Raises ValueError naming the bad part."""
+    if text.strip() == "default":
+        return ColourRuleConfig()
+    values: dict[str, float] = {}
+    for part in text.split(","):
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        if not eq or key not in GRID:
+            raise ValueError(f"{part!r}: expected KEY=VALUE with KEY one of {', '.join(GRID)}")
+        kind = type(GRID[key][0])
+        try:
+            values[key] = kind(value)
+        except ValueError:
+            raise ValueError(f"{part!r}: {value!r} is not an {kind.__name__}"
+                             if kind is int else f"{part!r}: {value!r} is not a number") from None
+    return ColourRuleConfig(**values)
+
+
 def summarize(records: list[dict], mode: str, seed: int) -> dict:
     """Frame-mean instance J&F, its per-video 95% CI, clean/degraded split, det. and presence F1."""
     vids = sorted({r["video"] for r in records})
@@ -116,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context-frames", type=int, default=4, help="query frames are t >= this")
     p.add_argument("--student-eval", type=Path, default=None, help="worker evals/epoch_*.json")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument(
+        "--thresholds",
+        default=None,
+        help="skip the grid search: 'default' (the worker's) or KEY=VALUE,... of "
+        + ", ".join(GRID),
+    )
     p.add_argument("--out", type=Path, default=None, help="write the full results as JSON")
     args = p.parse_args(argv)
     manifest = args.data_dir / "manifest.json"
@@ -124,12 +155,22 @@ def main(argv: list[str] | None = None) -> int:
             f"error: {manifest} not found; run scripts/make_segmentation_videos.py", file=sys.stderr
         )
         return 2
+    fixed = None
+    if args.thresholds is not None:
+        try:
+            fixed = parse_thresholds(args.thresholds)
+        except ValueError as e:
+            print(f"error: --thresholds {e}", file=sys.stderr)
+            return 2
     split = json.loads(manifest.read_text())["split"]
-    load = {
-        s: [load_sav_video(args.data_dir, v) for v in split[s]] for s in ("train", "val", "test")
-    }
-    cfg, grid = choose_config(query_frames(load["train"], args.context_frames))
-    print(f"chosen on {len(load['train'])} train videos: {cfg}")
+    splits = ("val", "test") if fixed is not None else ("train", "val", "test")
+    load = {s: [load_sav_video(args.data_dir, v) for v in split[s]] for s in splits}
+    if fixed is not None:
+        cfg, grid = fixed, []
+        print(f"given thresholds (no grid search): {cfg}")
+    else:
+        cfg, grid = choose_config(query_frames(load["train"], args.context_frames))
+        print(f"chosen on {len(load['train'])} train videos: {cfg}")
     results: dict = {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "grid": grid}
     records = {}
     print(

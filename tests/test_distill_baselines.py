@@ -133,6 +133,30 @@ def test_baseline_script_tunes_on_train_and_scores_the_worker_frames(data_dir, t
     )
 
 
+def test_given_thresholds_skip_the_search_and_score_as_searched(data_dir, tmp_path, capsys):
+    mod = _script()
+    searched, given, default = tmp_path / "s.json", tmp_path / "g.json", tmp_path / "d.json"
+    base = ["--data-dir", str(data_dir), "--context-frames", "2"]
+    assert mod.main([*base, "--out", str(searched)]) == 0
+    chosen = json.loads(searched.read_text())["config"]
+    text = ",".join(f"{k}={chosen[k]}" for k in mod.GRID)
+    assert mod.main([*base, "--thresholds", text, "--out", str(given)]) == 0
+    a, b = json.loads(searched.read_text()), json.loads(given.read_text())
+    assert b["grid"] == [] and b["config"] == a["config"]
+    for s in ("val", "test"):
+        assert b[s] == a[s]
+    assert mod.main([*base, "--thresholds", "default", "--out", str(default)]) == 0
+    d = json.loads(default.read_text())
+    assert d["config"] == {
+        k: getattr(mod.ColourRuleConfig(), k) for k in mod.ColourRuleConfig.__dataclass_fields__
+    }
+    capsys.readouterr()
+    for bad in ("residual_k", "sigma=2", "blur_px=2.5", "residual_k=high"):
+        assert mod.main([*base, "--thresholds", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --thresholds") and err.count("\n") == 1, err
+
+
 def test_harder_data_keeps_the_objects_and_defeats_the_colour_rule():
     easy, hard = (
         VideoSpec(num_frames=6, degraded_prob=0.0),
