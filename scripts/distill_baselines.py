@@ -95,8 +95,11 @@ def parse_thresholds(text: str) -> ColourRuleConfig:
         try:
             values[key] = kind(value)
         except ValueError:
-            raise ValueError(f"{part!r}: {value!r} is not an {kind.__name__}"
-                             if kind is int else f"{part!r}: {value!r} is not a number") from None
+            raise ValueError(
+                f"{part!r}: {value!r} is not an {kind.__name__}"
+                if kind is int
+                else f"{part!r}: {value!r} is not a number"
+            ) from None
     return ColourRuleConfig(**values)
 
 
