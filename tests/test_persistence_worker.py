@@ -91,9 +91,9 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-# Each approach's uninterrupted run (2 epochs, evaluated after each), made once and shared by the
+# Each approach's uninterrupted run (3 epochs, evaluated after each), made once and shared by the
 # tests that read it: most of a run's cost is the process start (torch, scipy), not training.
-UNINTERRUPTED = ("--epochs", "2", "--eval-every", "1")
+UNINTERRUPTED = ("--epochs", "3", "--eval-every", "1")
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def uninterrupted(data_dir, tmp_path_factory):
 def test_each_approach_writes_valid_metrics_checkpoints_and_evals(uninterrupted, approach):
     run_dir = uninterrupted(approach)
     recs = _records(run_dir)
-    assert [r["epoch"] for r in recs] == [1, 2]
+    assert [r["epoch"] for r in recs] == [1, 2, 3]
     last = recs[-1]
     for key in REQUIRED:
         assert key in last, key
@@ -131,7 +131,7 @@ def test_each_approach_writes_valid_metrics_checkpoints_and_evals(uninterrupted,
     before = json.loads((run_dir / "evals" / "epoch_000000.json").read_text())
     assert before["epoch"] == 0 and len(before["samples"]) == last["n_val_clips"]
     assert ("RANDOM" in before["backbone"]) == (approach == "pretrained_features")
-    ev = json.loads((run_dir / "evals" / "epoch_000002.json").read_text())
+    ev = json.loads((run_dir / "evals" / "epoch_000003.json").read_text())
     assert len(ev["samples"]) == last["n_val_clips"] >= 5
     s = ev["samples"][0]
     assert {
@@ -156,7 +156,7 @@ def test_resume_reproduces_the_uninterrupted_trajectory(data_dir, uninterrupted,
     assert [r["epoch"] for r in _records(tmp_path / "b")] == [1]
     _run(base, tmp_path / "b", resume=True)
     a, b = _records(uninterrupted("contrastive")), _records(tmp_path / "b")
-    assert [r["epoch"] for r in b] == [1, 2]
+    assert [r["epoch"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b, strict=True):
         for key in COMPARED:
             assert ra[key] == rb[key], (ra["epoch"], key, ra[key], rb[key])
@@ -212,12 +212,12 @@ def test_a_scored_checkpoint_reproduces_the_logged_evaluation(data_dir, uninterr
     run_dir = uninterrupted("pretrained_features")
     logged = _records(run_dir)[-1]
     metrics, records = score_checkpoint(
-        run_dir / "checkpoints" / "epoch_000002.pt", data_dir, "val", limit=12
+        run_dir / "checkpoints" / "epoch_000003.pt", data_dir, "val", limit=12
     )
-    assert records["checkpoint_epoch"] == 2 and records["split"] == "val"
+    assert records["checkpoint_epoch"] == 3 and records["split"] == "val"
     for key in ("val_accuracy", "balanced_accuracy", "attention_ratio", "association"):
         assert metrics[key] == pytest.approx(logged[key], rel=1e-5, abs=1e-6), key
     test_metrics, test_records = score_checkpoint(
-        run_dir / "checkpoints" / "epoch_000002.pt", data_dir, "test"
+        run_dir / "checkpoints" / "epoch_000003.pt", data_dir, "test"
     )
     assert test_records["split"] == "test" and test_metrics["n_val_clips"] >= 5
