@@ -85,7 +85,7 @@ def parse_thresholds(text: str) -> ColourRuleConfig:
     Raises ValueError naming the bad part."""
     if text.strip() == "default":
         return ColourRuleConfig()
-    values: dict[str, float] = {}
+    values: dict[str, float | int] = {}
     for part in text.split(","):
         key, eq, value = part.partition("=")
         key = key.strip()
