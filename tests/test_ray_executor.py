@@ -590,13 +590,11 @@ def test_controller_killed_under_ray_then_run_again_resumes_and_decides(
     plan = write_plan(repo, [
         worker("a", "--epochs", 200, "--interval", 0.1, "--metric", "acc=0.01*epoch",
                "--children", 1),
-        worker("b", "--epochs", 1000, "--interval", 0.1, "--metric", "acc=0.1"),
+        # b's own budget is 1000 epochs, not the shared 100: under load one actor can start
+        # seconds after the other, and b, that far ahead, would exhaust 100 before a reached 90.
+        {**worker("b", "--epochs", 1000, "--interval", 0.1, "--metric", "acc=0.1"),
+         "max_epochs": 1000},
     ], ["acc >= 0.9"], ray={"num_cpus_per_worker": 0.5, "address": gcs_address(local_ray)})
-    # b's budget is its 1000 epochs, not the shared 100: under load one actor can start seconds
-    # after the other, and b, that far ahead, would exhaust 100 epochs before a reached 90.
-    settings = yaml.safe_load(plan.read_text())
-    settings["experiments"][0]["max_epochs"] = 1000
-    plan.write_text(yaml.safe_dump(settings, sort_keys=False))
     exit_files = [repo / "results" / RACE / name / "attempts" / "0001.exit.json"
                   for name in ("a", "b")]
     seen: set[int] = set()  # every exit code a restarted controller could have read
